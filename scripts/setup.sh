@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up everything the supervisor, its demo and its tests need, idempotently:
+# a virtualenv with the package, a llama-server built from pinned source (cached), the tiny demo model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+export LLAMA_SUPERVISOR_CACHE=${LLAMA_SUPERVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-supervisor}
+
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv" >&2
+    "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import supervisor, pytest, respx, hypothesis' 2>/dev/null \
+        || [ pyproject.toml -nt .venv/.installed ]; then
+    echo "[setup] installing llama-supervisor and its test dependencies" >&2
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    touch .venv/.installed
+fi
+echo "[setup] llama-server: $(.venv/bin/python scripts/build_llama_server.py ${LLAMA_BACKEND:+--backend "$LLAMA_BACKEND"})" >&2
+echo "[setup] demo model:   $(.venv/bin/python scripts/tiny_gguf.py)" >&2

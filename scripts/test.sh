@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set everything up, then run the whole test suite against the real llama-server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+# CI must never skip the real-server tests: a missing llama-server fails them instead.
+export LLAMA_SUPERVISOR_REQUIRE_SERVER=1
+exec .venv/bin/python -m pytest -n "${TEST_JOBS:-2}" -q "$@"

@@ -1,0 +1,103 @@
+"""The supervisor's HTTP face: its own routes (/health, /status, /metrics, /admin/*) and the proxy for the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import status
+from .proxy import Proxy, Receive, Scope, Send, json_error, send_simple
+from .runner import Runner
+
+OWN_PATHS = frozenset({"/health", "/status", "/metrics", "/child/metrics", "/admin/restart", "/admin/reload"})
+ADMIN_PATHS = frozenset({"/status", "/metrics", "/child/metrics", "/admin/restart", "/admin/reload"})
+
+
+def _presented_key(scope: Scope) -> bytes | None:
+    for k, v in scope["headers"]:
+        if k == b"authorization" and v[:7].lower() == b"bearer ":
+            return v[7:].strip()
+        if k == b"x-api-key":
+            return v.strip()
+    return None
+
+
+def _key_ok(scope: Scope, expected: str) -> bool:
+    got = _presented_key(scope)
+    return got is not None and hmac.compare_digest(got, expected.encode())
+
+
+class App:
+    """Top-level ASGI app: a path check picks the supervisor's routes or the proxy, with auth in front."""
+
+    def __init__(self, runner: Runner, proxy: Proxy, reload: Any = None) -> None:
+        self.runner, self.proxy, self.reload = runner, proxy, reload
+        cfg = runner.cfg
+        self.api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
+        self.admin_key = cfg.admin_key.get_secret_value() if cfg.admin_key else None
+        self.own = Starlette(routes=[
+            Route("/health", self.health), Route("/status", self.status), Route("/metrics", self.metrics),
+            Route("/child/metrics", self.child_metrics), Route("/admin/restart", self.restart, methods=["POST"]),
+            Route("/admin/reload", self.do_reload, methods=["POST"]),
+        ])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no websockets; lifespan is handled by the server module itself
+        path = scope["path"]
+        if path in OWN_PATHS:
+            key = self.admin_key if path in ADMIN_PATHS else None
+            if key is not None and not _key_ok(scope, key):
+                await send_simple(send, *json_error(
+                    401, "admin key required: send 'Authorization: Bearer <admin key>' or 'x-api-key'",
+                    "authentication_error", [(b"www-authenticate", b"Bearer")]))
+                return
+            await self.own(scope, receive, send)
+            return
+        if self.api_key is not None and not _key_ok(scope, self.api_key):
+            await send_simple(send, *json_error(
+                401, "API key required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                "authentication_error", [(b"www-authenticate", b"Bearer")]))
+            return
+        await self.proxy(scope, receive, send)
+
+    async def health(self, request: Request) -> Response:
+        m = self.runner.machine
+        if self.runner.ready:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": m.state.value, "reason": m.reason or None}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    async def status(self, request: Request) -> Response:
+        return JSONResponse(await status.build(self.runner))
+
+    async def metrics(self, request: Request) -> Response:
+        # Collecting reads /proc and NVML: keep it off the event loop.
+        body = await asyncio.to_thread(generate_latest, self.runner.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def child_metrics(self, request: Request) -> Response:
+        """llama-server's own Prometheus metrics (`llamacpp:` prefix), passed through."""
+        url = self.runner.child_url
+        if url is None:
+            return JSONResponse({"error": {"message": "llama-server is not running", "code": 503}}, status_code=503)
+        r = await self.proxy.client.get(f"{url}/metrics")
+        return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
+
+    async def restart(self, request: Request) -> Response:
+        reset = request.query_params.get("reset", "0").lower() in ("1", "true", "yes")
+        self.runner.restart("operator request" + (" (reset to profile settings)" if reset else ""), reset=reset)
+        return JSONResponse({"status": self.runner.machine.state.value, "reset": reset}, status_code=202)
+
+    async def do_reload(self, request: Request) -> Response:
+        if self.reload is None:
+            return JSONResponse({"error": {"message": "reload is not available", "code": 501}}, status_code=501)
+        outcome = await self.reload.reload("api")
+        return JSONResponse(outcome, status_code=200 if outcome["ok"] else 422)

@@ -1,0 +1,192 @@
+"""Command line: run the daemon, check a profile, and talk to a running daemon (status, reload, restart).
+
+Exit codes: 0 ok; 1 the daemon answered but is not ready / the action failed; 2 invalid input
+(bad profile or settings); 3 the daemon could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_NOT_READY, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-supervisor", description="Keeps llama.cpp's llama-server alive and useful.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run the supervisor in the foreground (what systemd starts)")
+    run.add_argument("--profile", help="profile YAML file (or a name in profiles_dir)")
+    run.add_argument("--config", help="settings file (default /etc/llama-supervisor/supervisor.yaml)")
+    run.add_argument("--host", help="listen address (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="listen port (default 8080; 0 picks a free one)")
+    run.add_argument("--state-dir", help="where learned settings are kept")
+    run.add_argument("--log-format", choices=["auto", "json", "console"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    check = sub.add_parser("check", help="validate a profile and print the exact llama-server command line")
+    check.add_argument("profile", help="profile YAML file")
+    check.add_argument("--json", action="store_true", help="print argv as a JSON list")
+
+    for name, text in (("status", "summary of a running supervisor"), ("reload", "reload the active profile"),
+                       ("restart", "restart llama-server")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--url", help="supervisor URL (default from settings: http://127.0.0.1:8080)")
+        c.add_argument("--admin-key", help="admin key (default: LLAMA_SUPERVISOR_ADMIN_KEY / settings)")
+        if name == "status":
+            c.add_argument("--json", action="store_true", help="print the raw /status JSON")
+        if name == "restart":
+            c.add_argument("--reset", action="store_true", help="forget ladder adjustments; use the profile's values")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.cmd == "run":
+        sys.exit(_run(args))
+    if args.cmd == "check":
+        sys.exit(_check(args))
+    sys.exit(_remote(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import logs
+    from .config import ConfigError, load_config
+    from .profile import ProfileError
+    from .server import serve
+
+    if args.config:
+        os.environ["LLAMA_SUPERVISOR_CONFIG"] = args.config
+    try:
+        cfg = load_config(host=args.host, port=args.port, profile=args.profile, state_dir=args.state_dir,
+                          log_format=args.log_format, log_level=args.log_level)
+        profile_path = cfg.resolved_profile()
+    except ConfigError as exc:
+        print(f"llama-supervisor: invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_INVALID
+    logs.setup(cfg.log_format, cfg.log_level)
+    settings_file = Path(os.environ["LLAMA_SUPERVISOR_CONFIG"]) if os.environ.get("LLAMA_SUPERVISOR_CONFIG") else None
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(serve(cfg, profile_path, settings_file))
+    except ProfileError as exc:
+        print(f"llama-supervisor: invalid profile:\n{exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as exc:
+        print(f"llama-supervisor: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .profile import ProfileError
+    from .reload import load_checked
+    from .runner import base_settings
+    from .command import build_argv
+
+    try:
+        loaded = load_checked(Path(args.profile))
+    except ProfileError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INVALID
+    p = loaded.profile
+    argv = build_argv(p, loaded.caps, base_settings(p), p.port or 0)
+    if p.port is None:
+        argv[argv.index("--port") + 1] = "<free port>"
+    if args.json:
+        print(json.dumps(argv))
+    else:
+        print(f"# profile {p.name} ({args.profile}), llama-server {loaded.caps.version}", file=sys.stderr)
+        print(shlex.join(argv))
+    return EXIT_OK
+
+
+def _remote(args: argparse.Namespace) -> int:
+    import httpx
+
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config()
+    except ConfigError as exc:
+        print(f"llama-supervisor: invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_INVALID
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    url = (args.url or f"http://{host}:{cfg.port}").rstrip("/")
+    key = args.admin_key or (cfg.admin_key.get_secret_value() if cfg.admin_key else None)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+            if args.cmd == "status":
+                r = client.get("/status")
+            elif args.cmd == "reload":
+                r = client.post("/admin/reload")
+            else:
+                r = client.post("/admin/restart", params={"reset": "1" if args.reset else "0"})
+    except httpx.HTTPError as exc:
+        print(f"llama-supervisor: cannot reach {url}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    try:
+        data = r.json()
+    except ValueError:
+        data = {"error": r.text}
+    if r.status_code >= 400 and args.cmd != "reload":
+        print(f"llama-supervisor: {url} answered {r.status_code}: {json.dumps(data)}", file=sys.stderr)
+        return EXIT_NOT_READY if r.status_code != 401 else EXIT_INVALID
+    if args.cmd == "status":
+        print(json.dumps(data, indent=2) if args.json else format_status(data))
+        return EXIT_OK if data.get("state") == "ready" else EXIT_NOT_READY
+    print(json.dumps(data))
+    return EXIT_OK if r.status_code < 400 else EXIT_NOT_READY
+
+
+def format_status(d: dict[str, Any]) -> str:
+    """A summary for people; `--json` gives everything."""
+    lines = [f"state:     {d['state']}" + (f" ({d['reason']})" if d.get("reason") else "")
+             + (f" since {d['since']}" if d.get("since") else "")]
+    prof = d.get("profile") or {}
+    lines.append(f"profile:   {prof.get('name')} ({prof.get('file')})")
+    child = d.get("child")
+    if child:
+        rss = child.get("rss_bytes")
+        lines.append(f"child:     pid {child['pid']}, up {child['uptime_s']:.0f}s"
+                     + (f", {rss / 2**20:.0f} MiB RSS" if rss else ""))
+    else:
+        lines.append("child:     not running")
+    sup = d.get("supervisor") or {}
+    lines.append(f"uptime:    {sup.get('uptime_s', 0):.0f}s, restarts: {d.get('restarts', 0)}")
+    last = d.get("last_exit")
+    if last:
+        how = f"signal {last['signal']}" if last.get("signal") else f"code {last.get('code')}"
+        lines.append(f"last exit: {last['cause']} ({how}) at {last['at']}: {last['detail']}")
+    s = d.get("settings") or {}
+    prof_s, eff = s.get("profile") or {}, s.get("effective") or {}
+    for key in ("n_gpu_layers", "ctx_size", "mmproj_offload", "cpu_only"):
+        mark = "" if prof_s.get(key) == eff.get(key) else "   <- adjusted"
+        lines.append(f"{key + ':':<15}profile {prof_s.get(key)!s:<8} effective {eff.get(key)!s}{mark}")
+    if s.get("adjustment"):
+        lines.append(f"adjustment: {s['adjustment']}")
+    if d.get("load_s") is not None:
+        lines.append(f"load: {d['load_s']:.2f}s, warmup: {d.get('warmup_s')}s")
+    if d.get("last_reload_error"):
+        errs = d["last_reload_error"]
+        lines.append("last reload error: " + "; ".join(f"{errs['file']}: {e['field']}: {e['message']}"
+                                                        for e in errs["errors"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

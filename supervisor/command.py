@@ -1,0 +1,136 @@
+"""Profile + binary capabilities + run settings → llama-server argv and environment. Pure: no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .capabilities import Capabilities
+from .ladder import RunSettings
+from .profile import Profile
+
+CHILD_HOST = "127.0.0.1"
+
+# Flags the builder sets from profile fields; extra_args may not set them behind its back.
+RESERVED_FLAGS: dict[str, str] = {
+    "-m": "model", "--model": "model",
+    "-mm": "mmproj", "--mmproj": "mmproj", "--no-mmproj-offload": "mmproj (the ladder decides)",
+    "--host": "(always loopback)", "--port": "port",
+    "-c": "ctx_size", "--ctx-size": "ctx_size",
+    "-ngl": "n_gpu_layers", "--gpu-layers": "n_gpu_layers", "--n-gpu-layers": "n_gpu_layers",
+    "-dev": "n_gpu_layers / metal", "--device": "n_gpu_layers / metal",
+    "-t": "threads", "--threads": "threads",
+    "-np": "parallel", "--parallel": "parallel",
+    "-fa": "flash_attn", "--flash-attn": "flash_attn",
+    "-ctk": "cache_type_k", "--cache-type-k": "cache_type_k",
+    "-ctv": "cache_type_v", "--cache-type-v": "cache_type_v",
+    "-cram": "cache_ram_mib", "--cache-ram": "cache_ram_mib",
+    "--metrics": "(always on)",
+}
+
+# Flags that blog posts and old guides use but llama-server does not (or no longer) have.
+REPLACEMENTS: dict[str, str] = {
+    "--metal": "there is no --metal flag: Metal is built in on macOS; set `metal: true` (or n_gpu_layers) in the profile",
+    "--memory-f16": "removed long ago: the KV cache is f16 by default; use cache_type_k / cache_type_v",
+    "--mlock": "replaced by --load-mode mlock (or mmap+mlock)",
+    "--no-mmap": "replaced by --load-mode (e.g. --load-mode read)",
+    "--gpu": "no such flag: use n_gpu_layers in the profile",
+}
+
+# Inherited variables that would silently change the child, unless the profile sets them itself.
+_STRIPPED_ENV_PREFIXES = ("LLAMA_ARG_",)
+_STRIPPED_ENV = frozenset({"LLAMA_API_KEY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                           "LISTEN_PID", "LISTEN_FDNAMES"})
+
+
+class CommandError(Exception):
+    """The profile asks for something this binary cannot do."""
+
+
+def check_extra_args(args: list[str], caps: Capabilities) -> None:
+    """Reject flags the binary does not know, naming the replacement where one is known."""
+    expect_value = False
+    for i, arg in enumerate(args):
+        flag, has_inline_value = arg.split("=", 1)[0], "=" in arg
+        is_flag = arg.startswith("-") and not _is_number(arg)
+        if expect_value and not is_flag:
+            expect_value = False
+            continue
+        if not is_flag:
+            prev = args[i - 1] if i else ""
+            hint = (f": {prev} takes no value (booleans are just the flag)" if prev.startswith("-")
+                    else ": stray value, not a flag")
+            raise CommandError(f"extra_args: '{arg}'{hint}")
+        if flag not in caps.flags:
+            why = REPLACEMENTS.get(flag, f"{caps.binary} does not know this flag (see its --help)")
+            raise CommandError(f"extra_args: unknown flag {flag}: {why}")
+        expect_value = flag in caps.value_flags and not has_inline_value
+    if expect_value:
+        raise CommandError(f"extra_args: {args[-1]} needs a value")
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _layers_arg(settings: RunSettings, caps: Capabilities) -> str:
+    layers = settings.n_gpu_layers
+    if isinstance(layers, int):
+        return str(layers)
+    if caps.ngl_auto:
+        return layers
+    if layers == "all":
+        return "999"  # older builds take integers only; more than any model has means all
+    raise CommandError("n_gpu_layers: 'auto' needs a newer llama-server (this one takes integers only)")
+
+
+def build_argv(profile: Profile, caps: Capabilities, settings: RunSettings, port: int) -> list[str]:
+    """The exact command line; raises CommandError when the binary lacks something the profile needs."""
+    argv = [caps.binary, "--model", str(profile.model), "--host", CHILD_HOST, "--port", str(port),
+            "--ctx-size", str(settings.ctx_size)]
+    if settings.cpu_only:
+        argv += ["--n-gpu-layers", "0"]
+        if caps.has("--device"):
+            argv += ["--device", "none"]
+    else:
+        argv += ["--n-gpu-layers", _layers_arg(settings, caps)]
+    if profile.mmproj is not None:
+        argv += ["--mmproj", str(profile.mmproj)]
+        if not settings.mmproj_offload or settings.cpu_only:
+            argv.append("--no-mmproj-offload")
+    optional = [
+        ("--threads", profile.threads), ("--parallel", profile.parallel), ("--flash-attn", profile.flash_attn),
+        ("--cache-type-k", profile.cache_type_k), ("--cache-type-v", profile.cache_type_v),
+    ]
+    for flag, value in optional:
+        if value is not None:
+            if not caps.has(flag):
+                raise CommandError(f"{flag}: not supported by {caps.binary}")
+            argv += [flag, str(value)]
+    if caps.has("--cache-ram"):
+        argv += ["--cache-ram", str(profile.cache_ram_mib)]
+    if caps.has("--alias"):
+        argv += ["--alias", profile.name]
+    if caps.has("--metrics"):
+        argv.append("--metrics")
+    check_extra_args(profile.extra_args, caps)
+    return argv + list(profile.extra_args)
+
+
+def child_env(parent: Mapping[str, str], profile: Profile) -> dict[str, str]:
+    """The child's environment, built on purpose: stray LLAMA_ARG_* would silently change llama-server."""
+    env = {k: v for k, v in parent.items()
+           if not k.startswith(_STRIPPED_ENV_PREFIXES) and k not in _STRIPPED_ENV}
+    env.update(profile.env)
+    return env
+
+
+def redact(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg in ("--api-key", "--hf-token", "-hft"):
+            out[i + 1] = "***"
+    return [a.split("=", 1)[0] + "=***" if a.startswith(("--api-key=", "--hf-token=")) else a for a in out]

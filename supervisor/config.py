@@ -1,0 +1,145 @@
+"""Supervisor settings (not the model profile): where to listen, what to run, how patient to be.
+
+Precedence, highest first: command-line flags, LLAMA_SUPERVISOR_* environment variables, the YAML
+settings file (default /etc/llama-supervisor/supervisor.yaml, or LLAMA_SUPERVISOR_CONFIG), defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_FILE = Path("/etc/llama-supervisor/supervisor.yaml")
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source, self.problems = source, problems
+        super().__init__("\n".join(f"{source}: {f}: {m}" if f else f"{source}: {m}" for f, m in problems))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if self.path is None or not self.path.exists():
+            return {}
+        data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(str(self.path), [("", "expected a mapping of settings")])
+        base = self.path.parent
+        for key in ("profile", "profiles_dir", "state_dir", "api_key_file", "admin_key_file"):
+            v = data.get(key)
+            if isinstance(v, str) and v and not os.path.isabs(os.path.expanduser(v)):
+                data[key] = str(base / v)
+        return data
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLAMA_SUPERVISOR_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    profile: Path | None = None  # the active profile file
+    profiles_dir: Path | None = None  # where `profile: NAME` (no slash) is looked up
+    state_dir: Path = Field(default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+                                                          or Path.home() / ".local/state/llama-supervisor"))
+    # readiness
+    load_stall_s: float = Field(120.0, gt=0)
+    load_max_s: float = Field(1800.0, gt=0)
+    warmup_timeout_s: float = Field(120.0, gt=0)
+    stop_timeout_s: float = Field(10.0, gt=0)
+    # restart policy
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_cap_s: float = Field(30.0, gt=0)
+    stable_s: float = Field(60.0, gt=0)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_window_s: float = Field(300.0, gt=0)
+    vram_release_wait_s: float = Field(10.0, ge=0)
+    # liveness
+    liveness_interval_s: float = Field(5.0, gt=0)
+    liveness_timeout_s: float = Field(2.0, gt=0)
+    liveness_failures: int = Field(3, ge=1)
+    # requests while not ready
+    queue_max: int = Field(64, ge=0)
+    queue_wait_s: float = Field(120.0, ge=0)
+    drain_s: float = Field(30.0, ge=0)
+    # auth
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    admin_key: SecretStr | None = None
+    admin_key_file: Path | None = None
+    # logging
+    log_format: str = Field("auto", pattern="^(auto|json|console)$")
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+    log_child_output: bool = True
+
+    _file: Path | None = None
+
+    @model_validator(mode="after")
+    def _keys_from_files(self) -> Config:
+        for attr in ("api_key", "admin_key"):
+            path = getattr(self, f"{attr}_file")
+            if path is not None and getattr(self, attr) is None:
+                try:
+                    key = Path(path).read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise ValueError(f"{attr}_file: cannot read {path}: {exc.strerror}") from None
+                if not key:
+                    raise ValueError(f"{attr}_file: {path} is empty")
+                setattr(self, attr, SecretStr(key))
+        return self
+
+    def resolved_profile(self) -> Path:
+        if self.profile is None:
+            raise ConfigError("settings", [("profile", "no profile given (--profile, LLAMA_SUPERVISOR_PROFILE or the settings file)")])
+        p = Path(os.path.expanduser(str(self.profile)))
+        if self.profiles_dir is not None and "/" not in str(self.profile):
+            p = Path(self.profiles_dir) / (p.name if p.suffix else p.name + ".yaml")
+        return p
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlSource(settings_cls, _config_file())
+
+
+def _config_file() -> Path | None:
+    env = os.environ.get("LLAMA_SUPERVISOR_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
+
+
+def load_config(**overrides: Any) -> Config:
+    """Build the settings; `overrides` are command-line values (None means not given)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    source = str(_config_file() or "settings")
+    env_file = os.environ.get("LLAMA_SUPERVISOR_CONFIG")
+    if env_file and not Path(env_file).expanduser().exists():
+        raise ConfigError(env_file, [("", "settings file not found")])
+    try:
+        cfg = Config(**given)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            field = ".".join(str(p) for p in err["loc"])
+            origin = "command line" if field in given else (
+                f"environment LLAMA_SUPERVISOR_{field.upper()}" if f"LLAMA_SUPERVISOR_{field.upper()}" in os.environ else source)
+            msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            problems.append((field, f"{msg} (from {origin})"))
+        raise ConfigError(source, problems) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [("", f"invalid YAML: {exc}")]) from None
+    return cfg

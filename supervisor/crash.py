@@ -1,0 +1,120 @@
+"""Crash classification: exit status + the child's last log lines → one cause, in one table."""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Cause(StrEnum):
+    OOM_LOAD = "oom_load"  # device memory ran out while loading (exit 1 with allocation failures)
+    OOM_COMPUTE = "oom_compute"  # device memory ran out while computing (abort)
+    OOM_HOST = "oom_host"  # the kernel OOM killer (SIGKILL we did not send)
+    MODEL_ERROR = "model_error"  # bad or mismatched model / projector
+    PORT_IN_USE = "port_in_use"
+    BAD_ARGS = "bad_args"
+    SPAWN_FAILED = "spawn_failed"  # the binary could not be started at all
+    CRASHED = "crashed"  # any other signal (SIGSEGV, SIGABRT without OOM lines...)
+    WEDGED = "wedged"  # alive but useless; we killed it
+    EXITED = "exited"  # exited by itself, code 0 or an error we cannot place
+    STOPPED = "stopped"  # we asked it to stop (shutdown, restart, reload)
+
+
+OOM_CAUSES = frozenset({Cause.OOM_LOAD, Cause.OOM_COMPUTE})
+# Causes where retrying the same command line cannot help.
+NON_RETRYABLE = frozenset({Cause.BAD_ARGS, Cause.MODEL_ERROR, Cause.SPAWN_FAILED})
+
+# Lines that mean the accelerator ran out of memory, whatever the backend (CUDA, Metal, Vulkan, CPU buffers).
+_ALLOC_FAILURE = re.compile(
+    r"cudaMalloc failed: out of memory|failed to allocate \S+ buffer|unable to allocate \S+ buffer"
+    r"|failed to allocate buffer for kv cache|failed to allocate compute (?:pp )?buffers"
+    r"|failed to allocate Metal buffer|ErrorOutOfDeviceMemory|ggml_aligned_malloc: insufficient memory"
+    r"|CUDA error: out of memory|kIOGPUCommandBufferCallbackErrorOutOfMemory|Insufficient Memory"
+    r"|out of memory",
+    re.IGNORECASE,
+)
+_ALLOC_SIZE = re.compile(r"allocating ([0-9.]+) MiB on device (\d+)")
+_HOST_ALLOC = re.compile(r"std::bad_alloc|ggml_aligned_malloc: insufficient memory|unable to allocate CPU buffer")
+_PORT = re.compile(r"couldn't bind HTTP server socket|address already in use", re.IGNORECASE)
+_BAD_ARG = re.compile(r"error: invalid argument: (\S+)|error: unknown argument: (\S+)|error while handling argument")
+_MODEL = re.compile(
+    r"failed to load model|error loading model|mismatch between text model|failed to load multimodal model"
+    r"|failed to open GGUF|invalid magic|gguf_init_from_file"
+)
+# Lines after which the process may live on but can no longer answer: restart it.
+FATAL_WHILE_RUNNING = re.compile(
+    r"backend is in error state|CUDA error: (?!out of memory)|kIOGPUCommandBufferCallbackError(?!OutOfMemory)"
+)
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a child ended, and what it said last."""
+
+    returncode: int | None  # negative: killed by that signal (asyncio convention)
+    log_tail: tuple[str, ...] = ()
+    signalled_by_us: bool = False
+    cgroup_oom_kill: bool = False  # memory.events oom_kill went up while it ran
+
+
+@dataclass(frozen=True)
+class Verdict:
+    cause: Cause
+    detail: str
+    alloc_mib: float | None = None  # the failed device allocation, when the log names it
+    evidence: tuple[str, ...] = field(default=())
+
+
+def signal_name(returncode: int | None) -> str | None:
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def _first(pattern: re.Pattern[str], lines: Iterable[str]) -> str | None:
+    return next((ln for ln in lines if pattern.search(ln)), None)
+
+
+def classify(ex: Exit) -> Verdict:
+    lines = ex.log_tail
+    rc = ex.returncode
+    sig = signal_name(rc)
+    alloc_line = _first(_ALLOC_FAILURE, lines)
+    alloc_mib = None
+    for ln in lines:
+        m = _ALLOC_SIZE.search(ln)
+        if m and "fail" in ln:
+            alloc_mib = float(m.group(1))
+
+    if ex.signalled_by_us and alloc_line is None:
+        return Verdict(Cause.STOPPED, f"stopped by the supervisor ({sig or f'exit {rc}'})")
+    if rc == -signal.SIGKILL and not ex.signalled_by_us:
+        detail = "killed by SIGKILL (kernel OOM killer" + (", confirmed by the cgroup)" if ex.cgroup_oom_kill else "?)")
+        return Verdict(Cause.OOM_HOST, detail)
+    if ex.cgroup_oom_kill:
+        return Verdict(Cause.OOM_HOST, f"cgroup OOM kill ({sig or f'exit {rc}'})")
+    # Evidence in the log beats the exit code: cleanup after a failed load can itself abort.
+    if alloc_line is not None and not _HOST_ALLOC.search(alloc_line):
+        loading = _first(_MODEL, lines) is not None or any("failed to create context" in ln for ln in lines)
+        cause = Cause.OOM_LOAD if (rc is not None and rc > 0) or loading else Cause.OOM_COMPUTE
+        return Verdict(cause, alloc_line.strip(), alloc_mib, (alloc_line,))
+    if alloc_line is not None:
+        return Verdict(Cause.OOM_HOST, alloc_line.strip(), None, (alloc_line,))
+    if (line := _first(_PORT, lines)) is not None:
+        return Verdict(Cause.PORT_IN_USE, line.strip(), evidence=(line,))
+    if (line := _first(_BAD_ARG, lines)) is not None:
+        return Verdict(Cause.BAD_ARGS, line.strip(), evidence=(line,))
+    if (line := _first(_MODEL, lines)) is not None:
+        # The most specific line wins: a projector mismatch says more than "failed to load model".
+        specific = _first(re.compile(r"mismatch between|invalid magic|failed to open"), lines)
+        return Verdict(Cause.MODEL_ERROR, (specific or line).strip(), evidence=(specific or line,))
+    if sig is not None:
+        return Verdict(Cause.CRASHED, f"killed by {sig}" + (f": {lines[-1].strip()}" if lines else ""))
+    last = lines[-1].strip() if lines else "no output"
+    return Verdict(Cause.EXITED, f"exited with code {rc}: {last}")

@@ -1,0 +1,96 @@
+"""The out-of-memory ladder: after an OOM, which settings to try next. Pure functions, no I/O.
+
+Order: fewer GPU layers → smaller context (down to a floor) → vision projector on CPU → CPU only.
+The next layer count comes from evidence where there is some (the failed allocation size and the
+free VRAM), otherwise from halving the last count that failed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+Layers = int | Literal["auto", "all"]
+# Compute buffers and the CUDA context need room beyond the weights: keep this much VRAM spare.
+VRAM_HEADROOM_MIB = 512.0
+VRAM_USABLE_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The knobs the supervisor may turn away from the profile's values."""
+
+    n_gpu_layers: Layers
+    ctx_size: int
+    mmproj_offload: bool = True
+    cpu_only: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSettings:
+        return cls(
+            n_gpu_layers=d["n_gpu_layers"],
+            ctx_size=int(d["ctx_size"]),
+            mmproj_offload=bool(d.get("mmproj_offload", True)),
+            cpu_only=bool(d.get("cpu_only", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What is known after an out-of-memory exit."""
+
+    alloc_mib: float | None = None  # the device allocation that failed
+    free_vram_mib: float | None = None  # free VRAM now (NVML), after the child is gone
+    model_layers: int | None = None  # block_count from the GGUF metadata
+
+
+@dataclass(frozen=True)
+class Rung:
+    settings: RunSettings
+    step: Literal["gpu_layers", "ctx_size", "mmproj_cpu", "cpu_only"]
+    reason: str
+
+
+def offloadable(layers: Layers, model_layers: int | None) -> int | None:
+    """How many layers a setting actually puts on the GPU (the output layer counts as one)."""
+    total = model_layers + 1 if model_layers is not None else None
+    if isinstance(layers, int):
+        return min(layers, total) if total is not None else layers
+    return total
+
+
+def estimate_layers(n_tried: int, ev: Evidence) -> int | None:
+    """Layers that should fit, from the failed allocation for `n_tried` layers and the free VRAM."""
+    if ev.alloc_mib is None or ev.free_vram_mib is None or n_tried <= 0 or ev.alloc_mib <= 0:
+        return None
+    per_layer = ev.alloc_mib / n_tried
+    usable = max(0.0, (ev.free_vram_mib - VRAM_HEADROOM_MIB) * VRAM_USABLE_FRACTION)
+    return math.floor(usable / per_layer)
+
+
+def next_rung(cur: RunSettings, ev: Evidence, *, min_ctx: int, has_mmproj: bool) -> Rung | None:
+    """The next settings to try after an out-of-memory exit with `cur`, or None when nothing is left."""
+    if not cur.cpu_only:
+        n = offloadable(cur.n_gpu_layers, ev.model_layers)
+        if n is not None and n > 1:
+            est = estimate_layers(n, ev)
+            if est is not None:
+                new, how = min(est, n - 1), (
+                    f"estimate: {ev.alloc_mib:.0f} MiB failed for {n} layers, {ev.free_vram_mib:.0f} MiB free"
+                )
+            else:
+                new, how = n // 2, f"no VRAM figures: halving {n}"
+            if new >= 1:
+                return Rung(replace(cur, n_gpu_layers=new), "gpu_layers", f"GPU layers {n} → {new} ({how})")
+    if cur.ctx_size > min_ctx:
+        new_ctx = max(min_ctx, cur.ctx_size // 2)
+        return Rung(replace(cur, ctx_size=new_ctx), "ctx_size", f"context {cur.ctx_size} → {new_ctx}")
+    if has_mmproj and cur.mmproj_offload and not cur.cpu_only:
+        return Rung(replace(cur, mmproj_offload=False), "mmproj_cpu", "vision projector moved to the CPU")
+    if not cur.cpu_only:
+        return Rung(replace(cur, n_gpu_layers=0, cpu_only=True), "cpu_only", "CPU only")
+    return None

@@ -1,0 +1,143 @@
+"""The child process: spawn in its own process group, drain its pipes, stop it, never leave it behind."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("child")
+PR_SET_PDEATHSIG = 1
+LOG_TAIL_LINES = 200
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: the kernel kills it if the supervisor dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # best effort: other systems rely on the process group being stopped
+
+
+class Child:
+    """One running llama-server. `on_line` sees every log line (to spot fatal messages)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, argv: Sequence[str],
+                 on_line: Callable[[str], None] | None = None, echo: bool = True) -> None:
+        self.proc = proc
+        self.argv = list(argv)
+        self.pid = proc.pid
+        self.started_at = time.time()
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.last_output = time.monotonic()
+        self.signalled = False
+        self._on_line = on_line
+        self._echo = echo
+        self._drains = [
+            asyncio.create_task(self._drain(proc.stdout, "stdout")),
+            asyncio.create_task(self._drain(proc.stderr, "stderr")),
+        ]
+
+    async def _drain(self, stream: asyncio.StreamReader | None, name: str) -> None:
+        if stream is None:
+            return
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the stream limit: take what is buffered
+                raw = await stream.read(65536)
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip()
+            if not line:
+                continue
+            self.tail.append(line)
+            self.last_output = time.monotonic()
+            if self._echo:
+                log.info("child_output", stream=name, pid=self.pid, line=line)
+            if self._on_line is not None:
+                self._on_line(line)
+
+    async def wait(self) -> int:
+        """Wait for exit and for both pipes to be drained, so the log tail is complete."""
+        rc = await self.proc.wait()
+        await asyncio.gather(*self._drains, return_exceptions=True)
+        return rc
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            self.proc.send_signal(sig)
+
+    async def stop(self, timeout_s: float = 10.0) -> int:
+        """SIGTERM the process group, SIGKILL it after `timeout_s`. Returns the exit code."""
+        if self.proc.returncode is None:
+            self.signalled = True
+            self._signal_group(signal.SIGTERM)
+            # A stopped (SIGSTOP) child cannot act on SIGTERM until it runs again.
+            self._signal_group(signal.SIGCONT)
+            try:
+                return await asyncio.wait_for(self.wait(), timeout_s)
+            except TimeoutError:
+                log.warning("child_kill", pid=self.pid, reason=f"still running {timeout_s}s after SIGTERM")
+                self._signal_group(signal.SIGKILL)
+        # Also sweep the group: helpers the child forked must not outlive it.
+        self._signal_group(signal.SIGKILL)
+        return await self.wait()
+
+
+def oom_kill_count() -> int | None:
+    """The cgroup's oom_kill counter, to tell the kernel OOM killer from other SIGKILLs (v2, or v1's oom_control)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":
+            candidates.append(Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.events")
+        elif "memory" in controllers.split(","):
+            candidates.append(Path("/sys/fs/cgroup/memory") / rel.lstrip("/") / "memory.oom_control")
+    for path in candidates:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for entry in text.splitlines():
+            key, _, value = entry.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None
+
+
+async def spawn(argv: Sequence[str], env: dict[str, str], on_line: Callable[[str], None] | None = None,
+                echo: bool = True) -> Child:
+    """Start argv (never through a shell) in a new session. Raises OSError when it cannot start."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        limit=1 << 20,
+    )
+    return Child(proc, argv, on_line, echo)

@@ -1,0 +1,234 @@
+"""Reverse proxy to llama-server, as a plain ASGI app: this is the hot path, so it stays small.
+
+Requests wait (bounded) while the child (re)starts; a request refused or reset before any response
+byte is retried once after recovery; streams pass through chunk by chunk; a client that goes away
+closes the upstream request so llama-server stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import structlog
+
+from .runner import Runner
+
+log = structlog.get_logger("proxy")
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                        b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
+KNOWN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/chat/completions", "/completions",
+                          "/completion", "/v1/embeddings", "/embeddings", "/embedding", "/v1/models", "/models",
+                          "/tokenize", "/detokenize", "/props", "/slots", "/infill", "/rerank", "/v1/rerank",
+                          "/apply-template", "/v1/health", "/lora-adapters"})
+# Failures that mean the request never reached a live llama-server: safe to send again.
+RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+def json_error(status: int, message: str, kind: str, headers: list[tuple[bytes, bytes]] | None = None
+               ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return status, hdrs + (headers or []), body
+
+
+async def send_simple(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def route_label(path: str) -> str:
+    return path if path in KNOWN_ROUTES else "other"
+
+
+class Proxy:
+    def __init__(self, runner: Runner, *, transform: Callable[[str, bytes], Awaitable[bytes]] | None = None) -> None:
+        self.runner = runner
+        self.metrics = runner.metrics
+        self.transform = transform  # request body rewriting (images), where a feature needs it
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=30),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks = []
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        body = b"".join(chunks)
+        route = route_label(scope["path"])
+        t0 = time.perf_counter()
+        self.runner.in_flight += 1
+        self.metrics.in_flight.inc()
+        status = [499]  # what the client got; stays 499 if it left first
+        work = asyncio.ensure_future(self._forward(scope, body, send, status))
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, watch):
+                task.cancel()
+            await asyncio.gather(work, watch, return_exceptions=True)
+            self.runner.in_flight -= 1
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+        if work.done() and not work.cancelled() and work.exception() is not None:
+            log.error("proxy_error", path=scope["path"], error=repr(work.exception()))
+
+    async def _wait_ready(self) -> tuple[bool, str]:
+        r = self.runner
+        if r.ready:
+            return True, ""
+        if r.waiting >= r.cfg.queue_max:
+            return False, f"llama-server is {r.machine.state.value} and {r.waiting} requests are already waiting"
+        r.waiting += 1
+        self.metrics.queued.inc()
+        t0 = time.perf_counter()
+        try:
+            ok = await r.wait_ready(r.cfg.queue_wait_s)
+        finally:
+            r.waiting -= 1
+            self.metrics.queued.dec()
+            self.metrics.queue_wait.observe(time.perf_counter() - t0)
+        if ok:
+            return True, ""
+        m = r.machine
+        return False, f"llama-server is not ready ({m.state.value}{': ' + m.reason if m.reason else ''})"
+
+    def _headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        out = []
+        forwarded = None
+        for k, v in scope["headers"]:
+            if k in HOP_BY_HOP:
+                continue
+            if k == b"x-forwarded-for":
+                forwarded = v
+                continue
+            out.append((k, v))
+        client = scope.get("client")
+        if client:
+            ip = client[0].encode()
+            out.append((b"x-forwarded-for", forwarded + b", " + ip if forwarded else ip))
+        return out
+
+    async def _forward(self, scope: Scope, body: bytes, send: Send, status: list[int]) -> None:
+        if self.transform is not None:
+            try:
+                body = await self.transform(scope["path"], body)
+            except RequestRejected as exc:
+                status[0] = exc.status
+                await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
+                return
+        headers = self._headers(scope)
+        query = scope.get("query_string", b"")
+        target = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+        upstream: httpx.Response | None = None
+        for attempt in (1, 2):
+            ok, why = await self._wait_ready()
+            if not ok:
+                status[0] = 503
+                await send_simple(send, *json_error(503, why, "unavailable_error", [(b"retry-after", b"5")]))
+                return
+            req = self.client.build_request(scope["method"], f"{self.runner.child_url}{target}",
+                                            headers=headers, content=body)
+            try:
+                upstream = await self.client.send(req, stream=True)
+                break
+            except RETRYABLE as exc:
+                if attempt == 2:
+                    status[0] = 502
+                    msg = f"llama-server did not answer: {type(exc).__name__}"
+                    await send_simple(send, *json_error(502, msg, "server_error"))
+                    return
+                log.info("proxy_retry", path=scope["path"], error=type(exc).__name__)
+                await asyncio.sleep(0.05)  # let the exit be noticed before asking for readiness again
+        assert upstream is not None
+        try:
+            await self._relay(upstream, send, status)
+        finally:
+            await upstream.aclose()
+
+    async def _relay(self, upstream: httpx.Response, send: Send, status: list[int]) -> None:
+        status[0] = upstream.status_code
+        headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP]
+        sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        if not sse:
+            try:
+                data = await upstream.aread()
+            except httpx.HTTPError as exc:
+                status[0] = 502
+                await send_simple(send, *json_error(502, f"llama-server failed mid-response: {exc!r}", "server_error"))
+                return
+            if 200 <= upstream.status_code < 300:
+                self.runner.last_success = time.monotonic()
+                if b'"usage"' in data:
+                    self._count_tokens(data)
+            await send_simple(send, upstream.status_code, headers + [(b"content-length", str(len(data)).encode())],
+                              data)
+            return
+        await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+        try:
+            async for chunk in upstream.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if b'"timings"' in chunk:
+                    self._count_tokens(chunk)
+        except httpx.HTTPError as exc:
+            m = self.runner.machine
+            err = {"error": {"message": f"llama-server stream was cut ({type(exc).__name__}); state: {m.state.value}",
+                             "type": "server_error", "code": 502}}
+            await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n",
+                        "more_body": True})
+            status[0] = 502
+        else:
+            self.runner.last_success = time.monotonic()
+        await send({"type": "http.response.body", "body": b""})
+
+    def _count_tokens(self, data: bytes) -> None:
+        """Token counts from llama-server's own usage/timings, parsed only from the chunk that has them."""
+        text = data.decode("utf-8", "replace")
+        for part in text.split("\n"):
+            part = part.removeprefix("data: ").strip()
+            if not part.startswith("{"):
+                continue
+            try:
+                obj = json.loads(part)
+            except ValueError:
+                continue
+            usage, timings = obj.get("usage") or {}, obj.get("timings") or {}
+            prompt = usage.get("prompt_tokens", timings.get("prompt_n"))
+            completion = usage.get("completion_tokens", timings.get("predicted_n"))
+            if isinstance(prompt, int):
+                self.metrics.tokens.labels("prompt").inc(prompt)
+            if isinstance(completion, int):
+                self.metrics.tokens.labels("completion").inc(completion)
+            return
+
+
+class RequestRejected(Exception):
+    """A request the proxy refuses (4xx) before it reaches llama-server."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message

@@ -1,0 +1,109 @@
+"""Loading a profile for real use (schema + binary + argv check) and reloading it when it changes.
+
+A bad edit never replaces a working setup: the error is logged and shown in /status until a good
+edit clears it. A good edit restarts the child only when its command line or environment changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import structlog
+import watchfiles
+
+from .capabilities import CapabilityError, probe
+from .command import CommandError, build_argv, child_env
+from .profile import ProfileError, load_profile
+from .runner import Loaded, Runner, base_settings
+
+log = structlog.get_logger("reload")
+
+
+def load_checked(path: Path) -> Loaded:
+    """Validate a profile against the binary it names. Blocking; raises ProfileError naming file and field."""
+    profile = load_profile(path)
+    try:
+        caps = probe(profile.binary)
+    except (CapabilityError, OSError) as exc:
+        raise ProfileError(path, [("binary", str(exc))]) from None
+    try:
+        build_argv(profile, caps, base_settings(profile), 0)
+    except CommandError as exc:
+        field, _, msg = str(exc).partition(": ")
+        raise ProfileError(path, [(field, msg)]) from None
+    return Loaded(path, profile, caps)
+
+
+def _child_identity(loaded: Loaded) -> tuple[list[str], dict[str, str]]:
+    argv = build_argv(loaded.profile, loaded.caps, base_settings(loaded.profile), 0)
+    return argv, child_env(os.environ, loaded.profile)
+
+
+class Reloader:
+    def __init__(self, runner: Runner, profile_path: Path, settings_file: Path | None = None,
+                 debounce_ms: int = 300) -> None:
+        self.runner = runner
+        self.path = profile_path
+        self.settings_file = settings_file
+        self.debounce_ms = debounce_ms
+        self._lock = asyncio.Lock()
+
+    def _active_path(self) -> Path:
+        """The settings file may name another active profile: read it again on every reload."""
+        if self.settings_file is None:
+            return self.path
+        from .config import ConfigError, load_config
+
+        try:
+            return load_config().resolved_profile()
+        except ConfigError as exc:
+            log.warning("settings_invalid", error=str(exc))
+            return self.path
+
+    async def reload(self, source: str) -> dict[str, Any]:
+        async with self._lock:  # a burst of triggers is handled one at a time
+            return await self._reload(source)
+
+    async def _reload(self, source: str) -> dict[str, Any]:
+        r = self.runner
+        path = self._active_path()
+        try:
+            loaded = await asyncio.to_thread(load_checked, path)
+        except ProfileError as exc:
+            r.last_reload_error = exc.as_dict()
+            r.metrics.reloads.labels("invalid").inc()
+            log.error("reload_rejected", source=source, file=exc.path, errors=exc.problems,
+                      keeping=str(r.loaded.path))
+            return {"ok": False, "restarted": False, "error": exc.as_dict()}
+        r.last_reload_error = None
+        changed = _child_identity(loaded) != _child_identity(r.loaded) or path != r.loaded.path
+        if not changed:
+            r.loaded = loaded  # supervisor-side settings (images, warmup) apply at once
+            r.metrics.reloads.labels("unchanged").inc()
+            log.info("reload_no_restart", source=source, file=str(path))
+            return {"ok": True, "restarted": False}
+        self.path = path
+        await self._drain()
+        r.metrics.reloads.labels("restart").inc()
+        log.info("reload_restart", source=source, file=str(path), profile=loaded.profile.name)
+        r.replace_profile(loaded)
+        return {"ok": True, "restarted": True}
+
+    async def _drain(self) -> None:
+        """Let requests in flight finish (bounded) before the child goes away."""
+        deadline = asyncio.get_running_loop().time() + self.runner.cfg.drain_s
+        while self.runner.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def watch(self) -> None:
+        """Watch the profile's folder (atomic saves replace the file) and the settings file."""
+        def relevant(_change: watchfiles.Change, p: str) -> bool:
+            return Path(p).name in {self.path.name} | ({self.settings_file.name} if self.settings_file else set())
+
+        dirs = {str(self.path.parent)} | ({str(self.settings_file.parent)} if self.settings_file else set())
+        async for _changes in watchfiles.awatch(*dirs, watch_filter=relevant, debounce=self.debounce_ms,
+                                                 step=50, recursive=False):
+            await self.reload("file change")
