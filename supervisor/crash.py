@@ -33,7 +33,7 @@ _ALLOC_FAILURE = re.compile(
     r"|failed to allocate buffer for kv cache|failed to allocate compute (?:pp )?buffers"
     r"|failed to allocate Metal buffer|ErrorOutOfDeviceMemory|ggml_aligned_malloc: insufficient memory"
     r"|CUDA error: out of memory|kIOGPUCommandBufferCallbackErrorOutOfMemory|Insufficient Memory"
-    r"|out of memory",
+    r"|std::bad_alloc|out of memory",
     re.IGNORECASE,
 )
 _ALLOC_SIZE = re.compile(r"allocating ([0-9.]+) MiB on device (\d+)")

@@ -55,7 +55,8 @@ def route_label(path: str) -> str:
 
 
 class Proxy:
-    def __init__(self, runner: Runner, *, transform: Callable[[str, bytes], Awaitable[bytes]] | None = None) -> None:
+    def __init__(self, runner: Runner, *,
+                 transform: Callable[[str, dict[str, Any], bytes], Awaitable[bytes]] | None = None) -> None:
         self.runner = runner
         self.metrics = runner.metrics
         self.transform = transform  # request body rewriting (images), where a feature needs it
@@ -97,6 +98,18 @@ class Proxy:
         if work.done() and not work.cancelled() and work.exception() is not None:
             log.error("proxy_error", path=scope["path"], error=repr(work.exception()))
 
+    async def _check_body(self, path: str, body: bytes) -> bytes:
+        """llama-server answers 500 to malformed JSON; a client deserves a 400 that says what is wrong."""
+        try:
+            doc = json.loads(body) if body else None
+        except ValueError as exc:
+            raise RequestRejected(400, f"request body is not valid JSON: {exc}") from None
+        if doc is not None and not isinstance(doc, dict):
+            raise RequestRejected(400, f"request body must be a JSON object, not {type(doc).__name__}")
+        if self.transform is not None and doc is not None:
+            return await self.transform(path, doc, body)
+        return body
+
     async def _wait_ready(self) -> tuple[bool, str]:
         r = self.runner
         if r.ready:
@@ -134,13 +147,13 @@ class Proxy:
         return out
 
     async def _forward(self, scope: Scope, body: bytes, send: Send, status: list[int]) -> None:
-        if self.transform is not None:
-            try:
-                body = await self.transform(scope["path"], body)
-            except RequestRejected as exc:
-                status[0] = exc.status
-                await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
-                return
+        try:
+            if scope["method"] == "POST" and scope["path"] in KNOWN_ROUTES:
+                body = await self._check_body(scope["path"], body)
+        except RequestRejected as exc:
+            status[0] = exc.status
+            await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
+            return
         headers = self._headers(scope)
         query = scope.get("query_string", b"")
         target = scope["path"] + ("?" + query.decode("latin-1") if query else "")

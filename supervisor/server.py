@@ -40,45 +40,79 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Daemon:
+    """One supervisor: runner, proxy, HTTP server and background tasks, started and stopped as a unit."""
+
+    def __init__(self, cfg: Config, profile_path: Path, settings_file: Path | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.cfg, self.profile_path, self.settings_file = cfg, profile_path, settings_file
+        self.notifier = notifier or Notifier()
+        self.url = ""
+        self._serving: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Raises ProfileError for a bad profile and OSError when the address is taken."""
+        cfg = self.cfg
+        loaded = await asyncio.to_thread(load_checked, self.profile_path)
+        self.runner = runner = Runner(cfg, loaded, notifier=self.notifier)
+        runner.metrics.attach_sampler(lambda: status.sample(runner))
+        self.proxy = Proxy(runner)
+        self.reloader = Reloader(runner, self.profile_path, self.settings_file)
+        sock = bind(cfg.host, cfg.port)
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.server = _Server(uvicorn.Config(App(runner, self.proxy, self.reloader), lifespan="off", log_config=None,
+                                             access_log=False, http="httptools", server_header=False,
+                                             timeout_graceful_shutdown=max(1, int(cfg.drain_s))))
+        log.info("listening", url=self.url, profile=str(self.profile_path), binary=loaded.caps.binary,
+                 llama_server_version=loaded.caps.version)
+        self._background.append(asyncio.ensure_future(self.reloader.watch()))
+        if self.notifier.watchdog_s:
+            self._background.append(asyncio.ensure_future(_watchdog(self.notifier)))
+        await runner.start()
+        self._serving = asyncio.ensure_future(self.server.serve(sockets=[sock]))
+        while not self.server.started and not self._serving.done():
+            await asyncio.sleep(0.01)
+
+    def request_stop(self) -> None:
+        self.notifier.send("STOPPING=1")
+        self.server.should_exit = True
+
+    async def wait(self) -> None:
+        if self._serving is not None:
+            await asyncio.shield(self._serving)
+
+    async def stop(self) -> None:
+        """Stop accepting, drain requests in flight (bounded), stop the child, release everything."""
+        self.request_stop()
+        try:
+            if self._serving is not None:
+                await self._serving
+        finally:
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            await self.runner.stop()
+            await self.proxy.aclose()
+            self.notifier.close()
+            log.info("stopped")
+
+
 async def serve(cfg: Config, profile_path: Path, settings_file: Path | None = None) -> int:
-    loaded = await asyncio.to_thread(load_checked, profile_path)
-    notifier = Notifier()
-    runner = Runner(cfg, loaded, notifier=notifier)
-    runner.metrics.attach_sampler(lambda: status.sample(runner))
-    proxy = Proxy(runner)
-    reloader = Reloader(runner, profile_path, settings_file)
-    app = App(runner, proxy, reloader)
-    sock = bind(cfg.host, cfg.port)
-    host, port = sock.getsockname()[:2]
-    server = _Server(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, http="httptools",
-                                    timeout_graceful_shutdown=int(cfg.drain_s) or 1, server_header=False))
+    daemon = Daemon(cfg, profile_path, settings_file)
+    await daemon.start()
     loop = asyncio.get_running_loop()
 
     def on_stop(sig: signal.Signals) -> None:
         log.info("signal", signal=sig.name, action="shutdown")
-        notifier.send("STOPPING=1")
-        server.should_exit = True
+        daemon.request_stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reloader.reload("SIGHUP")))
-
-    log.info("listening", url=f"http://{host}:{port}", profile=str(profile_path), binary=loaded.caps.binary,
-             llama_server_version=loaded.caps.version)
-    background = [asyncio.ensure_future(reloader.watch())]
-    if notifier.watchdog_s:
-        background.append(asyncio.ensure_future(_watchdog(notifier)))
-    await runner.start()
-    try:
-        await server.serve(sockets=[sock])
-    finally:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        await runner.stop()
-        await proxy.aclose()
-        notifier.close()
-        log.info("stopped")
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(daemon.reloader.reload("SIGHUP")))
+    await daemon.wait()
+    await daemon.stop()
     return 0
 
 

@@ -1,0 +1,118 @@
+"""The command builder: profile + capabilities + run settings → argv, as a table; and the child's environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor.capabilities import Capabilities, parse_help, probe
+from supervisor.command import CommandError, build_argv, check_extra_args, child_env
+from supervisor.ladder import RunSettings
+from supervisor.profile import load_profile
+
+
+@pytest.fixture
+def caps(llama_server: str) -> Capabilities:
+    return probe(llama_server)
+
+
+def _tail(argv: list[str]) -> list[str]:
+    """Everything after --host/--port, which every argv has."""
+    return argv[7:]
+
+
+@pytest.mark.parametrize(
+    ("fields", "settings", "expected"),
+    [
+        ({}, RunSettings(0, 1024), ["--ctx-size", "1024", "--n-gpu-layers", "0", "--threads", "1", "--parallel", "2",
+                                    "--cache-ram", "0", "--alias", "test", "--metrics"]),
+        ({"threads": None, "parallel": None}, RunSettings("all", 4096),
+         ["--ctx-size", "4096", "--n-gpu-layers", "all", "--cache-ram", "0", "--alias", "test", "--metrics"]),
+        ({"threads": None, "parallel": None, "flash_attn": "on", "cache_type_k": "q8_0", "cache_type_v": "q8_0"},
+         RunSettings(12, 2048),
+         ["--ctx-size", "2048", "--n-gpu-layers", "12", "--flash-attn", "on", "--cache-type-k", "q8_0",
+          "--cache-type-v", "q8_0", "--cache-ram", "0", "--alias", "test", "--metrics"]),
+        ({"threads": None, "parallel": None, "extra_args": ["--load-mode", "mmap", "-b", "256"]},
+         RunSettings(0, 512, cpu_only=True),
+         ["--ctx-size", "512", "--n-gpu-layers", "0", "--device", "none", "--cache-ram", "0", "--alias", "test",
+          "--metrics", "--load-mode", "mmap", "-b", "256"]),
+    ],
+)
+def test_argv_table(write_profile, caps: Capabilities, fields: dict, settings: RunSettings, expected: list[str]) -> None:
+    p = load_profile(write_profile(**fields))
+    argv = build_argv(p, caps, settings, 4321)
+    assert argv[:7] == [caps.binary, "--model", str(p.model), "--host", "127.0.0.1", "--port", "4321"]
+    assert _tail(argv) == expected
+
+
+def test_mmproj_on_cpu(write_profile, caps: Capabilities, tiny_model) -> None:
+    p = load_profile(write_profile(mmproj=str(tiny_model)))
+    assert "--no-mmproj-offload" not in build_argv(p, caps, RunSettings(5, 1024), 1)
+    argv = build_argv(p, caps, RunSettings(5, 1024, mmproj_offload=False), 1)
+    assert argv[argv.index("--mmproj") + 1] == str(tiny_model) and "--no-mmproj-offload" in argv
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--metal"], "no --metal flag"),
+        (["--memory-f16"], "removed long ago"),
+        (["--mlock"], "--load-mode"),
+        (["--no-mmap"], "--load-mode"),
+        (["--mlock", "false"], "--load-mode"),
+        (["--no-webui", "false"], "takes no value"),
+        (["--batch-size"], "needs a value"),
+        (["--frobnicate"], "does not know this flag"),
+    ],
+)
+def test_extra_args_rejected(caps: Capabilities, args: list[str], fragment: str) -> None:
+    with pytest.raises(CommandError) as exc:
+        check_extra_args(args, caps)
+    assert fragment in str(exc.value)
+    assert "extra_args" in str(exc.value)
+
+
+def test_extra_args_accepted(caps: Capabilities) -> None:
+    check_extra_args(["--no-webui", "-b", "256", "--temp", "-0.5", "--rope-freq-base=10000"], caps)
+
+
+def test_child_env_is_built_on_purpose(write_profile) -> None:
+    p = load_profile(write_profile(env={"LLAMA_ARG_BATCH": "128", "CUDA_VISIBLE_DEVICES": "0"}))
+    parent = {"PATH": "/bin", "LLAMA_ARG_CTX_SIZE": "99999", "LLAMA_API_KEY": "secret", "NOTIFY_SOCKET": "/run/x",
+              "HOME": "/root"}
+    env = child_env(parent, p)
+    assert env == {"PATH": "/bin", "HOME": "/root", "LLAMA_ARG_BATCH": "128", "CUDA_VISIBLE_DEVICES": "0"}
+
+
+def test_old_binary_without_auto(write_profile, caps: Capabilities) -> None:
+    old = Capabilities(caps.binary, "old", caps.flags, caps.value_flags, caps.env_vars, ngl_auto=False)
+    p = load_profile(write_profile())
+    assert "999" in build_argv(p, old, RunSettings("all", 1024), 1)
+    with pytest.raises(CommandError, match="auto"):
+        build_argv(p, old, RunSettings("auto", 1024), 1)
+
+
+def test_capabilities_from_real_binary(caps: Capabilities) -> None:
+    for flag in ("-m", "--model", "-ngl", "--n-gpu-layers", "--ctx-size", "--no-mmproj-offload", "--cache-ram",
+                 "-fa", "--device", "--metrics"):
+        assert caps.has(flag), flag
+    assert not caps.has("--metal") and not caps.has("--mlock")
+    assert "--ctx-size" in caps.value_flags and "--metrics" not in caps.value_flags
+    assert caps.ngl_auto
+    assert "LLAMA_ARG_CTX_SIZE" in caps.env_vars
+    assert caps.version != "unknown"
+
+
+def test_parse_help_layout() -> None:
+    text = (
+        "-c,    --ctx-size N                     size of the prompt context\n"
+        "                                        (env: LLAMA_ARG_CTX_SIZE)\n"
+        "-sm,   --split-mode {none,layer,row,tensor}\n"
+        "                                        how to split\n"
+        "--no-webui                              disable\n"
+        "-ngl,  --gpu-layers, --n-gpu-layers N   max layers, 'auto', or 'all'\n"
+    )
+    flags, value_flags, envs, auto = parse_help(text)
+    assert flags == {"-c", "--ctx-size", "-sm", "--split-mode", "--no-webui", "-ngl", "--gpu-layers",
+                     "--n-gpu-layers"}
+    assert value_flags == flags - {"--no-webui"}
+    assert envs == {"LLAMA_ARG_CTX_SIZE"} and auto

@@ -1,0 +1,119 @@
+"""End to end through the supervisor, with the real llama-server and the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import psutil
+
+from support import running, wait_for
+
+
+async def test_health_goes_503_then_200_and_chat_works(tmp_path: Path, write_profile) -> None:
+    profile = write_profile()
+    async with running(tmp_path, profile) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        seen = set()
+        for _ in range(400):
+            r = await c.get("/health")
+            seen.add(r.status_code)
+            if r.status_code == 200:
+                break
+            assert r.json()["status"] in ("starting", "warming")
+            await asyncio.sleep(0.005)
+        assert seen == {503, 200}, seen
+        assert r.json() == {"status": "ok"}
+        r = await c.post("/v1/chat/completions",
+                         json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "chat.completion"
+        assert body["usage"]["completion_tokens"] == 8
+
+
+async def test_streaming_passes_chunks_through(tmp_path: Path, write_profile) -> None:
+    async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32, "stream": True, "ignore_eos": True}
+        events = []
+        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for ch in chunks if ch["choices"] and ch["choices"][0]["delta"].get("content")) >= 16
+
+
+async def test_client_disconnect_stops_generation(tmp_path: Path, write_profile) -> None:
+    """Leaving mid-stream must close the upstream request: llama-server's slot goes idle long before
+    the 100k tokens asked for could be generated."""
+    async with running(tmp_path, write_profile(parallel=1)) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000, "stream": True,
+                "ignore_eos": True}
+        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            n = 0
+            async for _ in r.aiter_lines():
+                n += 1
+                if n > 20:
+                    break
+        async def idle() -> bool:
+            s = (await c.get("/slots")).json()
+            return not s[0]["is_processing"]
+
+        for _ in range(100):
+            if await idle():
+                break
+            await asyncio.sleep(0.05)
+        # At a few thousand tokens/s, 100k tokens take far longer than the 5 s waited here.
+        s = (await c.get("/slots")).json()[0]
+        assert not s["is_processing"], s
+
+
+async def test_status_fields_are_true(tmp_path: Path, write_profile) -> None:
+    profile = write_profile(name="stat")
+    async with running(tmp_path, profile) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        st = (await c.get("/status")).json()
+        assert st["state"] == "ready"
+        assert st["profile"] == {"name": "stat", "file": str(profile)}
+        pid = st["child"]["pid"]
+        proc = psutil.Process(pid)
+        assert proc.is_running() and proc.name() == "llama-server"
+        assert proc.cmdline() == st["argv"]
+        assert st["child"]["rss_bytes"] > 0
+        assert st["restarts"] == 0 and st["last_exit"] is None
+        assert st["load_s"] > 0 and st["warmup_s"] > 0
+        assert st["llama_server_version"].startswith(d.runner.loaded.caps.version.split()[0])
+        assert any("load_model" in line or "model" in line for line in st["log_tail"])
+        assert [t["to"] for t in st["transitions"]] == ["starting", "warming", "ready"]
+        assert st["supervisor"]["uptime_s"] > 0
+        assert "--ctx-size" in st["argv"] and st["argv"][st["argv"].index("--ctx-size") + 1] == "1024"
+
+
+async def test_proxy_passes_other_routes_and_forwarded_for(tmp_path: Path, write_profile) -> None:
+    async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        r = await c.post("/tokenize", json={"content": "hello"})
+        assert r.status_code == 200 and r.json()["tokens"]
+        props = (await c.get("/props")).json()
+        assert props["default_generation_settings"]["n_ctx"] * 2 == 1024  # two slots share the context
+        r = await c.get("/v1/models")
+        assert r.json()["data"][0]["id"] == "test"
+        r = await c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        r = await c.post("/v1/chat/completions", json=[1, 2])
+        assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+
+
+async def test_child_metrics_are_exposed(tmp_path: Path, write_profile) -> None:
+    async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        r = await c.get("/child/metrics")
+        assert r.status_code == 200 and "llamacpp:" in r.text
