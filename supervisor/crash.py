@@ -57,7 +57,7 @@ class Exit:
     returncode: int | None  # negative: killed by that signal (asyncio convention)
     log_tail: tuple[str, ...] = ()
     signalled_by_us: bool = False
-    cgroup_oom_kill: bool = False  # memory.events oom_kill went up while it ran
+    cgroup_oom_kill: bool | None = None  # the cgroup's oom_kill count went up; None: not readable
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,9 @@ def classify(ex: Exit) -> Verdict:
     if ex.signalled_by_us and alloc_line is None:
         return Verdict(Cause.STOPPED, f"stopped by the supervisor ({sig or f'exit {rc}'})")
     if rc == -signal.SIGKILL and not ex.signalled_by_us:
+        if ex.cgroup_oom_kill is False:
+            return Verdict(Cause.CRASHED, "killed by SIGKILL from outside (not the OOM killer: the cgroup's "
+                                          "oom_kill count did not change)")
         detail = "killed by SIGKILL (kernel OOM killer" + (", confirmed by the cgroup)" if ex.cgroup_oom_kill else "?)")
         return Verdict(Cause.OOM_HOST, detail)
     if ex.cgroup_oom_kill:

@@ -207,8 +207,8 @@ class Runner:
         rc = await child.wait()
         health.cancel()
         oom_after = oom_kill_count()
-        verdict = classify(Exit(rc, tuple(child.tail)[-80:], child.signalled,
-                                oom_before is not None and oom_after is not None and oom_after > oom_before))
+        oom_killed = None if oom_before is None or oom_after is None else oom_after > oom_before
+        verdict = classify(Exit(rc, tuple(child.tail)[-80:], child.signalled, oom_killed))
         free = None
         if verdict.cause in OOM_CAUSES:
             free = await self._vram_after_exit(child.pid)

@@ -97,9 +97,11 @@ def test_our_own_signal_is_a_stop_unless_the_log_shows_oom() -> None:
     assert classify(Exit(-signal.SIGTERM, METAL_OOM, signalled_by_us=True)).cause is Cause.OOM_COMPUTE
 
 
-def test_cgroup_confirms_host_oom() -> None:
+def test_cgroup_confirms_or_rules_out_host_oom() -> None:
     v = classify(Exit(KILL, (), cgroup_oom_kill=True))
     assert v.cause is Cause.OOM_HOST and "confirmed" in v.detail
+    v = classify(Exit(KILL, (), cgroup_oom_kill=False))
+    assert v.cause is Cause.CRASHED and "not the OOM killer" in v.detail
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,70 @@
+"""A stand-in for llama-server on a GPU that is too small, for the faults this GPU-less machine cannot produce.
+
+It takes llama-server's arguments. When --n-gpu-layers is above a limit it prints the real CUDA
+out-of-memory lines (captured on an H100, see shared/llama-server-notes.md) and fails the way the real
+server does: exit 1 at load, or abort (SIGABRT) at the first compute. Otherwise, and for --help and
+--version, it execs the real llama-server with the same arguments, so what comes up is real.
+
+`write_double(path, real, limit, mode, record)` writes an executable copy configured for one test.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+MIB_PER_LAYER = 416.0
+
+LOAD_OOM = """\
+llama_model_load_from_file_impl: using device CUDA0 (NVIDIA H100 80GB HBM3) (0000:00:00.0) - 5632 MiB free
+ggml_backend_cuda_buffer_type_alloc_buffer: allocating {mib:.2f} MiB on device 0: cudaMalloc failed: out of memory
+alloc_tensor_range: failed to allocate CUDA0 buffer of size {size}
+llama_model_load: error loading model: unable to allocate CUDA0 buffer
+llama_model_load_from_file_impl: failed to load model
+srv    load_model: failed to load model, '{model}'
+srv    operator(): operator(): cleaning up before exit...
+main: exiting due to model loading error"""
+
+COMPUTE_OOM = """\
+llama_model_load_from_file_impl: using device CUDA0 (NVIDIA H100 80GB HBM3) (0000:00:00.0) - 5632 MiB free
+ggml_backend_cuda_buffer_type_alloc_buffer: allocating 1536.00 MiB on device 0: cudaMalloc failed: out of memory
+ggml_gallocr_reserve_n: failed to allocate CUDA0 buffer of size 1610612736
+ggml_cuda_compute_forward: MUL_MAT failed
+CUDA error: out of memory
+  current device: 0, in function ggml_cuda_compute_forward at ggml/src/ggml-cuda/ggml-cuda.cu:2751
+  err
+ggml/src/ggml-cuda/ggml-cuda.cu:90: CUDA error"""
+
+
+def main(real: str, limit: int, mode: str, record: str) -> None:
+    args = sys.argv[1:]
+    flag = next((f for f in ("--n-gpu-layers", "-ngl", "--gpu-layers") if f in args), None)
+    if flag is not None:
+        value = args[args.index(flag) + 1]
+        with open(record, "a", encoding="utf-8") as fh:
+            fh.write(value + "\n")
+        layers = 10**6 if value in ("auto", "all") else int(value)
+        if layers > limit:
+            model = args[args.index("--model") + 1] if "--model" in args else "?"
+            if mode == "load":
+                mib = MIB_PER_LAYER * min(layers, 25)
+                print(LOAD_OOM.format(mib=mib, size=int(mib * 2**20), model=model), file=sys.stderr, flush=True)
+                sys.exit(1)
+            print(COMPUTE_OOM, file=sys.stderr, flush=True)
+            os.abort()
+    os.execv(real, [real, *args])
+
+
+def write_double(path: Path, real: str, limit: int, mode: str, record: Path) -> Path:
+    here = Path(__file__).resolve()
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(here.parent)!r})\n"
+        "from oom_llama_server import main\n"
+        f"main({real!r}, {limit}, {mode!r}, {str(record)!r})\n"
+    )
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path

@@ -1,0 +1,124 @@
+"""The command line and the daemon as a real process: check, run, signals, no orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+CLI = [sys.executable, "-m", "supervisor"]
+
+
+def test_check_prints_argv(write_profile) -> None:
+    cp = subprocess.run([*CLI, "check", str(write_profile()), "--json"], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    argv = json.loads(cp.stdout)
+    assert argv[1:3] == ["--model", str(Path(argv[2]))] and "--ctx-size" in argv
+
+
+def test_check_rejects_metal_flag(write_profile) -> None:
+    path = write_profile(extra_args=["--metal"])
+    cp = subprocess.run([*CLI, "check", str(path)], capture_output=True, text=True)
+    assert cp.returncode == 2
+    assert f"{path}: extra_args: unknown flag --metal" in cp.stderr
+    assert "Metal is built in on macOS" in cp.stderr
+
+
+def test_check_demo_profile() -> None:
+    root = Path(__file__).resolve().parent.parent
+    cp = subprocess.run([*CLI, "check", str(root / "configs" / "demo.yaml")], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    assert "--model" in cp.stdout and "tiny-llama.gguf" in cp.stdout
+
+
+def test_run_with_bad_profile_exits_2(write_profile) -> None:
+    path = write_profile(ctx_size=-5)
+    cp = subprocess.run([*CLI, "run", "--profile", str(path), "--port", "0"], capture_output=True, text=True,
+                        timeout=30)
+    assert cp.returncode == 2 and "ctx_size" in cp.stderr and str(path) in cp.stderr
+
+
+class Daemon:
+    def __init__(self, proc: subprocess.Popen[str], url: str) -> None:
+        self.proc, self.url = proc, url
+
+    def child_pid(self) -> int:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                st = httpx.get(f"{self.url}/status", timeout=5).json()
+                if st["state"] == "ready":
+                    return int(st["child"]["pid"])
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("daemon never became ready")
+
+
+@pytest.fixture
+def daemon(write_profile, tmp_path: Path) -> Iterator[Daemon]:
+    env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.Popen([*CLI, "run", "--profile", str(write_profile()), "--port", "0", "--log-format", "json"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    url = None
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        m = re.search(r'"url": "(http://[^"]+)"', line)
+        if m and '"listening"' in line:
+            url = m.group(1)
+            break
+    assert url, "no 'listening' line"
+    yield Daemon(proc, url)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigterm_stops_child_and_exits_0(daemon: Daemon) -> None:
+    pid = daemon.child_pid()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(20) == 0
+    assert _gone(pid, 1.0), "llama-server outlived the supervisor"
+
+
+def test_sigkill_of_supervisor_takes_child_down(daemon: Daemon) -> None:
+    pid = daemon.child_pid()
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    assert _gone(pid, 1.5), "llama-server orphaned after SIGKILL of the supervisor"
+
+
+def test_status_command_prints_summary(daemon: Daemon) -> None:
+    daemon.child_pid()
+    cp = subprocess.run([*CLI, "status", "--url", daemon.url], capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    assert "state:     ready" in cp.stdout and "n_gpu_layers:" in cp.stdout
+    cp = subprocess.run([*CLI, "restart", "--url", daemon.url], capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0 and json.loads(cp.stdout)["status"] == "starting"
+
+
+def test_remote_commands_report_unreachable() -> None:
+    cp = subprocess.run([*CLI, "status", "--url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 3 and "cannot reach" in cp.stderr

@@ -1,0 +1,170 @@
+"""Surviving crashes with the real llama-server: kills, hangs, restarts, bad inputs, and the OOM ladder."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from doubles.oom_llama_server import write_double
+from support import running, wait_for
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+async def test_sigkill_during_stream_ends_stream_and_recovers(tmp_path: Path, write_profile) -> None:
+    async with running(tmp_path, write_profile(parallel=1)) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        pid = d.runner.child.pid
+        body = {**CHAT, "max_tokens": 100000, "stream": True, "ignore_eos": True}
+        lines = []
+        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 5:
+                    os.kill(pid, signal.SIGKILL)
+        last = json.loads(lines[-1].removeprefix("data: "))
+        assert last["error"]["code"] == 502 and "cut" in last["error"]["message"]
+        await wait_for(lambda: d.runner.ready and d.runner.child is not None and d.runner.child.pid != pid,
+                       what="ready again")
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200
+        st = (await c.get("/status")).json()
+        assert st["last_exit"]["signal"] == "SIGKILL"
+        assert st["last_exit"]["cause"] in ("crashed", "oom_host")  # oom_host only where the cgroup is unreadable
+        assert st["restarts"] == 1
+
+
+async def test_sigstop_is_detected_as_wedged(tmp_path: Path, write_profile) -> None:
+    async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        pid = d.runner.child.pid
+        os.kill(pid, signal.SIGSTOP)
+        await wait_for(lambda: d.runner.machine.last_exit is not None, timeout=15, what="wedged detection")
+        assert d.runner.machine.last_exit.cause.value == "wedged"
+        assert "liveness" in d.runner.machine.last_exit.detail
+        await wait_for(lambda: d.runner.ready, what="ready again")
+        assert d.runner.child.pid != pid
+        assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_requests_during_restart_are_held_and_succeed(tmp_path: Path, write_profile) -> None:
+    async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        r = await c.post("/admin/restart")
+        assert r.status_code == 202
+        assert not d.runner.ready
+        results = await asyncio.gather(*(c.post("/v1/chat/completions", json=CHAT) for _ in range(6)))
+        assert [r.status_code for r in results] == [200] * 6
+        assert d.runner.machine.restarts == 1
+
+
+async def test_queue_bound_answers_503_with_retry_after(tmp_path: Path, write_profile) -> None:
+    async with running(tmp_path, write_profile(), queue_max=0) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        await c.post("/admin/restart")
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert "waiting" in r.json()["error"]["message"]
+
+
+async def test_request_cut_before_response_is_retried(tmp_path: Path, write_profile) -> None:
+    """The child dies after the request was sent but before any response byte: the proxy retries once."""
+    profile = write_profile(parallel=1, ctx_size=4096)
+    async with running(tmp_path, profile) as d, httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        pid = d.runner.child.pid
+        long = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4000, "ignore_eos": True})
+        task = asyncio.ensure_future(long)
+        await wait_for(lambda: d.runner.in_flight == 1, what="request in flight")
+        await asyncio.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+        r = await task
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4000
+        assert d.runner.child.pid != pid
+
+
+async def test_port_in_use_then_freed(tmp_path: Path, write_profile) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    async with running(tmp_path, write_profile(port=port), backoff_base_s=0.2) as d:
+        await wait_for(lambda: d.runner.machine.last_exit is not None, what="first exit")
+        assert d.runner.machine.last_exit.cause.value == "port_in_use"
+        blocker.close()
+        await wait_for(lambda: d.runner.ready, what="ready once the port is free")
+
+
+async def test_binary_missing_fails_with_path(tmp_path: Path, write_profile, llama_server: str) -> None:
+    binary = tmp_path / "bin" / "llama-server"
+    binary.parent.mkdir()
+    shutil.copy2(llama_server, binary)
+    async with running(tmp_path, write_profile(binary=str(binary))) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        binary.unlink()
+        await c.post("/admin/restart")
+        await wait_for(lambda: d.runner.machine.state.value == "failed", what="failed")
+        h = await c.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "failed"
+        assert str(binary) in h.json()["reason"]
+        st = (await c.get("/status")).json()
+        assert st["last_exit"]["cause"] == "spawn_failed"
+
+
+async def test_crash_loop_breaker(tmp_path: Path, write_profile, llama_server: str) -> None:
+    """A child that keeps dying goes to failed after N tries, and an operator restart gets it out."""
+    flaky = tmp_path / "flaky.sh"
+    flag = tmp_path / "healthy"
+    flaky.write_text(f"#!/bin/sh\n[ -e {flag} ] && exec {llama_server} \"$@\"\n"
+                     f"case \"$1\" in --help|--version) exec {llama_server} \"$1\";; esac\n"
+                     "echo 'segfault soon' >&2; kill -SEGV $$\n")
+    flaky.chmod(0o755)
+    async with running(tmp_path, write_profile(binary=str(flaky)), breaker_failures=3, backoff_base_s=0.02) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.machine.state.value == "failed", what="breaker")
+        st = (await c.get("/status")).json()
+        assert "crash loop: 3 failures" in st["reason"] and st["last_exit"]["cause"] == "crashed"
+        flag.touch()
+        assert (await c.post("/admin/restart")).status_code == 202
+        await wait_for(lambda: d.runner.ready, what="ready after operator restart")
+
+
+@pytest.mark.parametrize("mode", ["load", "compute"])
+async def test_oom_ladder_with_real_server_at_the_end(tmp_path: Path, write_profile, llama_server: str,
+                                                     mode: str) -> None:
+    record = tmp_path / "layers.txt"
+    double = write_double(tmp_path / "llama-server", llama_server, limit=1, mode=mode, record=record)
+    profile = write_profile(binary=str(double), n_gpu_layers=99)
+    async with running(tmp_path, profile) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready after the ladder")
+        # The tiny model has 4 layers (+ output): 99 → min(99, 5) halved → 2 → 1.
+        assert record.read_text().split() == ["99", "2", "1"]
+        st = (await c.get("/status")).json()
+        assert st["settings"]["effective"]["n_gpu_layers"] == 1
+        assert st["settings"]["profile"]["n_gpu_layers"] == 99
+        assert "gpu_layers" in st["settings"]["adjustment"]
+        assert st["last_exit"]["cause"] == f"oom_{mode}"
+        assert st["argv"][st["argv"].index("--n-gpu-layers") + 1] == "1"
+        assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    # A new supervisor with the same state directory starts with what worked.
+    record.write_text("")
+    async with running(tmp_path, profile) as d:
+        await wait_for(lambda: d.runner.ready, what="ready with learned settings")
+        assert record.read_text().split() == ["1"]
+        assert "resumed" in (d.runner.machine.adjustment or "")
+        # An operator reset goes back to the profile's value (and walks the ladder again).
+        d.runner.restart("operator", reset=True)
+        await wait_for(lambda: d.runner.ready and record.read_text().split()[-1] == "1" and
+                       len(record.read_text().split()) == 4, what="ladder walked again")
+        assert record.read_text().split() == ["1", "99", "2", "1"]
