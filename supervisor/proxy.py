@@ -202,9 +202,11 @@ class Proxy:
                               data)
             return
         await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+        runner = self.runner
         try:
             async for chunk in upstream.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                runner.last_success = time.monotonic()  # a flowing stream is proof of life for liveness
                 if b'"timings"' in chunk:
                     self._count_tokens(chunk)
         except httpx.HTTPError as exc:
@@ -214,8 +216,6 @@ class Proxy:
             await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n",
                         "more_body": True})
             status[0] = 502
-        else:
-            self.runner.last_success = time.monotonic()
         await send({"type": "http.response.body", "body": b""})
 
     def _count_tokens(self, data: bytes) -> None:

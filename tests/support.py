@@ -17,7 +17,7 @@ from supervisor.server import Daemon
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
     values: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "state_dir": tmp_path / "state",
                               "backoff_base_s": 0.05, "backoff_cap_s": 0.5, "liveness_interval_s": 0.3,
-                              "liveness_timeout_s": 0.5, "liveness_failures": 2, "drain_s": 2.0,
+                              "liveness_timeout_s": 1.0, "liveness_failures": 3, "drain_s": 2.0,
                               "stop_timeout_s": 3.0, "log_child_output": False, "load_stall_s": 20,
                               "queue_wait_s": 20.0}
     values.update(overrides)

@@ -47,7 +47,9 @@ async def test_streaming_passes_chunks_through(tmp_path: Path, write_profile) ->
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert sum(1 for ch in chunks if ch["choices"] and ch["choices"][0]["delta"].get("content")) >= 16
+        assert chunks[-1]["timings"]["predicted_n"] == 32
+        # Tokens arrive as separate events (a byte token that ends mid UTF-8 character may add no text).
+        assert sum(1 for ch in chunks if ch["choices"] and ch["choices"][0]["delta"].get("content")) >= 8
 
 
 async def test_client_disconnect_stops_generation(tmp_path: Path, write_profile) -> None:

@@ -27,8 +27,9 @@ async def test_sigkill_during_stream_ends_stream_and_recovers(tmp_path: Path, wr
         lines = []
         async with c.stream("POST", "/v1/chat/completions", json=body) as r:
             async for line in r.aiter_lines():
-                if line:
-                    lines.append(line)
+                if not line:
+                    continue
+                lines.append(line)
                 if len(lines) == 5:
                     os.kill(pid, signal.SIGKILL)
         last = json.loads(lines[-1].removeprefix("data: "))
