@@ -65,9 +65,9 @@ def fetch_source(workdir: Path) -> Path:
     if not sdist.exists():
         log(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist from PyPI (~77 MB)")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
              "-d", str(sdist_dir), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"],
-            check=True,
+            check=True, stdout=sys.stderr,
         )
         candidates = sorted(sdist_dir.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}*.tar.gz"))
         if not candidates:
@@ -97,7 +97,9 @@ def build(backend: str, jobs: int) -> Path:
         log("configuring: " + shlex.join(configure))
         subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
         log(f"compiling llama-server with {jobs} jobs (a few minutes on 2 cores; progress below)")
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs)], check=True)
+        # Progress goes to stderr: stdout carries only the resulting path, for scripts.
+        subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs)],
+                       check=True, stdout=sys.stderr)
         built = build_dir / "bin" / "llama-server"
         target.parent.mkdir(parents=True, exist_ok=True)
         # Copy then rename so a half-written binary never looks like a cached one.

@@ -17,5 +17,10 @@ if ! .venv/bin/python -c 'import supervisor, pytest, respx, hypothesis' 2>/dev/n
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
     touch .venv/.installed
 fi
+# The tests verify the systemd unit with systemd-analyze (Debian's systemd package).
+if ! command -v systemd-analyze >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing systemd (for systemd-analyze)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd) >/dev/null
+fi
 echo "[setup] llama-server: $(.venv/bin/python scripts/build_llama_server.py ${LLAMA_BACKEND:+--backend "$LLAMA_BACKEND"})" >&2
 echo "[setup] demo model:   $(.venv/bin/python scripts/tiny_gguf.py)" >&2

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.config import Config
+from supervisor.sdnotify import Notifier
 from supervisor.server import Daemon
 
 
@@ -25,9 +26,10 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, profile: Path, **overrides: Any) -> AsyncIterator[Daemon]:
+async def running(tmp_path: Path, profile: Path, *, notifier: Notifier | None = None,
+                  settings_file: Path | None = None, **overrides: Any) -> AsyncIterator[Daemon]:
     """An in-process supervisor on a free port; always stopped (and its child with it) on exit."""
-    daemon = Daemon(make_config(tmp_path, **overrides), profile)
+    daemon = Daemon(make_config(tmp_path, **overrides), profile, settings_file, notifier=notifier or Notifier({}))
     await daemon.start()
     try:
         yield daemon
