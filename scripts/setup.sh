@@ -23,4 +23,4 @@ if ! command -v systemd-analyze >/dev/null && command -v apt-get >/dev/null && [
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd) >/dev/null
 fi
 echo "[setup] llama-server: $(.venv/bin/python scripts/build_llama_server.py ${LLAMA_BACKEND:+--backend "$LLAMA_BACKEND"})" >&2
-echo "[setup] demo model:   $(.venv/bin/python scripts/tiny_gguf.py)" >&2
+echo "[setup] demo models:  $(.venv/bin/python scripts/tiny_gguf.py --vision)" >&2

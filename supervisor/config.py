@@ -74,6 +74,9 @@ class Config(BaseSettings):
     queue_max: int = Field(64, ge=0)
     queue_wait_s: float = Field(120.0, ge=0)
     drain_s: float = Field(30.0, ge=0)
+    # request limits
+    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    remote_image_hosts: list[str] = []  # hosts llama-server may fetch image URLs from (empty: none)
     # auth
     api_key: SecretStr | None = None
     api_key_file: Path | None = None

@@ -70,6 +70,9 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter(f"{NS}_tokens_total", "Tokens reported by llama-server in responses", ["kind"],
                               registry=r)
+        self.images = Counter(f"{NS}_images_total", "Images checked by the proxy", registry=r)
+        self.image_bytes = Counter(f"{NS}_image_bytes_total", "Image bytes before (in) and after (out) the proxy",
+                                   ["direction"], registry=r)
         self.reloads = Counter(f"{NS}_reloads_total", "Profile reloads by outcome", ["outcome"], registry=r)
 
     def attach_sampler(self, sample: Callable[[], dict[str, Any]]) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import structlog
 
+from .images import ImageError, Stats, chat_to_predict, predict_to_chat, rewrite_chat
+from .profile import ImagePolicy
 from .runner import Runner
 
 log = structlog.get_logger("proxy")
@@ -29,6 +31,10 @@ KNOWN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/chat/comp
                           "/completion", "/v1/embeddings", "/embeddings", "/embedding", "/v1/models", "/models",
                           "/tokenize", "/detokenize", "/props", "/slots", "/infill", "/rerank", "/v1/rerank",
                           "/apply-template", "/v1/health", "/lora-adapters"})
+CHAT_ROUTES = frozenset({"/v1/chat/completions", "/chat/completions"})
+PREDICT = "/predict"
+# Bodies larger than this are parsed in a thread, not on the event loop.
+BIG_BODY = 256 * 1024
 # Failures that mean the request never reached a live llama-server: safe to send again.
 RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
@@ -50,16 +56,24 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
+def _rewrite(doc: dict[str, Any], policy: ImagePolicy, hosts: frozenset[str], force: bool
+             ) -> tuple[bytes | None, Stats]:
+    """Image policy and serialisation together, in a worker thread: both are CPU work on big bodies."""
+    new, stats = rewrite_chat(doc, policy, hosts)
+    if new is None and not force:
+        return None, stats
+    return json.dumps(new if new is not None else doc).encode(), stats
+
+
 def route_label(path: str) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
 
 class Proxy:
-    def __init__(self, runner: Runner, *,
-                 transform: Callable[[str, dict[str, Any], bytes], Awaitable[bytes]] | None = None) -> None:
+    def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self.metrics = runner.metrics
-        self.transform = transform  # request body rewriting (images), where a feature needs it
+        self.remote_hosts = frozenset(runner.cfg.remote_image_hosts)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=30),
@@ -69,12 +83,19 @@ class Proxy:
         await self.client.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks = []
+        chunks, size, limit = [], 0, self.runner.cfg.max_body_bytes
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return
-            chunks.append(msg.get("body", b""))
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await send_simple(send, *json_error(413, f"request body over the limit of {limit} bytes",
+                                                    "invalid_request_error"))
+                self.metrics.requests.labels(route_label(scope["path"]), "413").inc()
+                return
+            chunks.append(chunk)
             if not msg.get("more_body"):
                 break
         body = b"".join(chunks)
@@ -99,15 +120,33 @@ class Proxy:
             log.error("proxy_error", path=scope["path"], error=repr(work.exception()))
 
     async def _check_body(self, path: str, body: bytes) -> bytes:
-        """llama-server answers 500 to malformed JSON; a client deserves a 400 that says what is wrong."""
+        """Malformed JSON gets a 400 that says what is wrong (llama-server would answer 500); chat requests
+        with images get the image policy; /predict becomes a chat completion."""
         try:
-            doc = json.loads(body) if body else None
+            doc = (await asyncio.to_thread(json.loads, body) if len(body) > BIG_BODY else json.loads(body)) if body else None
         except ValueError as exc:
             raise RequestRejected(400, f"request body is not valid JSON: {exc}") from None
         if doc is not None and not isinstance(doc, dict):
             raise RequestRejected(400, f"request body must be a JSON object, not {type(doc).__name__}")
-        if self.transform is not None and doc is not None:
-            return await self.transform(path, doc, body)
+        if doc is None:
+            if path == PREDICT:
+                raise RequestRejected(400, "predict: expected a JSON body with 'prompt' and 'images'")
+            return body
+        try:
+            if path == PREDICT:
+                doc = predict_to_chat(doc)
+            if path == PREDICT or (path in CHAT_ROUTES and (b"image_url" in body or
+                                                           self.runner.loaded.profile.images.keep_last_turns)):
+                policy = self.runner.loaded.profile.images
+                new, stats = await asyncio.to_thread(_rewrite, doc, policy, self.remote_hosts, path == PREDICT)
+                if stats.images:
+                    self.metrics.images.inc(stats.images)
+                    self.metrics.image_bytes.labels("in").inc(stats.bytes_in)
+                    self.metrics.image_bytes.labels("out").inc(stats.bytes_out)
+                if new is not None:
+                    return new
+        except ImageError as exc:
+            raise RequestRejected(exc.status, exc.message) from None
         return body
 
     async def _wait_ready(self) -> tuple[bool, str]:
@@ -147,16 +186,17 @@ class Proxy:
         return out
 
     async def _forward(self, scope: Scope, body: bytes, send: Send, status: list[int]) -> None:
+        path = scope["path"]
         try:
-            if scope["method"] == "POST" and scope["path"] in KNOWN_ROUTES:
-                body = await self._check_body(scope["path"], body)
+            if scope["method"] == "POST" and (path in KNOWN_ROUTES or path == PREDICT):
+                body = await self._check_body(path, body)
         except RequestRejected as exc:
             status[0] = exc.status
             await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
             return
         headers = self._headers(scope)
         query = scope.get("query_string", b"")
-        target = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+        target = ("/v1/chat/completions" if path == PREDICT else path) + ("?" + query.decode("latin-1") if query else "")
         upstream: httpx.Response | None = None
         for attempt in (1, 2):
             ok, why = await self._wait_ready()
@@ -179,11 +219,11 @@ class Proxy:
                 await asyncio.sleep(0.05)  # let the exit be noticed before asking for readiness again
         assert upstream is not None
         try:
-            await self._relay(upstream, send, status)
+            await self._relay(upstream, send, status, predict=path == PREDICT)
         finally:
             await upstream.aclose()
 
-    async def _relay(self, upstream: httpx.Response, send: Send, status: list[int]) -> None:
+    async def _relay(self, upstream: httpx.Response, send: Send, status: list[int], predict: bool = False) -> None:
         status[0] = upstream.status_code
         headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP]
         sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
@@ -198,6 +238,10 @@ class Proxy:
                 self.runner.last_success = time.monotonic()
                 if b'"usage"' in data:
                     self._count_tokens(data)
+                if predict:
+                    data = json.dumps(chat_to_predict(json.loads(data))).encode()
+                    headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+                    headers.append((b"content-type", b"application/json"))
             await send_simple(send, upstream.status_code, headers + [(b"content-length", str(len(data)).encode())],
                               data)
             return

@@ -34,6 +34,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_gguf.write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama.gguf")
 
 
+@pytest.fixture(scope="session")
+def tiny_vl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random Qwen3-VL pair: (text model, vision projector)."""
+    d = tmp_path_factory.mktemp("vl")
+    return tiny_gguf.write_tiny_qwen3vl(d / "tiny-qwen3vl.gguf", d / "mmproj-tiny-qwen3vl.gguf")
+
+
 @pytest.fixture
 def write_profile(tmp_path: Path, llama_server: str, tiny_model: Path) -> Callable[..., Path]:
     """Write a profile YAML (defaults: the real server, the tiny model, CPU) and return its path."""

@@ -38,7 +38,7 @@ def test_check_demo_profile() -> None:
     root = Path(__file__).resolve().parent.parent
     cp = subprocess.run([*CLI, "check", str(root / "configs" / "demo.yaml")], capture_output=True, text=True)
     assert cp.returncode == 0, cp.stderr
-    assert "--model" in cp.stdout and "tiny-llama.gguf" in cp.stdout
+    assert "--model" in cp.stdout and "tiny-qwen3vl.gguf" in cp.stdout and "--mmproj" in cp.stdout
 
 
 def test_run_with_bad_profile_exits_2(write_profile) -> None:

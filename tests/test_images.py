@@ -1,0 +1,132 @@
+"""Image preprocessing and the context policy, as units (Pillow only, no server)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from supervisor.images import (
+    OMITTED, ImageError, chat_to_predict, decode_image_url, predict_to_chat, process_image, rewrite_chat,
+)
+from supervisor.profile import ImagePolicy
+
+POLICY = ImagePolicy()
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def test_big_photo_is_downscaled_keeping_aspect() -> None:
+    out, mime, changed = process_image(encode(Image.new("RGB", (4000, 3000), "red")), POLICY, "x")
+    assert changed and mime == "image/jpeg"
+    assert Image.open(io.BytesIO(out)).size == (1024, 768)
+
+
+def test_short_side_limit_applies_to_portrait() -> None:
+    out, _, _ = process_image(encode(Image.new("RGB", (900, 2400), "red")), POLICY, "x")
+    assert Image.open(io.BytesIO(out)).size == (384, 1024)  # long side bound wins here
+
+
+def test_small_image_is_untouched() -> None:
+    data = encode(Image.new("RGB", (640, 480), "blue"))
+    assert process_image(data, POLICY, "x") == (data, "image/jpeg", False)
+
+
+def test_exif_rotation_is_applied() -> None:
+    img = Image.new("RGB", (2000, 1000), "green")
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    out, _, changed = process_image(encode(img, exif=exif), POLICY, "x")
+    result = Image.open(io.BytesIO(out))
+    assert changed and result.size == (512, 1024)  # upright: portrait now
+    assert result.getexif().get(0x0112, 1) == 1
+
+
+def test_alpha_stays_png() -> None:
+    out, mime, changed = process_image(encode(Image.new("RGBA", (3000, 2000), (1, 2, 3, 100)), "PNG"), POLICY, "x")
+    assert changed and mime == "image/png" and Image.open(io.BytesIO(out)).mode == "RGBA"
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "fragment"),
+    [
+        (b"not an image at all", 400, "not a valid image"),
+        (encode(Image.new("RGB", (8, 8)), "ICO"), 400, "unsupported image format ICO"),
+        (b"\xff" * (2 * 1024 * 1024), 413, "over the limit"),
+    ],
+)
+def test_bad_images(data: bytes, status: int, fragment: str) -> None:
+    with pytest.raises(ImageError) as exc:
+        process_image(data, ImagePolicy(max_image_bytes=1024 * 1024), "messages[0].content[1]")
+    assert exc.value.status == status and fragment in exc.value.message
+    assert exc.value.message.startswith("messages[0].content[1]")
+
+
+def test_urls() -> None:
+    assert decode_image_url("data:image/png;base64,aGVsbG8=", "w", frozenset()) == b"hello"
+    assert decode_image_url("aGVsbG8", "w", frozenset()) == b"hello"  # raw base64, padding forgiven
+    assert decode_image_url("https://cdn.example/a.png", "w", frozenset({"cdn.example"})) is None
+    with pytest.raises(ImageError, match="remote image URLs are not allowed"):
+        decode_image_url("http://169.254.169.254/latest", "w", frozenset())
+    with pytest.raises(ImageError, match="not valid base64"):
+        decode_image_url("data:image/png;base64,@@@###", "w", frozenset())
+    with pytest.raises(ImageError, match="scheme 'file'"):
+        decode_image_url("file:///etc/passwd", "w", frozenset())
+
+
+def _chat(n_images: int, turns: int = 1) -> dict:
+    small = data_uri(encode(Image.new("RGB", (32, 32), "red")))
+    msgs: list[dict] = [{"role": "system", "content": "be brief"}]
+    for t in range(turns):
+        parts = [{"type": "text", "text": f"turn {t}"}]
+        parts += [{"type": "image_url", "image_url": {"url": small}} for _ in range(n_images)]
+        msgs += [{"role": "user", "content": parts}, {"role": "assistant", "content": "ok"}]
+    return {"messages": msgs}
+
+
+def test_keep_last_images() -> None:
+    new, stats = rewrite_chat(_chat(2, turns=3), ImagePolicy(keep_last_images=3))
+    assert new is not None and stats.dropped == 3 and stats.images == 3
+    texts = [p for m in new["messages"] if isinstance(m["content"], list) for p in m["content"]]
+    assert sum(p.get("text") == OMITTED for p in texts) == 3
+    assert sum(p["type"] == "image_url" for p in texts) == 3
+
+
+def test_keep_last_turns_keeps_system() -> None:
+    new, stats = rewrite_chat(_chat(0, turns=4), ImagePolicy(keep_last_turns=2))
+    assert new is not None and [m["role"] for m in new["messages"]] == ["system", "user", "assistant", "user",
+                                                                          "assistant"]
+    assert new["messages"][1]["content"][0]["text"] == "turn 2"
+
+
+def test_nothing_to_do_returns_none() -> None:
+    assert rewrite_chat(_chat(1), POLICY)[0] is None
+
+
+def test_error_names_message_and_part() -> None:
+    doc = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "user", "content": [{"type": "text", "text": "x"},
+                                                     {"type": "image_url", "image_url": {"url": "data:;base64,!!"}}]}]}
+    with pytest.raises(ImageError) as exc:
+        rewrite_chat(doc, POLICY)
+    assert exc.value.message.startswith("messages[1].content[1]:")
+
+
+def test_predict_translation() -> None:
+    chat = predict_to_chat({"prompt": "what is it?", "images": ["aGVsbG8="], "max_tokens": 5})
+    assert chat["messages"][0]["content"][1]["image_url"]["url"] == "data:image/jpeg;base64,aGVsbG8="
+    assert chat["max_tokens"] == 5 and chat["stream"] is False
+    with pytest.raises(ImageError):
+        predict_to_chat({"images": []})
+    resp = {"choices": [{"message": {"content": "a cat"}, "finish_reason": "stop"}], "model": "m", "usage": {}}
+    assert chat_to_predict(resp) == {"response": "a cat", "finish_reason": "stop", "model": "m", "usage": {}}
