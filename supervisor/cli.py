@@ -111,7 +111,23 @@ def _check(args: argparse.Namespace) -> int:
     else:
         print(f"# profile {p.name} ({args.profile}), llama-server {loaded.caps.version}", file=sys.stderr)
         print(shlex.join(argv))
+        print(f"# {_estimate_line(p)}", file=sys.stderr)
     return EXIT_OK
+
+
+def _estimate_line(p: Any) -> str:
+    """What the VRAM estimate would decide for this profile on this machine."""
+    from . import estimate, gpu
+
+    gpus = gpu.snapshot()
+    if not gpus:
+        return f"VRAM estimate: no GPU information ({gpu.unavailable_reason()})"
+    fp = estimate.footprint(p.model, p.ctx_size, p.cache_type_k, p.cache_type_v, p.mmproj)
+    est = estimate.fit_layers(fp, gpus[0].memory_free_mib)
+    asked = estimate.requested_offload(p.n_gpu_layers, fp.n_layers)
+    verdict = ("llama.cpp fits 'auto' itself" if asked is None else
+               "fits as asked" if est.layers >= asked else f"asks for {asked}: would start with {est.layers}")
+    return f"VRAM estimate on GPU 0 ({gpus[0].name}, {gpus[0].memory_free_mib:.0f} MiB free): {est.describe()}; {verdict}"
 
 
 def _remote(args: argparse.Namespace) -> int:

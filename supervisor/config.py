@@ -66,6 +66,7 @@ class Config(BaseSettings):
     breaker_failures: int = Field(5, ge=1)
     breaker_window_s: float = Field(300.0, gt=0)
     vram_release_wait_s: float = Field(10.0, ge=0)
+    estimate_vram: bool = True  # start with the layers that fit (GGUF sizes + NVML) when the profile asks for more
     # liveness
     liveness_interval_s: float = Field(5.0, gt=0)
     liveness_timeout_s: float = Field(2.0, gt=0)

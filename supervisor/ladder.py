@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from .estimate import Footprint, layers_after_oom, mib
+
 Layers = int | Literal["auto", "all"]
 # Compute buffers and the CUDA context need room beyond the weights: keep this much VRAM spare.
 VRAM_HEADROOM_MIB = 512.0
@@ -46,6 +48,8 @@ class Evidence:
     alloc_mib: float | None = None  # the device allocation that failed
     free_vram_mib: float | None = None  # free VRAM now (NVML), after the child is gone
     model_layers: int | None = None  # block_count from the GGUF metadata
+    footprint: Footprint | None = None  # per-layer sizes from the GGUF metadata
+    compute: bool = False  # the failure was a compute buffer (after the weights were loaded)
 
 
 @dataclass(frozen=True)
@@ -78,14 +82,20 @@ def next_rung(cur: RunSettings, ev: Evidence, *, min_ctx: int, has_mmproj: bool)
         n = offloadable(cur.n_gpu_layers, ev.model_layers)
         if n is not None and n > 1:
             est = estimate_layers(n, ev)
-            if est is not None:
+            if ev.footprint is not None and ev.free_vram_mib is not None:
+                new = layers_after_oom(ev.footprint, ev.free_vram_mib, n, ev.alloc_mib, compute=ev.compute,
+                                       mmproj_offload=cur.mmproj_offload)
+                how = (f"estimate: ~{mib(ev.footprint.mean_layer_mib)} MiB a layer, {ev.free_vram_mib:.0f} MiB free"
+                       + (f", {ev.alloc_mib:.0f} MiB compute buffer failed" if ev.compute and ev.alloc_mib else ""))
+            elif est is not None:
                 new, how = min(est, n - 1), (
                     f"estimate: {ev.alloc_mib:.0f} MiB failed for {n} layers, {ev.free_vram_mib:.0f} MiB free"
                 )
             else:
                 new, how = n // 2, f"no VRAM figures: halving {n}"
-            if new >= 1:
-                return Rung(replace(cur, n_gpu_layers=new), "gpu_layers", f"GPU layers {n} → {new} ({how})")
+            # Even when the estimate says nothing fits, step down to one layer before touching the context.
+            new = max(1, new)
+            return Rung(replace(cur, n_gpu_layers=new), "gpu_layers", f"GPU layers {n} → {new} ({how})")
     if cur.ctx_size > min_ctx:
         new_ctx = max(min_ctx, cur.ctx_size // 2)
         return Rung(replace(cur, ctx_size=new_ctx), "ctx_size", f"context {cur.ctx_size} → {new_ctx}")

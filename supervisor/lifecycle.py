@@ -183,9 +183,10 @@ class Machine:
     history: tuple[Transition, ...] = field(default=())
 
 
-def initial(base: RunSettings, learned: RunSettings | None = None) -> Machine:
-    eff = learned or base
-    adj = "resumed with the last settings that worked" if learned and learned != base else None
+def initial(base: RunSettings, start: RunSettings | None = None, why: str | None = None) -> Machine:
+    """A stopped machine; `start` (learned or estimated settings) replaces the profile's for the first start."""
+    eff = start or base
+    adj = (why or "resumed with the last settings that worked") if start and start != base else None
     return Machine(base=base, effective=eff, adjustment=adj)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import structlog
 
-from . import gpu, memory
+from . import estimate, gpu, memory
 from .capabilities import Capabilities
 from .command import CommandError, build_argv, child_env, redact
 from .config import Config
@@ -81,6 +81,7 @@ class Runner:
         self.argv: list[str] = []
         self.last_tail: list[str] = []  # the last child's output, kept after it is gone
         self.model_layers: int | None = None
+        self.last_estimate: dict[str, Any] | None = None
         self.load_s: float | None = None
         self.warmup: dict[str, Any] | None = None
         self.started_mono = time.monotonic()
@@ -175,11 +176,44 @@ class Runner:
         p = self.loaded.profile
         learned = await asyncio.to_thread(self.memory.load, self.memory_key())
         self.model_layers = await asyncio.to_thread(block_count, p.model)
-        self.machine = initial(base_settings(p), learned)
-        if learned is not None and learned != self.machine.base:
+        base = base_settings(p)
+        first, why = learned, None
+        if learned is not None and learned != base:
             log.info("learned_settings", settings=learned.as_dict(), profile=p.name)
+        elif learned is None and self.cfg.estimate_vram:
+            first, why = await self._pre_launch_estimate(base)
+        self.machine = initial(base, first, why)
         self._task(self._liveness())
         self.dispatch(Start(time.monotonic()))
+
+    async def _footprint(self, ctx_size: int) -> estimate.Footprint | None:
+        p = self.loaded.profile
+        try:
+            return await asyncio.to_thread(estimate.footprint, p.model, ctx_size, p.cache_type_k, p.cache_type_v,
+                                           p.mmproj)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("footprint_unavailable", error=repr(exc))
+            return None
+
+    async def _pre_launch_estimate(self, base: RunSettings) -> tuple[RunSettings | None, str | None]:
+        """An explicit layer count that clearly does not fit free VRAM starts at the estimate instead."""
+        if self.model_layers is None or base.n_gpu_layers == "auto":
+            return None, None
+        asked = estimate.requested_offload(base.n_gpu_layers, self.model_layers)
+        if not asked:
+            return None, None
+        gpus = await asyncio.to_thread(gpu.snapshot)
+        fp = await self._footprint(base.ctx_size) if gpus else None
+        if not gpus or fp is None:
+            return None, None
+        est = estimate.fit_layers(fp, gpus[0].memory_free_mib)
+        self.last_estimate = {"asked": asked, "layers": est.layers, "free_mib": round(est.free_mib),
+                              "describe": est.describe()}
+        log.info("vram_estimate", asked=asked, fits=est.layers, detail=est.describe())
+        if est.layers >= asked:
+            return None, None
+        why = f"pre-launch estimate: {est.describe()}; the profile asks for {asked}"
+        return RunSettings(est.layers, base.ctx_size), why
 
     async def _run_child(self, gen: int, settings: RunSettings) -> None:
         p = self.loaded.profile
@@ -209,9 +243,11 @@ class Runner:
         oom_after = oom_kill_count()
         oom_killed = None if oom_before is None or oom_after is None else oom_after > oom_before
         verdict = classify(Exit(rc, tuple(child.tail)[-80:], child.signalled, oom_killed))
-        free = None
+        free, fp = None, None
         if verdict.cause in OOM_CAUSES:
             free = await self._vram_after_exit(child.pid)
+            if free is not None:
+                fp = await self._footprint(self.machine.effective.ctx_size)
         self.last_tail = list(child.tail)
         if self.child is child:
             self.child, self.child_url = None, None
@@ -221,7 +257,8 @@ class Runner:
                         detail=verdict.detail)
         else:
             log.info("child_exit", gen=gen, pid=child.pid, returncode=rc, cause=verdict.cause.value)
-        ev = Evidence(alloc_mib=verdict.alloc_mib, free_vram_mib=free, model_layers=self.model_layers)
+        ev = Evidence(alloc_mib=verdict.alloc_mib, free_vram_mib=free, model_layers=self.model_layers, footprint=fp,
+                      compute=verdict.cause is Cause.OOM_COMPUTE)
         self.dispatch(ChildExited(time.monotonic(), gen, verdict, rc, ev, random.random()))
 
     async def _vram_after_exit(self, pid: int) -> float | None:

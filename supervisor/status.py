@@ -57,8 +57,9 @@ async def build(runner: Runner) -> dict[str, Any]:
                 "cause": m.last_exit.cause.value, "detail": m.last_exit.detail, "at": _iso(m.last_exit.at)}
     child_info = None
     if child is not None:
+        vram = [p["memory_mib"] for g in s["gpus"] for p in g["processes"] if p["pid"] == child.pid]
         child_info = {"pid": child.pid, "uptime_s": round(time.time() - child.started_at, 3), "url": runner.child_url,
-                      **s["child"]}
+                      "vram_mib": round(sum(vram), 1) if vram else None, **s["child"]}
     return {
         "state": m.state.value,
         "since": _iso(m.since) if m.history else None,
@@ -74,7 +75,7 @@ async def build(runner: Runner) -> dict[str, Any]:
         "llama_server_version": runner.loaded.caps.version,
         "binary": runner.loaded.caps.binary,
         "settings": {"profile": m.base.as_dict(), "effective": m.effective.as_dict(), "adjustment": m.adjustment,
-                     "model_layers": runner.model_layers},
+                     "model_layers": runner.model_layers, "vram_estimate": runner.last_estimate},
         "transitions": [{"at": _iso(t.at), "from": t.src.value, "to": t.dst.value, "cause": t.cause,
                          "detail": t.detail} for t in m.history],
         "requests": {"in_flight": runner.in_flight, "waiting": runner.waiting},
