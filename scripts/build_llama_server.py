@@ -11,6 +11,7 @@ Environment:
     LLAMA_SERVER_BIN    use this binary instead of building (must exist)
     CMAKE_ARGS          extra arguments passed to cmake's configure step
     LLAMA_SUPERVISOR_CACHE   cache root (default ~/.cache/llama-supervisor)
+--source DIR|TARBALL builds from local source (e.g. on a machine without PyPI), see scripts/gpu/.
 """
 
 from __future__ import annotations
@@ -81,10 +82,22 @@ def fetch_source(workdir: Path) -> Path:
     return workdir / prefix.rstrip("/")
 
 
-def build(backend: str, jobs: int) -> Path:
+def unpack_source(source: Path, workdir: Path) -> Path:
+    """A llama.cpp folder, or a tarball with one llama.cpp folder in it (scripts/gpu/bundle_source.sh)."""
+    if source.is_dir():
+        return source
+    with tarfile.open(source) as tar:
+        tar.extractall(workdir, filter="data")
+    found = [p.parent for p in workdir.glob("*/CMakeLists.txt")]
+    if len(found) != 1:
+        raise SystemExit(f"{source}: expected one llama.cpp folder inside, found {found}")
+    return found[0]
+
+
+def build(backend: str, jobs: int, source: Path | None = None) -> Path:
     target = cached_binary(backend)
     with tempfile.TemporaryDirectory(prefix="llama-build-") as tmp:
-        src = fetch_source(Path(tmp))
+        src = unpack_source(source, Path(tmp)) if source else fetch_source(Path(tmp))
         build_dir = Path(tmp) / "build"
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         configure = [
@@ -110,7 +123,7 @@ def build(backend: str, jobs: int) -> Path:
     return target
 
 
-def resolve(backend: str, jobs: int) -> Path:
+def resolve(backend: str, jobs: int, source: Path | None = None) -> Path:
     configured = os.environ.get("LLAMA_SERVER_BIN")
     if configured:
         path = Path(configured).expanduser()
@@ -120,7 +133,7 @@ def resolve(backend: str, jobs: int) -> Path:
     target = cached_binary(backend)
     if os.access(target, os.X_OK):
         return target
-    return build(backend, jobs)
+    return build(backend, jobs, source)
 
 
 def main() -> None:
@@ -128,11 +141,12 @@ def main() -> None:
     parser.add_argument("--backend", choices=sorted(BACKEND_FLAGS), default="cpu")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--print-path", action="store_true", help="only print where the binary would be cached")
+    parser.add_argument("--source", type=Path, help="llama.cpp source folder or tarball to build instead of the sdist")
     args = parser.parse_args()
     if args.print_path:
         print(cached_binary(args.backend))
         return
-    print(resolve(args.backend, args.jobs))
+    print(resolve(args.backend, args.jobs, args.source))
 
 
 if __name__ == "__main__":
