@@ -13,7 +13,7 @@ top=llama_cpp_python-$version/vendor/llama.cpp
 tar xzf "$sdist" -C "$tmp" "$top"
 cd "$tmp/$top"
 # Not needed to build llama-server: model vocabularies, docs, tests, examples, other GPU backends.
-rm -rf models docs media benches tests examples conversion gguf-py scripts tools/ui/tests
+rm -rf models docs media benches tests examples conversion gguf-py tools/ui/tests
 for d in ggml/src/ggml-*/; do
     case "$d" in ggml/src/ggml-cpu/|ggml/src/ggml-cuda/|ggml/src/ggml-blas/) ;; *) [ -d "$d" ] && rm -rf "$d" ;; esac
 done
