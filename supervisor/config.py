@@ -60,7 +60,7 @@ class Config(BaseSettings):
     warmup_timeout_s: float = Field(120.0, gt=0)
     stop_timeout_s: float = Field(10.0, gt=0)
     # restart policy
-    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_base_s: float = Field(0.1, gt=0)
     backoff_cap_s: float = Field(30.0, gt=0)
     stable_s: float = Field(60.0, gt=0)
     breaker_failures: int = Field(5, ge=1)

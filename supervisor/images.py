@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 from .profile import ImagePolicy
 
 SUPPORTED = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
@@ -25,7 +23,7 @@ SUPPORTED = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GI
 _DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*);base64,", re.I)
 OMITTED = "[an earlier image was removed to keep the conversation within the context]"
 # Pillow refuses images over twice this many pixels (decompression bombs) and warns above it.
-Image.MAX_IMAGE_PIXELS = 64_000_000
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 class ImageError(Exception):
@@ -50,6 +48,10 @@ def target_size(w: int, h: int, policy: ImagePolicy) -> tuple[int, int]:
 
 def process_image(data: bytes, policy: ImagePolicy, where: str) -> tuple[bytes, str, bool]:
     """Returns (bytes, mime type, changed). Images already within limits and upright are left untouched."""
+    # Imported here: Pillow costs memory and start time that a text-only box never needs.
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     if len(data) > policy.max_image_bytes:
         raise ImageError(413, f"{where}: image is {len(data)} bytes, over the limit of {policy.max_image_bytes}")
     try:

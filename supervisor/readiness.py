@@ -17,7 +17,7 @@ class NotReady(Exception):
 
 
 async def wait_healthy(client: httpx.AsyncClient, base_url: str, child: Child, *, stall_s: float, max_s: float,
-                       interval_s: float = 0.05) -> float:
+                       interval_s: float = 0.01, max_interval_s: float = 0.25) -> float:
     """Poll /health until 200. Returns seconds waited.
 
     llama-server answers 503 while it loads; a big model can take minutes, so the deadline is a
@@ -39,6 +39,8 @@ async def wait_healthy(client: httpx.AsyncClient, base_url: str, child: Child, *
         if now - max(t0, child.last_output) > stall_s:
             raise NotReady(f"no /health 200 and no output for {stall_s:.0f}s while loading")
         await asyncio.sleep(interval_s)
+        # Small models are up in tens of milliseconds, big ones take minutes: poll fast first, then back off.
+        interval_s = min(max_interval_s, interval_s * 1.5)
 
 
 def tiny_png() -> bytes:

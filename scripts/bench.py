@@ -1,0 +1,424 @@
+#!/usr/bin/env python3
+"""Benchmarks: llama-server directly vs through the supervisor, in one run, interleaved.
+
+The "direct" side is the supervisor's own child (its loopback port from /status), so both sides hit the
+same llama-server and machine noise hits both alike. Uses the real llama-server and the tiny models,
+which generate thousands of tokens per second, so the proxy's own cost is visible.
+
+    .venv/bin/python scripts/bench.py [--quick] [--out bench-results]
+
+Prints a markdown table and writes bench-results/bench.json and bench.md. Targets are printed beside the
+figures; nothing here asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import build_llama_server  # noqa: E402
+import tiny_gguf  # noqa: E402
+
+CHAT8 = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "ignore_eos": True}
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+class Supervisor:
+    """`llama-supervisor run` as a subprocess, its JSON log read in a thread."""
+
+    def __init__(self, profile: Path, state: Path, extra_env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(state), "LLAMA_SUPERVISOR_LOG_CHILD_OUTPUT": "false",
+               **(extra_env or {})}
+        self.t_spawn = time.time()
+        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--profile", str(profile), "--port",
+                                      "0", "--log-format", "json"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                                     text=True)
+        self.events: list[dict[str, Any]] = []
+        self.url: str | None = None
+        self._listening = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._listening.wait(30):
+            raise SystemExit("supervisor did not start")
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            ev["_t"] = datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
+            self.events.append(ev)
+            if ev.get("event") == "listening":
+                self.url = ev["url"]
+                self._listening.set()
+
+    def wait_state(self, state: str, after: float, timeout: float = 60) -> float:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for ev in self.events:
+                if ev.get("event") == "state" and ev.get("to") == state and ev["_t"] >= after:
+                    return ev["_t"]
+            time.sleep(0.005)
+        raise SystemExit(f"no state {state} within {timeout}s")
+
+    def status(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/status", timeout=10).json()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def write_profile(path: Path, binary: str, model: Path, mmproj: Path | None = None, **extra: Any) -> Path:
+    lines = [f"name: bench", f"binary: {binary}", f"model: {model}", "n_gpu_layers: 0",
+             "cache_ram_mib: 0"]
+    if mmproj:
+        lines.append(f"mmproj: {mmproj}")
+    lines += [f"{k}: {json.dumps(v)}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- P1: latency -----------------------------------------------------------------------------------
+
+
+async def p1_latency(through: str, direct: str, n: int) -> dict[str, Any]:
+    times: dict[str, list[float]] = {"direct": [], "through": []}
+    limits = httpx.Limits(max_keepalive_connections=4)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as c:
+        for base in (direct, through):  # warm both connections
+            for _ in range(20):
+                await c.post(f"{base}/v1/chat/completions", json=CHAT8)
+        for i in range(n):
+            order = [("direct", direct), ("through", through)] if i % 2 == 0 else [("through", through),
+                                                                                    ("direct", direct)]
+            for name, base in order:
+                t = time.perf_counter()
+                r = await c.post(f"{base}/v1/chat/completions", json=CHAT8)
+                times[name].append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200, r.text
+    out: dict[str, Any] = {k: {"p50_ms": round(pct(v, 50), 3), "p99_ms": round(pct(v, 99), 3), "n": len(v)}
+                           for k, v in times.items()}
+    out["added_p50_ms"] = round(out["through"]["p50_ms"] - out["direct"]["p50_ms"], 3)
+    out["added_p99_ms"] = round(out["through"]["p99_ms"] - out["direct"]["p99_ms"], 3)
+    return out
+
+
+# ---- P2: streaming ---------------------------------------------------------------------------------
+
+
+async def _stream_round(base: str, clients: int, tokens: int) -> tuple[int, float, list[float]]:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": True,
+            "ignore_eos": True}
+    ttfts: list[float] = []
+
+    async def one(c: httpx.AsyncClient) -> int:
+        t = time.perf_counter()
+        first, n = None, 0
+        async with c.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
+                    if first is None:
+                        first = time.perf_counter() - t
+                    n += 1
+        ttfts.append((first or 0) * 1000)
+        return tokens
+
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients * 2)) as c:
+        t = time.perf_counter()
+        got = await asyncio.gather(*(one(c) for _ in range(clients)))
+        return sum(got), time.perf_counter() - t, ttfts
+
+
+async def p2_streaming(through: str, direct: str, rounds: int, clients: int = 16, tokens: int = 128
+                       ) -> dict[str, Any]:
+    agg: dict[str, dict[str, Any]] = {k: {"tokens": 0, "seconds": 0.0, "ttft": []} for k in ("direct", "through")}
+    await _stream_round(direct, clients, 8)
+    await _stream_round(through, clients, 8)
+    for i in range(rounds):
+        for name, base in ([("direct", direct), ("through", through)] if i % 2 == 0 else
+                           [("through", through), ("direct", direct)]):
+            n, s, ttft = await _stream_round(base, clients, tokens)
+            agg[name]["tokens"] += n
+            agg[name]["seconds"] += s
+            agg[name]["ttft"] += ttft
+    out: dict[str, Any] = {}
+    for name, a in agg.items():
+        out[name] = {"tokens_per_s": round(a["tokens"] / a["seconds"], 1),
+                     "ttft_p50_ms": round(pct(a["ttft"], 50), 2), "ttft_p99_ms": round(pct(a["ttft"], 99), 2)}
+    out["ratio"] = round(out["through"]["tokens_per_s"] / out["direct"]["tokens_per_s"], 4)
+    out["added_ttft_p50_ms"] = round(out["through"]["ttft_p50_ms"] - out["direct"]["ttft_p50_ms"], 2)
+    out["clients"], out["tokens_each"], out["rounds"] = clients, tokens, rounds
+    return out
+
+
+# ---- P3: cold start --------------------------------------------------------------------------------
+
+
+def p3_cold_start(binary: str, model: Path, profile: Path, tmp: Path, n: int) -> dict[str, Any]:
+    bare, sup_ready, sup_warm, sup_health = [], [], [], []
+    for i in range(n):
+        port = 19300 + i
+        t = time.perf_counter()
+        proc = subprocess.Popen([binary, "--model", str(model), "--port", str(port), "--ctx-size", "4096",
+                                 "--n-gpu-layers", "0", "--cache-ram", "0"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.002)
+        bare.append(time.perf_counter() - t)
+        proc.terminate()
+        proc.wait()
+        t0 = time.time()
+        sup = Supervisor(profile, tmp / f"cold-{i}")
+        ready = sup.wait_state("ready", t0)
+        warming = sup.wait_state("warming", t0)
+        sup_ready.append(ready - t0)
+        sup_health.append(warming - t0)
+        sup_warm.append(ready - warming)
+        sup.stop()
+    med = statistics.median
+    return {"bare_start_to_health_s": round(med(bare), 3), "supervisor_start_to_ready_s": round(med(sup_ready), 3),
+            "supervisor_start_to_child_health_s": round(med(sup_health), 3),
+            "warmup_s": round(med(sup_warm), 3),
+            "beyond_bare_plus_warmup_s": round(med(sup_ready) - med(bare) - med(sup_warm), 3), "runs": n}
+
+
+# ---- P4: crash recovery ----------------------------------------------------------------------------
+
+
+async def p4_recovery(sup: Supervisor) -> dict[str, Any]:
+    stop = asyncio.Event()
+    results: list[tuple[float, int]] = []
+
+    async def client() -> None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            while not stop.is_set():
+                t = time.time()
+                try:
+                    r = await c.post(f"{sup.url}/v1/chat/completions", json=CHAT8)
+                    results.append((t, r.status_code))
+                except httpx.HTTPError:
+                    results.append((t, 0))
+
+    tasks = [asyncio.ensure_future(client()) for _ in range(4)]
+    await asyncio.sleep(1.0)
+    pid = sup.status()["child"]["pid"]
+    t_kill = time.time()
+    os.kill(pid, signal.SIGKILL)
+    ready = await asyncio.to_thread(sup.wait_state, "ready", t_kill)
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*tasks)
+    exit_ev = next(e for e in sup.events if e.get("event") == "child_exit" and e["_t"] >= t_kill)
+    failed = [s for t, s in results if s != 200]
+    during = [s for t, s in results if t_kill <= t <= ready]
+    return {"detection_ms": round((exit_ev["_t"] - t_kill) * 1000, 1), "back_to_ready_s": round(ready - t_kill, 3),
+            "requests": len(results), "requests_during_restart": len(during), "failed_requests": len(failed)}
+
+
+# ---- P5: images ------------------------------------------------------------------------------------
+
+
+async def p5_images(through: str, direct: str, reps: int) -> dict[str, Any]:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (4000, 3000), (90, 140, 200))
+    d = ImageDraw.Draw(img)
+    for i in range(0, 4000, 40):  # some detail, so the JPEG is photo-sized
+        d.line((i, 0, 4000 - i, 3000), fill=(i % 255, 80, 160), width=3)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92)
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "describe"},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}],
+            "max_tokens": 1}
+    out: dict[str, Any] = {"jpeg_bytes": len(buf.getvalue())}
+    async with httpx.AsyncClient(timeout=300) as c:
+        for name, base in (("direct", direct), ("through", through)):
+            times, tokens = [], 0
+            for _ in range(reps):
+                t = time.perf_counter()
+                r = await c.post(f"{base}/v1/chat/completions", json=body)
+                times.append(time.perf_counter() - t)
+                tokens = r.json()["usage"]["prompt_tokens"]
+            out[name] = {"median_s": round(statistics.median(times), 3), "prompt_tokens": tokens}
+    return out
+
+
+def first_image_latency(profile_with: Path, profile_without: Path, tmp: Path) -> dict[str, Any]:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 768), (10, 200, 30)).save(buf, format="JPEG")
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+            "max_tokens": 1}
+    out = {}
+    for name, profile in (("with_image_warmup", profile_with), ("without_warmup", profile_without)):
+        vals = []
+        for i in range(3):
+            t0 = time.time()
+            sup = Supervisor(profile, tmp / f"first-{name}-{i}")
+            sup.wait_state("ready", t0)
+            t = time.perf_counter()
+            httpx.post(f"{sup.url}/v1/chat/completions", json=body, timeout=120)
+            vals.append(time.perf_counter() - t)
+            sup.stop()
+        out[name] = {"first_image_request_ms": round(statistics.median(vals) * 1000, 1)}
+    return out
+
+
+# ---- P6: footprint ---------------------------------------------------------------------------------
+
+
+def sample_cpu(pid: int, seconds: float) -> tuple[float, int]:
+    p = psutil.Process(pid)
+    c0 = p.cpu_times()
+    time.sleep(seconds)
+    c1 = p.cpu_times()
+    busy = (c1.user - c0.user) + (c1.system - c0.system)
+    return round(100 * busy / seconds, 3), p.memory_info().rss
+
+
+async def p6_under_load(sup: Supervisor, direct: str) -> dict[str, Any]:
+    pid = sup.proc.pid
+    task = asyncio.ensure_future(p2_streaming(sup.url or "", direct, rounds=4))
+    await asyncio.sleep(1.0)
+    cpu, rss = await asyncio.to_thread(sample_cpu, pid, 3.0)
+    await task
+    return {"cpu_percent_of_a_core": cpu, "rss_mb": round(rss / 1e6, 1)}
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    binary = str(build_llama_server.cached_binary("cpu"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    model = tiny_gguf.write_tiny_llama(tmp / "tiny.gguf")
+    vl_model, mmproj = tiny_gguf.write_tiny_qwen3vl(tmp / "vl.gguf", tmp / "mmproj-vl.gguf")
+    text_profile = write_profile(tmp / "text.yaml", binary, model, ctx_size=16 * 160, parallel=16, threads=1)
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                               "date": datetime.now().isoformat(timespec="seconds")}
+
+    print("P3 cold start ...", file=sys.stderr)
+    cold_profile = write_profile(tmp / "cold.yaml", binary, model, ctx_size=4096)
+    results["p3_cold_start"] = p3_cold_start(binary, model, cold_profile, tmp, 3 if args.quick else 5)
+
+    t0 = time.time()
+    sup = Supervisor(text_profile, tmp / "state")
+    sup.wait_state("ready", t0)
+    direct = sup.status()["child"]["url"]
+    try:
+        print("P6 idle footprint ...", file=sys.stderr)
+        cpu, rss = await asyncio.to_thread(sample_cpu, sup.proc.pid, 10.0 if args.quick else 60.0)
+        results["p6_footprint"] = {"idle": {"seconds": 10 if args.quick else 60, "cpu_percent_of_a_core": cpu,
+                                            "rss_mb": round(rss / 1e6, 1)}}
+        print("P1 latency ...", file=sys.stderr)
+        results["p1_latency"] = await p1_latency(sup.url or "", direct, 200 if args.quick else 600)
+        print("P2 streaming ...", file=sys.stderr)
+        results["p2_streaming"] = await p2_streaming(sup.url or "", direct, 2 if args.quick else 6)
+        print("P6 under load ...", file=sys.stderr)
+        results["p6_footprint"]["under_p2_load"] = await p6_under_load(sup, direct)
+        print("P4 crash recovery ...", file=sys.stderr)
+        results["p4_recovery"] = await p4_recovery(sup)
+    finally:
+        sup.stop()
+
+    print("P5 images ...", file=sys.stderr)
+    vl_profile = write_profile(tmp / "vl.yaml", binary, vl_model, mmproj, ctx_size=8192, parallel=1)
+    t0 = time.time()
+    sup = Supervisor(vl_profile, tmp / "state-vl")
+    sup.wait_state("ready", t0)
+    try:
+        results["p5_images"] = await p5_images(sup.url or "", sup.status()["child"]["url"], 2 if args.quick else 3)
+    finally:
+        sup.stop()
+    no_warm = write_profile(tmp / "vl-nowarm.yaml", binary, vl_model, mmproj, ctx_size=8192, parallel=1,
+                            warmup=False)
+    results["p5_images"]["first_image"] = first_image_latency(vl_profile, no_warm, tmp)
+    return results
+
+
+def table(r: dict[str, Any]) -> str:
+    p1, p2, p3, p4, p5, p6 = (r["p1_latency"], r["p2_streaming"], r["p3_cold_start"], r["p4_recovery"],
+                              r["p5_images"], r["p6_footprint"])
+    rows = [
+        ("P1 chat, 8 tokens, 1 client: p50", f"{p1['direct']['p50_ms']} ms", f"{p1['through']['p50_ms']} ms",
+         f"+{p1['added_p50_ms']} ms", "≤ +1 ms"),
+        ("P1 p99", f"{p1['direct']['p99_ms']} ms", f"{p1['through']['p99_ms']} ms", f"+{p1['added_p99_ms']} ms",
+         "≤ +3 ms"),
+        (f"P2 stream, {p2['clients']}×{p2['tokens_each']} tokens: throughput", f"{p2['direct']['tokens_per_s']} tok/s",
+         f"{p2['through']['tokens_per_s']} tok/s", f"{p2['ratio'] * 100:.1f} %", "≥ 97 %"),
+        ("P2 time to first token p50", f"{p2['direct']['ttft_p50_ms']} ms", f"{p2['through']['ttft_p50_ms']} ms",
+         f"+{p2['added_ttft_p50_ms']} ms", "≤ +2 ms"),
+        ("P2 time to first token p99", f"{p2['direct']['ttft_p99_ms']} ms", f"{p2['through']['ttft_p99_ms']} ms",
+         f"+{round(p2['through']['ttft_p99_ms'] - p2['direct']['ttft_p99_ms'], 2)} ms", ""),
+        ("P3 cold start → ready", f"{p3['bare_start_to_health_s']} s (to /health)",
+         f"{p3['supervisor_start_to_ready_s']} s (warmup {p3['warmup_s']} s)",
+         f"+{p3['beyond_bare_plus_warmup_s']} s beyond bare + warmup", "≤ +0.15 s"),
+        ("P4 SIGKILL under load: detection", "", f"{p4['detection_ms']} ms", "", "≤ 50 ms"),
+        ("P4 back to ready", f"{p3['bare_start_to_health_s']} s (bare cold start)", f"{p4['back_to_ready_s']} s", "",
+         "≤ bare + 0.3 s"),
+        ("P4 failed requests", "", f"{p4['failed_requests']} of {p4['requests']} "
+         f"({p4['requests_during_restart']} sent during the restart)", "", "0"),
+        ("P5 4000×3000 JPEG, end to end", f"{p5['direct']['median_s']} s, {p5['direct']['prompt_tokens']} tokens",
+         f"{p5['through']['median_s']} s, {p5['through']['prompt_tokens']} tokens", "", ""),
+        ("P5 first image after ready", f"{p5['first_image']['without_warmup']['first_image_request_ms']} ms "
+         "(no warmup)", f"{p5['first_image']['with_image_warmup']['first_image_request_ms']} ms (image warmup)", "", ""),
+        (f"P6 supervisor idle ({p6['idle']['seconds']} s)", "", f"{p6['idle']['rss_mb']} MB RSS, "
+         f"{p6['idle']['cpu_percent_of_a_core']} % CPU", "", "≤ 60 MB, ≤ 0.5 %"),
+        ("P6 supervisor under P2 load", "", f"{p6['under_p2_load']['rss_mb']} MB RSS, "
+         f"{p6['under_p2_load']['cpu_percent_of_a_core']} % CPU", "", ""),
+    ]
+    out = ["| measure | direct llama-server | through the supervisor | difference | target |",
+           "|---|---|---|---|---|"]
+    out += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not for the README)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    args = ap.parse_args()
+    results = asyncio.run(main_async(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = table(results)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2))
+    (args.out / "bench.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
