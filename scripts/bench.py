@@ -135,27 +135,38 @@ async def p1_latency(through: str, direct: str, n: int) -> dict[str, Any]:
 # ---- P2: streaming ---------------------------------------------------------------------------------
 
 
+async def _raw_stream(base: str, body: bytes) -> tuple[float, int]:
+    """One streaming request over a raw socket: (time to first token, tokens). A lean client, so the load
+    generator takes as little CPU as it can from the two sides being compared."""
+    host, port = base.removeprefix("http://").split(":")
+    t = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: "
+                 b"application/json\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode() +
+                 b"\r\n\r\n" + body)
+    first, n, tail = None, 0, b""
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            break
+        buf = tail + chunk
+        found = buf.count(b'"content":"')
+        if found and first is None:
+            first = time.perf_counter() - t
+        n += found
+        tail = buf[-16:]
+        if b"data: [DONE]" in buf:
+            break
+    writer.close()
+    return (first or 0.0) * 1000, n
+
+
 async def _stream_round(base: str, clients: int, tokens: int) -> tuple[int, float, list[float]]:
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": True,
-            "ignore_eos": True}
-    ttfts: list[float] = []
-
-    async def one(c: httpx.AsyncClient) -> int:
-        t = time.perf_counter()
-        first, n = None, 0
-        async with c.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
-                    if first is None:
-                        first = time.perf_counter() - t
-                    n += 1
-        ttfts.append((first or 0) * 1000)
-        return tokens
-
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients * 2)) as c:
-        t = time.perf_counter()
-        got = await asyncio.gather(*(one(c) for _ in range(clients)))
-        return sum(got), time.perf_counter() - t, ttfts
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": True,
+                       "ignore_eos": True}).encode()
+    t = time.perf_counter()
+    got = await asyncio.gather(*(_raw_stream(base, body) for _ in range(clients)))
+    return clients * tokens, time.perf_counter() - t, [ttft for ttft, _ in got]
 
 
 async def p2_streaming(through: str, direct: str, rounds: int, clients: int = 16, tokens: int = 128

@@ -88,7 +88,7 @@ class App:
         url = self.runner.child_url
         if url is None:
             return JSONResponse({"error": {"message": "llama-server is not running", "code": 503}}, status_code=503)
-        r = await self.proxy.client.get(f"{url}/metrics")
+        r = await self.runner.http.get(f"{url}/metrics")
         return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
 
     async def restart(self, request: Request) -> Response:

@@ -93,7 +93,7 @@ class Runner:
         self._ready = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: list[asyncio.TimerHandle] = []
-        self._probe = httpx.AsyncClient(timeout=5.0)
+        self.http = httpx.AsyncClient(timeout=5.0)
         self._listeners: list[Callable[[Machine, Machine], None]] = []
 
     # ---- the one place where lifecycle state changes ----------------------------------------
@@ -275,7 +275,7 @@ class Runner:
 
     async def _await_health(self, gen: int, child: Child, t0: float) -> None:
         try:
-            await wait_healthy(self._probe, self.child_url or "", child, stall_s=self.cfg.load_stall_s,
+            await wait_healthy(self.http, self.child_url or "", child, stall_s=self.cfg.load_stall_s,
                                max_s=self.cfg.load_max_s)
         except NotReady as exc:
             if child.returncode is None:
@@ -292,7 +292,7 @@ class Runner:
             self.dispatch(WarmedUp(time.monotonic(), gen))
             return
         try:
-            info = await warmup(self._probe, self.child_url or "", with_image=p.mmproj is not None,
+            info = await warmup(self.http, self.child_url or "", with_image=p.mmproj is not None,
                                 timeout_s=self.cfg.warmup_timeout_s)
         except NotReady as exc:
             self.dispatch(Unresponsive(time.monotonic(), gen, f"warmup: {exc}"))
@@ -330,7 +330,7 @@ class Runner:
                 failures = 0  # real traffic just succeeded: it is alive
                 continue
             try:
-                r = await self._probe.get(f"{self.child_url}/health", timeout=self.cfg.liveness_timeout_s)
+                r = await self.http.get(f"{self.child_url}/health", timeout=self.cfg.liveness_timeout_s)
                 ok = r.status_code == 200
                 why = f"/health answered {r.status_code}"
             except httpx.HTTPError as exc:
@@ -376,4 +376,4 @@ class Runner:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._probe.aclose()
+        await self.http.aclose()
