@@ -119,6 +119,32 @@ def test_status_command_prints_summary(daemon: Daemon) -> None:
     assert cp.returncode == 0 and json.loads(cp.stdout)["status"] == "starting"
 
 
+def test_sighup_and_reload_command_pick_up_an_edit(daemon: Daemon) -> None:
+    import yaml
+
+    pid = daemon.child_pid()
+    st = httpx.get(f"{daemon.url}/status", timeout=10).json()
+    profile = Path(st["profile"]["file"])
+    data = yaml.safe_load(profile.read_text())
+    # A bad edit, announced with SIGHUP: refused, still serving the old child.
+    profile.write_text(yaml.safe_dump({**data, "n_gpu_layers": "lots"}))
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        st = httpx.get(f"{daemon.url}/status", timeout=10).json()
+        if st["last_reload_error"]:
+            break
+        time.sleep(0.05)
+    assert st["last_reload_error"]["errors"][0]["field"] == "n_gpu_layers"
+    assert st["child"]["pid"] == pid and st["state"] == "ready"
+    # A good edit through `llama-supervisor reload`: the child restarts with it.
+    profile.write_text(yaml.safe_dump({**data, "ctx_size": 2048}))
+    cp = subprocess.run([*CLI, "reload", "--url", daemon.url], capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout)["ok"] is True
+    assert daemon.child_pid() != pid
+
+
 def test_remote_commands_report_unreachable() -> None:
     cp = subprocess.run([*CLI, "status", "--url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=30)
     assert cp.returncode == 3 and "cannot reach" in cp.stderr

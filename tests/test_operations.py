@@ -93,6 +93,20 @@ async def test_reload_bad_edit_keeps_serving_good_edit_restarts(tmp_path: Path, 
         assert d.runner.machine.restarts == 1
 
 
+async def test_switching_the_active_profile_in_the_settings_file(tmp_path: Path, write_profile,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = write_profile(name="first"), write_profile(name="second", ctx_size=2048)
+    settings = tmp_path / "supervisor.yaml"
+    settings.write_text(f"profile: {first}\n")
+    monkeypatch.setenv("LLAMA_SUPERVISOR_CONFIG", str(settings))
+    async with running(tmp_path, first, settings_file=settings) as d:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        assert d.runner.loaded.profile.name == "first"
+        settings.write_text(f"profile: {second}\n")
+        await wait_for(lambda: d.runner.ready and d.runner.loaded.profile.name == "second", what="switched")
+        assert "2048" in d.runner.argv
+
+
 async def test_burst_of_saves_gives_one_restart(tmp_path: Path, write_profile) -> None:
     profile = write_profile(name="burst")
     async with running(tmp_path, profile) as d:
