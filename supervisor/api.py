@@ -8,6 +8,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -18,6 +19,14 @@ from .runner import Runner
 
 OWN_PATHS = frozenset({"/health", "/status", "/metrics", "/child/metrics", "/admin/restart", "/admin/reload"})
 ADMIN_PATHS = frozenset({"/status", "/metrics", "/child/metrics", "/admin/restart", "/admin/reload"})
+
+
+async def _json_http_error(request: Request, exc: Exception) -> Response:
+    """404/405 on the supervisor's own routes as JSON, like every other error it returns."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {exc.detail}",
+                                   "type": "invalid_request_error", "code": exc.status_code}},
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 def _presented_key(scope: Scope) -> bytes | None:
@@ -42,7 +51,7 @@ class App:
         cfg = runner.cfg
         self.api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
         self.admin_key = cfg.admin_key.get_secret_value() if cfg.admin_key else None
-        self.own = Starlette(routes=[
+        self.own = Starlette(exception_handlers={HTTPException: _json_http_error}, routes=[
             Route("/health", self.health), Route("/status", self.status), Route("/metrics", self.metrics),
             Route("/child/metrics", self.child_metrics), Route("/admin/restart", self.restart, methods=["POST"]),
             Route("/admin/reload", self.do_reload, methods=["POST"]),

@@ -68,6 +68,16 @@ def _rewrite(doc: dict[str, Any], policy: ImagePolicy, hosts: frozenset[str], fo
     return json.dumps(new if new is not None else doc).encode(), stats
 
 
+async def _port_open(url: str) -> bool:
+    host, _, port = url.removeprefix("http://").partition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port or 80)), 0.2)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    return True
+
+
 def route_label(path: str) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
@@ -172,6 +182,20 @@ class Proxy:
         m = r.machine
         return False, f"llama-server is not ready ({m.state.value}{': ' + m.reason if m.reason else ''})"
 
+    async def _settle(self, gen: int, within_s: float = 0.5) -> None:
+        """After a refused or reset upstream request: if the child died, let the runner notice (its exit is
+        seen within milliseconds) so the retry waits for the next child; if it lives on (a keep-alive
+        connection it had just closed), retry at once."""
+        deadline = time.monotonic() + within_s
+        while self.runner.ready and self.runner.machine.gen == gen and time.monotonic() < deadline:
+            if self.runner.child is None or self.runner.child.returncode is not None:
+                await asyncio.sleep(0.005)
+                continue
+            if not await _port_open(self.runner.child_url or ""):
+                await asyncio.sleep(0.005)
+                continue
+            return
+
     def _headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         out = []
         forwarded = None
@@ -211,6 +235,7 @@ class Proxy:
             base = self.runner.child_url or ""
             req = httpcore.Request(scope["method"], base + target, content=body, extensions={"timeout": TIMEOUTS},
                                    headers=[(b"host", base.removeprefix("http://").encode()), *headers])
+            gen = self.runner.machine.gen
             try:
                 upstream = await self.pool.handle_async_request(req)
                 break
@@ -221,7 +246,7 @@ class Proxy:
                     await send_simple(send, *json_error(502, msg, "server_error"))
                     return
                 log.info("proxy_retry", path=scope["path"], error=type(exc).__name__)
-                await asyncio.sleep(0.05)  # let the exit be noticed before asking for readiness again
+                await self._settle(gen)
         assert upstream is not None
         try:
             await self._relay(upstream, send, status, predict=path == PREDICT)

@@ -119,3 +119,12 @@ async def test_child_metrics_are_exposed(tmp_path: Path, write_profile) -> None:
         await wait_for(lambda: d.runner.ready, what="ready")
         r = await c.get("/child/metrics")
         assert r.status_code == 200 and "llamacpp:" in r.text
+
+
+async def test_wrong_method_on_own_route_is_json(tmp_path: Path, write_profile) -> None:
+    async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        r = await c.post("/health")
+        assert r.status_code == 405 and "POST /health" in r.json()["error"]["message"]
+        r = await c.get("/admin/restart")
+        assert r.status_code == 405 and r.json()["error"]["code"] == 405
+        assert (await c.head("/health")).status_code in (200, 503)
