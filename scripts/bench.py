@@ -98,7 +98,7 @@ class Supervisor:
 
 
 def write_profile(path: Path, binary: str, model: Path, mmproj: Path | None = None, **extra: Any) -> Path:
-    lines = [f"name: bench", f"binary: {binary}", f"model: {model}", "n_gpu_layers: 0",
+    lines = ["name: bench", f"binary: {binary}", f"model: {model}", "n_gpu_layers: 0",
              "cache_ram_mib: 0"]
     if mmproj:
         lines.append(f"mmproj: {mmproj}")

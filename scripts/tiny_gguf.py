@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ def byte_symbols() -> list[str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    table = dict(zip(printable, chars))
+    table = dict(zip(printable, chars, strict=True))
     return [chr(table[b]) for b in range(256)]
 
 

@@ -62,17 +62,21 @@ def footprint(model: Path, ctx_size: int, cache_type_k: str | None = None, cache
 
     reader = GGUFReader(str(model))
 
-    def field(name: str) -> object:
+    def field(name: str, default: int | None = None) -> int:
         f = reader.get_field(name)
-        return f.contents() if f is not None else None
+        value = f.contents() if f is not None else default
+        if not isinstance(value, int):
+            raise ValueError(f"{model}: GGUF field {name} missing or not an integer")
+        return value
 
-    arch = field("general.architecture")
-    n_layers = int(field(f"{arch}.block_count"))  # type: ignore[arg-type]
-    n_embd = int(field(f"{arch}.embedding_length"))  # type: ignore[arg-type]
-    n_head = int(field(f"{arch}.attention.head_count") or 1)  # type: ignore[arg-type]
-    n_head_kv = int(field(f"{arch}.attention.head_count_kv") or n_head)  # type: ignore[arg-type]
-    k_len = int(field(f"{arch}.attention.key_length") or n_embd // n_head)  # type: ignore[arg-type]
-    v_len = int(field(f"{arch}.attention.value_length") or n_embd // n_head)  # type: ignore[arg-type]
+    arch_field = reader.get_field("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else "llama"
+    n_layers = field(f"{arch}.block_count")
+    n_embd = field(f"{arch}.embedding_length")
+    n_head = field(f"{arch}.attention.head_count", 1)
+    n_head_kv = field(f"{arch}.attention.head_count_kv", n_head)
+    k_len = field(f"{arch}.attention.key_length", n_embd // n_head)
+    v_len = field(f"{arch}.attention.value_length", n_embd // n_head)
 
     blocks = [0.0] * n_layers
     output = 0.0

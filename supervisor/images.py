@@ -54,6 +54,7 @@ def process_image(data: bytes, policy: ImagePolicy, where: str) -> tuple[bytes, 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     if len(data) > policy.max_image_bytes:
         raise ImageError(413, f"{where}: image is {len(data)} bytes, over the limit of {policy.max_image_bytes}")
+    img: Image.Image
     try:
         img = Image.open(io.BytesIO(data))
         fmt = img.format or "?"

@@ -23,8 +23,14 @@ def _read(fh: BinaryIO, fmt: str) -> object:
     return struct.unpack("<" + fmt, data)[0]
 
 
+def _count(fh: BinaryIO, fmt: str) -> int:
+    value = _read(fh, fmt)
+    assert isinstance(value, int)
+    return value
+
+
 def _string(fh: BinaryIO) -> str:
-    n = int(_read(fh, "Q"))  # type: ignore[arg-type]
+    n = _count(fh, "Q")
     return fh.read(n).decode("utf-8", "replace")
 
 
@@ -34,7 +40,7 @@ def _value(fh: BinaryIO, vtype: int, keep: bool) -> object:
     if vtype == _STRING:
         return _string(fh)
     if vtype == _ARRAY:
-        itype, n = int(_read(fh, "I")), int(_read(fh, "Q"))  # type: ignore[arg-type]
+        itype, n = _count(fh, "I"), _count(fh, "Q")
         if itype in _SCALARS and not keep:
             fh.seek(n * struct.calcsize("<" + _SCALARS[itype]), 1)  # skip without reading
             return None
@@ -51,11 +57,11 @@ def read_kv(path: Path, keys: set[str]) -> dict[str, object]:
             raise ValueError(f"{path}: not a GGUF file")
         _read(fh, "I")  # version
         _read(fh, "Q")  # tensor count
-        n_kv = int(_read(fh, "Q"))  # type: ignore[arg-type]
+        n_kv = _count(fh, "Q")
         raw: dict[str, object] = {}
         for _ in range(n_kv):
             key = _string(fh)
-            vtype = int(_read(fh, "I"))  # type: ignore[arg-type]
+            vtype = _count(fh, "I")
             wanted = key == "general.architecture" or any(key.endswith(k.split("}")[-1]) for k in keys)
             raw[key] = _value(fh, vtype, keep=wanted)
     arch = raw.get("general.architecture")

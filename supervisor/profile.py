@@ -66,7 +66,7 @@ class Profile(BaseModel):
     extra_args: list[str] = []
     env: dict[str, str] = {}
     warmup: bool = True
-    images: ImagePolicy = ImagePolicy()
+    images: ImagePolicy = Field(default_factory=lambda: ImagePolicy.model_validate({}))
 
     @field_validator("n_gpu_layers")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import httpcore
@@ -21,9 +21,9 @@ from .profile import ImagePolicy
 from .runner import Runner
 
 log = structlog.get_logger("proxy")
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
@@ -68,16 +68,6 @@ def _rewrite(doc: dict[str, Any], policy: ImagePolicy, hosts: frozenset[str], fo
     return json.dumps(new if new is not None else doc).encode(), stats
 
 
-async def _port_open(url: str) -> bool:
-    host, _, port = url.removeprefix("http://").partition(":")
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port or 80)), 0.2)
-    except (OSError, TimeoutError, ValueError):
-        return False
-    writer.close()
-    return True
-
-
 def route_label(path: str) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
@@ -89,8 +79,9 @@ class Proxy:
         self.remote_hosts = frozenset(runner.cfg.remote_image_hosts)
         # httpcore directly, not httpx: on this hot path httpx's request/response models cost a third of the
         # proxy's CPU per request, and nothing here needs them (no redirects, cookies, auth or decoding).
+        # Idle connections are dropped before llama-server's own 5 s keep-alive timeout closes them under us.
         self.pool = httpcore.AsyncConnectionPool(max_connections=512, max_keepalive_connections=64,
-                                                 keepalive_expiry=30.0)
+                                                 keepalive_expiry=4.0)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -182,19 +173,13 @@ class Proxy:
         m = r.machine
         return False, f"llama-server is not ready ({m.state.value}{': ' + m.reason if m.reason else ''})"
 
-    async def _settle(self, gen: int, within_s: float = 0.5) -> None:
-        """After a refused or reset upstream request: if the child died, let the runner notice (its exit is
-        seen within milliseconds) so the retry waits for the next child; if it lives on (a keep-alive
-        connection it had just closed), retry at once."""
+    async def _settle(self, gen: int, within_s: float = 0.3) -> None:
+        """After a refused or reset upstream request, give the runner a moment to notice a dead child (it
+        usually does within milliseconds), so the retry waits for the next one instead of hitting a closed
+        port. If the child stays up, the cause was a keep-alive connection it had just closed: retry then."""
         deadline = time.monotonic() + within_s
         while self.runner.ready and self.runner.machine.gen == gen and time.monotonic() < deadline:
-            if self.runner.child is None or self.runner.child.returncode is not None:
-                await asyncio.sleep(0.005)
-                continue
-            if not await _port_open(self.runner.child_url or ""):
-                await asyncio.sleep(0.005)
-                continue
-            return
+            await asyncio.sleep(0.005)
 
     def _headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         out = []

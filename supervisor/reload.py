@@ -104,6 +104,7 @@ class Reloader:
             return Path(p).name in {self.path.name} | ({self.settings_file.name} if self.settings_file else set())
 
         dirs = {str(self.path.parent)} | ({str(self.settings_file.parent)} if self.settings_file else set())
-        async for _changes in watchfiles.awatch(*dirs, watch_filter=relevant, debounce=self.debounce_ms,
-                                                 step=50, recursive=False):
+        # A change is acted on once the files have been quiet for debounce_ms: a burst of saves is one reload.
+        async for _changes in watchfiles.awatch(*dirs, watch_filter=relevant, debounce=max(1600, 4 * self.debounce_ms),
+                                                 step=self.debounce_ms, recursive=False):
             await self.reload("file change")

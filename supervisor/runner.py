@@ -77,6 +77,7 @@ class Runner:
         self.policy = policy_for(cfg, loaded.profile)
         self.machine: Machine = initial(base_settings(loaded.profile))
         self.child: Child | None = None
+        self.child_gen = 0  # the generation `child` belongs to
         self.child_url: str | None = None
         self.argv: list[str] = []
         self.last_tail: list[str] = []  # the last child's output, kept after it is gone
@@ -235,8 +236,11 @@ class Runner:
             detail = f"cannot start {argv[0]}: {exc.strerror or exc}"
             self.dispatch(ChildExited(time.monotonic(), gen, Verdict(Cause.SPAWN_FAILED, detail)))
             return
-        self.child, self.argv, self.child_url = child, argv, f"http://127.0.0.1:{port}"
+        self.child, self.child_gen, self.argv, self.child_url = child, gen, argv, f"http://127.0.0.1:{port}"
         self.load_s = None
+        if self.machine.gen == gen and self.machine.pending is not None:
+            # A stop or restart was asked for while this child was being spawned: carry it out now.
+            self._task(self._kill(gen, self.machine.reason))
         health = asyncio.create_task(self._await_health(gen, child, t0))
         rc = await child.wait()
         health.cancel()
@@ -306,8 +310,8 @@ class Runner:
 
     async def _kill(self, gen: int, reason: str) -> None:
         child = self.child
-        if child is None or self.machine.gen != gen:
-            return
+        if child is None or self.child_gen != gen:
+            return  # not spawned yet: _run_child sees machine.pending and comes back here
         log.info("child_stop", gen=gen, pid=child.pid, reason=reason)
         timeout = 2.0 if self.machine.pending is Cause.WEDGED else self.cfg.stop_timeout_s
         await child.stop(timeout)

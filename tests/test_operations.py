@@ -19,7 +19,7 @@ from supervisor.config import ConfigError, load_config
 from supervisor.sdnotify import Notifier
 from support import running, wait_for
 
-CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "ignore_eos": True}
 
 
 class NotifySocket:

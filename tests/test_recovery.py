@@ -169,3 +169,14 @@ async def test_oom_ladder_with_real_server_at_the_end(tmp_path: Path, write_prof
         await wait_for(lambda: d.runner.ready and record.read_text().split()[-1] == "1" and
                        len(record.read_text().split()) == 4, what="ladder walked again")
         assert record.read_text().split() == ["1", "99", "2", "1"]
+
+
+async def test_restart_while_the_next_child_is_being_spawned(tmp_path: Path, write_profile) -> None:
+    """A second restart that lands between Spawn and the process existing must still stop that child."""
+    async with running(tmp_path, write_profile()) as d:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        d.runner.restart("first")
+        await wait_for(lambda: d.runner.machine.gen == 2, what="second child spawning")
+        d.runner.restart("second")  # the gen-2 process may not exist yet
+        await wait_for(lambda: d.runner.ready, what="ready after two restarts")
+        assert d.runner.machine.gen == 3 and d.runner.child_gen == 3
