@@ -15,6 +15,7 @@ import pytest
 
 from doubles.oom_llama_server import write_double
 from support import running, wait_for
+from supervisor.lifecycle import Spawn
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -175,8 +176,16 @@ async def test_restart_while_the_next_child_is_being_spawned(tmp_path: Path, wri
     """A second restart that lands between Spawn and the process existing must still stop that child."""
     async with running(tmp_path, write_profile()) as d:
         await wait_for(lambda: d.runner.ready, what="ready")
+        loop = asyncio.get_running_loop()
+        perform = d.runner._perform
+
+        def perform_and_interrupt(action) -> None:
+            perform(action)
+            if isinstance(action, Spawn) and action.gen == 2:
+                # Runs right after the spawn task's first step: the gen-2 process does not exist yet.
+                loop.call_soon(d.runner.restart, "second")
+
+        d.runner._perform = perform_and_interrupt  # type: ignore[method-assign]
         d.runner.restart("first")
-        await wait_for(lambda: d.runner.machine.gen == 2, what="second child spawning")
-        d.runner.restart("second")  # the gen-2 process may not exist yet
-        await wait_for(lambda: d.runner.ready, what="ready after two restarts")
-        assert d.runner.machine.gen == 3 and d.runner.child_gen == 3
+        await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 3, what="ready after two restarts")
+        assert d.runner.child_gen == 3
