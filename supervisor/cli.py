@@ -192,7 +192,7 @@ def format_status(d: dict[str, Any]) -> str:
     prof_s, eff = s.get("profile") or {}, s.get("effective") or {}
     for key in ("n_gpu_layers", "ctx_size", "mmproj_offload", "cpu_only"):
         mark = "" if prof_s.get(key) == eff.get(key) else "   <- adjusted"
-        lines.append(f"{key + ':':<15}profile {prof_s.get(key)!s:<8} effective {eff.get(key)!s}{mark}")
+        lines.append(f"{key + ':':<16}profile {prof_s.get(key)!s:<8} effective {eff.get(key)!s}{mark}")
     if s.get("adjustment"):
         lines.append(f"adjustment: {s['adjustment']}")
     if d.get("load_s") is not None:

@@ -8,8 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -66,22 +67,34 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(write_profile, tmp_path: Path) -> Iterator[Daemon]:
-    env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(tmp_path / "state")}
-    proc = subprocess.Popen([*CLI, "run", "--profile", str(write_profile()), "--port", "0", "--log-format", "json"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    url = None
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        m = re.search(r'"url": "(http://[^"]+)"', line)
-        if m and '"listening"' in line:
-            url = m.group(1)
-            break
-    assert url, "no 'listening' line"
-    yield Daemon(proc, url)
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
+def start_daemon(write_profile, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start `llama-supervisor run` as a real process (profile fields as keyword arguments)."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(**fields: object) -> Daemon:
+        env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(tmp_path / "state")}
+        proc = subprocess.Popen([*CLI, "run", "--profile", str(write_profile(**fields)), "--port", "0",
+                                 "--log-format", "json"], stderr=subprocess.PIPE, text=True, env=env)
+        procs.append(proc)
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            m = re.search(r'"url": "(http://[^"]+)"', line)
+            if m and '"listening"' in line:
+                # Keep draining stderr so the daemon never blocks on a full pipe.
+                threading.Thread(target=proc.stderr.read, daemon=True).start()
+                return Daemon(proc, m.group(1))
+        raise AssertionError("no 'listening' line")
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture
+def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
+    return start_daemon()
 
 
 def _gone(pid: int, timeout: float) -> bool:
@@ -101,6 +114,30 @@ def test_sigterm_stops_child_and_exits_0(daemon: Daemon) -> None:
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(20) == 0
     assert _gone(pid, 1.0), "llama-server outlived the supervisor"
+
+
+def test_sigint_drains_a_request_in_flight(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(ctx_size=4096, parallel=1)
+    pid = daemon.child_pid()
+    result: dict[str, object] = {}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3500, "ignore_eos": True}
+
+    def long_request() -> None:
+        r = httpx.post(f"{daemon.url}/v1/chat/completions", json=body, timeout=60)
+        result["status"], result["tokens"] = r.status_code, r.json()["usage"]["completion_tokens"]
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # wait until the request is in flight
+        if httpx.get(f"{daemon.url}/status", timeout=5).json()["requests"]["in_flight"] == 1:
+            break
+        time.sleep(0.01)
+    daemon.proc.send_signal(signal.SIGINT)
+    t.join(60)
+    assert result == {"status": 200, "tokens": 3500}
+    assert daemon.proc.wait(20) == 0
+    assert _gone(pid, 1.0)
 
 
 def test_sigkill_of_supervisor_takes_child_down(daemon: Daemon) -> None:
