@@ -120,14 +120,21 @@ class Proxy:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
-        if work.done() and not work.cancelled() and work.exception() is not None:
-            log.error("proxy_error", path=scope["path"], error=repr(work.exception()))
+        if work.done() and not work.cancelled() and (exc := work.exception()) is not None:
+            log.error("proxy_error", path=scope["path"], error=repr(exc), exc_info=exc)
+            if status[0] == 499:  # nothing was sent yet: the client still gets an answer
+                await send_simple(send, *json_error(500, f"supervisor error: {type(exc).__name__}", "server_error"))
 
     async def _check_body(self, path: str, body: bytes) -> bytes:
         """Malformed JSON gets a 400 that says what is wrong (llama-server would answer 500); chat requests
         with images get the image policy; /predict becomes a chat completion."""
         try:
-            doc = (await asyncio.to_thread(json.loads, body) if len(body) > BIG_BODY else json.loads(body)) if body else None
+            if not body:
+                doc = None
+            elif len(body) > BIG_BODY:
+                doc = await asyncio.to_thread(json.loads, body)
+            else:
+                doc = json.loads(body)
         except ValueError as exc:
             raise RequestRejected(400, f"request body is not valid JSON: {exc}") from None
         if doc is not None and not isinstance(doc, dict):
