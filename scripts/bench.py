@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -105,6 +106,62 @@ def write_profile(path: Path, binary: str, model: Path, mmproj: Path | None = No
     lines += [f"{k}: {json.dumps(v)}" for k, v in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ---- optional reference: nginx as a plain reverse proxy -------------------------------------------
+
+
+class Nginx:
+    """Debian's nginx in front of the same llama-server (proxy_buffering off), to show where a C proxy stands."""
+
+    def __init__(self, upstream: str, tmp: Path) -> None:
+        import shutil
+        import socket
+
+        self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        d = tmp / "nginx"
+        d.mkdir(exist_ok=True)
+        up = upstream.removeprefix("http://")
+        (d / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  client_max_body_size 64m;
+  upstream llama {{ server {up}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{self.port};
+    location / {{
+      proxy_pass http://llama;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 600s;
+    }}
+  }}
+}}
+""")
+        self.proc = subprocess.Popen([self.binary, "-c", str(d / "nginx.conf"), "-p", str(d)],
+                                     stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        for _ in range(200):
+            try:
+                httpx.get(f"{self.url}/health", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
 
 
 # ---- P1: latency -----------------------------------------------------------------------------------
@@ -361,6 +418,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         results["p2_streaming"] = await p2_streaming(sup.url or "", direct, 2 if args.quick else 6)
         print("P6 under load ...", file=sys.stderr)
         results["p6_footprint"]["under_p2_load"] = await p6_under_load(sup, direct)
+        if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
+            print("nginx reference (P1, P2) ...", file=sys.stderr)
+            ng = Nginx(direct, tmp)
+            try:
+                results["nginx_reference"] = {
+                    "p1_latency": await p1_latency(ng.url, direct, 200 if args.quick else 600),
+                    "p2_streaming": await p2_streaming(ng.url, direct, 2 if args.quick else 6)}
+            finally:
+                ng.stop()
         print("P4 crash recovery ...", file=sys.stderr)
         results["p4_recovery"] = await p4_recovery(sup)
     finally:
@@ -412,6 +478,18 @@ def table(r: dict[str, Any]) -> str:
         ("P6 supervisor under P2 load", "", f"{p6['under_p2_load']['rss_mb']} MB RSS, "
          f"{p6['under_p2_load']['cpu_percent_of_a_core']} % CPU", "", ""),
     ]
+    ng = r.get("nginx_reference")
+    if ng:
+        n1, n2 = ng["p1_latency"], ng["p2_streaming"]
+        rows += [
+            ("reference: nginx, P1 p50 / p99", f"{n1['direct']['p50_ms']} / {n1['direct']['p99_ms']} ms",
+             f"{n1['through']['p50_ms']} / {n1['through']['p99_ms']} ms (nginx)",
+             f"+{n1['added_p50_ms']} / +{n1['added_p99_ms']} ms", ""),
+            ("reference: nginx, P2 throughput / TTFT p50", f"{n2['direct']['tokens_per_s']} tok/s / "
+             f"{n2['direct']['ttft_p50_ms']} ms", f"{n2['through']['tokens_per_s']} tok/s / "
+             f"{n2['through']['ttft_p50_ms']} ms (nginx)", f"{n2['ratio'] * 100:.1f} % / "
+             f"+{n2['added_ttft_p50_ms']} ms", ""),
+        ]
     out = ["| measure | direct llama-server | through the supervisor | difference | target |",
            "|---|---|---|---|---|"]
     out += [f"| {' | '.join(row)} |" for row in rows]
