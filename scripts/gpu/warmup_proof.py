@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""On a real GPU: does the supervisor's image warmup take the first-image cost off the first real request?
+
+Builds llama-server with CUDA (as proof.py does), writes the tiny Qwen3-VL pair, and starts the supervisor
+with everything on the GPU, once with warmup (which sends a small image) and once without; each time it
+times the first and second image requests after ready. Also records what /status and /metrics say about
+the GPU (NVML). Writes warmup.json / warmup.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
+
+import proof  # noqa: E402
+import tiny_gguf  # noqa: E402
+
+
+def image_body() -> dict[str, Any]:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 768), (10, 200, 30)).save(buf, format="JPEG")
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"messages": [{"role": "user", "content": [{"type": "text", "text": "what?"},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}],
+            "max_tokens": 1}
+
+
+def one_run(profile: Path, state: Path) -> dict[str, Any]:
+    import subprocess
+    import threading
+
+    import httpx
+
+    env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(state), "LLAMA_SUPERVISOR_LOG_CHILD_OUTPUT": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--profile", str(profile), "--port", "0",
+                             "--log-format", "json"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    url, ready = None, threading.Event()
+    events: list[dict[str, Any]] = []
+
+    def read() -> None:
+        nonlocal url
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            events.append(ev)
+            if ev.get("event") == "listening":
+                url = ev["url"]
+            if ev.get("event") == "state" and ev.get("to") in ("ready", "failed"):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    ready.wait(120)
+    out: dict[str, Any] = {}
+    try:
+        body = image_body()
+        for name in ("first_image_ms", "second_image_ms"):
+            t = time.perf_counter()
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+            out[name] = round((time.perf_counter() - t) * 1000, 1)
+            out["status_code"] = r.status_code
+        st = httpx.get(f"{url}/status", timeout=10).json()
+        out["warmup"] = st.get("warmup")
+        out["gpus"] = st.get("gpus")
+        out["child_vram_mib"] = (st.get("child") or {}).get("vram_mib")
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        out["gpu_metrics"] = [ln for ln in metrics.splitlines() if ln.startswith("llama_supervisor_gpu_")]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--source", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/proof"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    os.environ["LLAMA_SUPERVISOR_CACHE"] = str(args.work / "cache")
+    binary = proof.build(args.source, os.cpu_count() or 8)
+    model, mmproj = tiny_gguf.write_tiny_qwen3vl(args.work / "vl.gguf", args.work / "mmproj-vl.gguf")
+    results: dict[str, Any] = {}
+    for warm in (True, False, True, False, True, False):
+        profile = args.work / f"vl-{warm}.yaml"
+        profile.write_text(f"name: vl\nbinary: {binary}\nmodel: {model}\nmmproj: {mmproj}\nn_gpu_layers: all\n"
+                           f"ctx_size: 8192\nparallel: 1\ncache_ram_mib: 0\nwarmup: {str(warm).lower()}\n")
+        r = one_run(profile, args.work / f"state-{len(results)}")
+        results.setdefault("with_warmup" if warm else "without_warmup", []).append(r)
+        proof.log(f"warmup={warm}: first {r['first_image_ms']} ms, second {r['second_image_ms']} ms")
+    (args.out / "warmup.json").write_text(json.dumps(results, indent=2))
+    lines = ["| supervisor warmup | first image request after ready (ms) | second (ms) |", "|---|---|---|"]
+    for key in ("with_warmup", "without_warmup"):
+        firsts = [r["first_image_ms"] for r in results[key]]
+        seconds = [r["second_image_ms"] for r in results[key]]
+        lines.append(f"| {key.replace('_', ' ')} | {', '.join(map(str, firsts))} | {', '.join(map(str, seconds))} |")
+    sample = results["with_warmup"][0]
+    lines += ["", f"GPU metrics seen: {len(sample['gpu_metrics'])} series, e.g. {sample['gpu_metrics'][:2]}",
+              f"child VRAM (NVML per-process): {sample['child_vram_mib']} MiB"]
+    md = "\n".join(lines)
+    (args.out / "warmup.md").write_text(md + "\n")
+    print(md, flush=True)
+
+
+if __name__ == "__main__":
+    main()
