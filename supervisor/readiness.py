@@ -9,7 +9,9 @@ import time
 
 import httpx
 
+from .images import process_image
 from .process import Child
+from .profile import ImagePolicy
 
 
 class NotReady(Exception):
@@ -43,23 +45,32 @@ async def wait_healthy(client: httpx.AsyncClient, base_url: str, child: Child, *
         interval_s = min(max_interval_s, interval_s * 1.5)
 
 
-def tiny_png() -> bytes:
-    """A small generated picture, so the vision encoder's first run happens during warmup."""
+def warmup_image(policy: ImagePolicy) -> bytes:
+    """A picture as large as the image policy lets through, run through the proxy's own image path.
+
+    The first image of a given size makes llama-server build and allocate the vision encoder's graph
+    (llama.cpp issue 27147), and the proxy's first image loads Pillow's codecs: warming with a full-size
+    image pays both before ready, not on a user's first request.
+    """
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (64, 64), (200, 220, 240))
-    ImageDraw.Draw(img).rectangle((16, 16, 48, 48), fill=(30, 90, 160))
+    w, h = policy.max_long_side, policy.max_short_side
+    img = Image.new("RGB", (w, h), (200, 220, 240))
+    ImageDraw.Draw(img).rectangle((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(30, 90, 160))
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    img.save(buf, format="JPEG", quality=policy.jpeg_quality)
+    data, _, _ = process_image(buf.getvalue(), policy, "warmup")
+    return data
 
 
-async def warmup(client: httpx.AsyncClient, base_url: str, *, with_image: bool, timeout_s: float) -> dict[str, object]:
-    """One real chat completion (one token). Returns what was sent, for /status."""
+async def warmup(client: httpx.AsyncClient, base_url: str, *, image: ImagePolicy | None, timeout_s: float
+                 ) -> dict[str, object]:
+    """One real chat completion (one token), with a full-size image when `image` (the profile's policy) is given.
+    Returns what was sent, for /status."""
     content: object = "Hello"
-    if with_image:
-        png = await asyncio.to_thread(tiny_png)
-        url = "data:image/png;base64," + base64.b64encode(png).decode()
+    if image is not None:
+        jpeg = await asyncio.to_thread(warmup_image, image)
+        url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
         content = [{"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": {"url": url}}]
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0}
     t0 = time.monotonic()
@@ -69,4 +80,5 @@ async def warmup(client: httpx.AsyncClient, base_url: str, *, with_image: bool, 
         raise NotReady(f"warmup request failed: {exc!r}") from exc
     if r.status_code != 200:
         raise NotReady(f"warmup answered {r.status_code}: {r.text[:300]}")
-    return {"seconds": round(time.monotonic() - t0, 4), "image": with_image}
+    size = f"{image.max_long_side}x{image.max_short_side}" if image is not None else None
+    return {"seconds": round(time.monotonic() - t0, 4), "image": image is not None, "image_size": size}

@@ -296,7 +296,7 @@ class Runner:
             self.dispatch(WarmedUp(time.monotonic(), gen))
             return
         try:
-            info = await warmup(self.http, self.child_url or "", with_image=p.mmproj is not None,
+            info = await warmup(self.http, self.child_url or "", image=p.images if p.mmproj is not None else None,
                                 timeout_s=self.cfg.warmup_timeout_s)
         except NotReady as exc:
             self.dispatch(Unresponsive(time.monotonic(), gen, f"warmup: {exc}"))
