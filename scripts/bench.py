@@ -78,14 +78,21 @@ class Supervisor:
                 self.url = ev["url"]
                 self._listening.set()
 
-    def wait_state(self, state: str, after: float, timeout: float = 60) -> float:
+    def wait_any_state(self, states: tuple[str, ...], after: float, timeout: float = 60) -> dict[str, Any] | None:
+        """The first transition into one of `states` logged after `after` (wall clock), or None on timeout."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            for ev in self.events:
-                if ev.get("event") == "state" and ev.get("to") == state and ev["_t"] >= after:
-                    return ev["_t"]
+            for ev in list(self.events):
+                if ev.get("event") == "state" and ev.get("to") in states and ev["_t"] >= after:
+                    return ev
             time.sleep(0.005)
-        raise SystemExit(f"no state {state} within {timeout}s")
+        return None
+
+    def wait_state(self, state: str, after: float, timeout: float = 60) -> float:
+        ev = self.wait_any_state((state,), after, timeout)
+        if ev is None:
+            raise SystemExit(f"no state {state} within {timeout}s")
+        return float(ev["_t"])
 
     def status(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/status", timeout=10).json()

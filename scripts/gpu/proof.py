@@ -150,54 +150,26 @@ def probe_direct(binary: str, model: Path, ngl: int, port: int) -> dict[str, Any
 
 
 def run_supervisor(profile: Path, state: Path, estimate: bool, timeout: float = 150) -> dict[str, Any]:
-    env = {**os.environ, "LLAMA_SUPERVISOR_ESTIMATE_VRAM": "true" if estimate else "false",
-           "LLAMA_SUPERVISOR_BACKOFF_BASE_S": "0.2", "LLAMA_SUPERVISOR_BREAKER_FAILURES": "10"}
-    cmd = [sys.executable, "-m", "supervisor", "run", "--profile", str(profile), "--port", "0",
-           "--log-format", "json", "--state-dir", str(state)]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    events: list[dict[str, Any]] = []
-    done = threading.Event()
+    from bench import Supervisor
 
-    def reader() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if ev.get("event") == "child_output":
-                continue
-            ev["t"] = round(time.monotonic() - t0, 2)
-            events.append(ev)
-            if ev.get("event") == "state" and ev.get("to") in ("ready", "failed"):
-                done.set()
-
-    threading.Thread(target=reader, daemon=True).start()
-    done.wait(timeout)
-    status = {}
-    url = next((e["url"] for e in events if e.get("event") == "listening"), None)
-    if url:
-        import httpx
-
-        try:
-            status = httpx.get(f"{url}/status", timeout=10).json()
-        except httpx.HTTPError:
-            pass
-    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    sup = Supervisor(profile, state, {"LLAMA_SUPERVISOR_ESTIMATE_VRAM": "true" if estimate else "false",
+                                      "LLAMA_SUPERVISOR_BACKOFF_BASE_S": "0.2",
+                                      "LLAMA_SUPERVISOR_BREAKER_FAILURES": "10"})
+    end = sup.wait_any_state(("ready", "failed"), t0, timeout)
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    spawns = [e for e in events if e.get("event") == "child_spawn"]
-    exits = [e for e in events if e.get("event") == "child_exit" and e.get("cause") != "stopped"]
-    end = next((e for e in events if e.get("event") == "state" and e.get("to") in ("ready", "failed")), None)
+        status = sup.status()
+    except Exception:  # noqa: BLE001 - a report of what happened, whatever happened
+        status = {}
+    sup.stop()
+    spawns = [e for e in sup.events if e.get("event") == "child_spawn"]
+    exits = [e for e in sup.events if e.get("event") == "child_exit" and e.get("cause") != "stopped"]
     return {
         "estimate": estimate,
         "layers_tried": [s["settings"]["n_gpu_layers"] for s in spawns],
         "causes": [e["cause"] for e in exits],
         "outcome": end["to"] if end else "timeout",
-        "seconds_to_ready": end["t"] if end and end["to"] == "ready" else None,
+        "seconds_to_ready": round(end["_t"] - t0, 2) if end and end["to"] == "ready" else None,
         "adjustment": (status.get("settings") or {}).get("adjustment"),
         "vram_estimate": (status.get("settings") or {}).get("vram_estimate"),
         "child_vram_mib": (status.get("child") or {}).get("vram_mib"),

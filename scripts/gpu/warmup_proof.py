@@ -40,50 +40,28 @@ def image_body(shade: int) -> dict[str, Any]:
 
 
 def one_run(profile: Path, state: Path) -> dict[str, Any]:
-    import subprocess
-    import threading
-
     import httpx
+    from bench import Supervisor
 
-    env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(state), "LLAMA_SUPERVISOR_LOG_CHILD_OUTPUT": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--profile", str(profile), "--port", "0",
-                             "--log-format", "json"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    url, ready = None, threading.Event()
-    events: list[dict[str, Any]] = []
-
-    def read() -> None:
-        nonlocal url
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            events.append(ev)
-            if ev.get("event") == "listening":
-                url = ev["url"]
-            if ev.get("event") == "state" and ev.get("to") in ("ready", "failed"):
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    ready.wait(120)
+    t0 = time.time()
+    sup = Supervisor(profile, state)
+    sup.wait_any_state(("ready", "failed"), t0, 120)
     out: dict[str, Any] = {}
     try:
         for shade, name in ((200, "first_image_ms"), (120, "second_image_ms")):
             body = image_body(shade)
             t = time.perf_counter()
-            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+            r = httpx.post(f"{sup.url}/v1/chat/completions", json=body, timeout=120)
             out[name] = round((time.perf_counter() - t) * 1000, 1)
             out["status_code"] = r.status_code
-        st = httpx.get(f"{url}/status", timeout=10).json()
+        st = sup.status()
         out["warmup"] = st.get("warmup")
         out["gpus"] = st.get("gpus")
         out["child_vram_mib"] = (st.get("child") or {}).get("vram_mib")
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        metrics = httpx.get(f"{sup.url}/metrics", timeout=10).text
         out["gpu_metrics"] = [ln for ln in metrics.splitlines() if ln.startswith("llama_supervisor_gpu_")]
     finally:
-        proc.terminate()
-        proc.wait(30)
+        sup.stop()
     return out
 
 
