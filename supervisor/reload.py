@@ -69,7 +69,7 @@ class Reloader:
 
     async def _reload(self, source: str) -> dict[str, Any]:
         r = self.runner
-        path = self._active_path()
+        path = await asyncio.to_thread(self._active_path)
         try:
             loaded = await asyncio.to_thread(load_checked, path)
         except ProfileError as exc:

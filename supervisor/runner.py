@@ -227,7 +227,7 @@ class Runner:
         cause = self.machine.history[-1].cause if self.machine.history else "start"
         log.info("child_spawn", gen=gen, cause=cause, settings=settings.as_dict(),
                  adjustment=self.machine.adjustment, argv=redact(argv))
-        oom_before = oom_kill_count()
+        oom_before = await asyncio.to_thread(oom_kill_count)
         t0 = time.monotonic()
         try:
             child = await spawn(argv, child_env(os.environ, p), on_line=partial(self._on_line, gen),
@@ -244,7 +244,7 @@ class Runner:
         health = asyncio.create_task(self._await_health(gen, child, t0))
         rc = await child.wait()
         health.cancel()
-        oom_after = oom_kill_count()
+        oom_after = await asyncio.to_thread(oom_kill_count)
         oom_killed = None if oom_before is None or oom_after is None else oom_after > oom_before
         verdict = classify(Exit(rc, tuple(child.tail)[-80:], child.signalled, oom_killed))
         free, fp = None, None
