@@ -40,6 +40,7 @@ RETRYABLE = (httpcore.ConnectError, httpcore.RemoteProtocolError, httpcore.ReadE
 # Anything that can break an upstream exchange once it has started.
 UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 TIMEOUTS = {"connect": 5.0, "read": None, "write": 60.0, "pool": None}
+KEEPALIVE_IDLE = 4  # within llama-server's "+4" spare HTTP threads
 
 
 def json_error(status: int, message: str, kind: str, headers: list[tuple[bytes, bytes]] | None = None
@@ -79,8 +80,10 @@ class Proxy:
         self.remote_hosts = frozenset(runner.cfg.remote_image_hosts)
         # httpcore directly, not httpx: on this hot path httpx's request/response models cost a third of the
         # proxy's CPU per request, and nothing here needs them (no redirects, cookies, auth or decoding).
-        # Idle connections are dropped before llama-server's own 5 s keep-alive timeout closes them under us.
-        self.pool = httpcore.AsyncConnectionPool(max_connections=512, max_keepalive_connections=64,
+        # Keep few idle connections, and not for long: every idle keep-alive connection pins one of
+        # llama-server's fixed HTTP threads (parallel + 4 of them) until its 5 s keep-alive timeout, and a
+        # new connection that finds them all pinned waits for that timeout (measured: 5 s stalls).
+        self.pool = httpcore.AsyncConnectionPool(max_connections=512, max_keepalive_connections=KEEPALIVE_IDLE,
                                                  keepalive_expiry=4.0)
 
     async def aclose(self) -> None:

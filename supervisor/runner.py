@@ -94,7 +94,8 @@ class Runner:
         self._ready = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: list[asyncio.TimerHandle] = []
-        self.http = httpx.AsyncClient(timeout=5.0)
+        # Probes and warmup keep no idle connection: it would pin one of llama-server's HTTP threads (see proxy.py).
+        self.http = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0))
         self._listeners: list[Callable[[Machine, Machine], None]] = []
 
     # ---- the one place where lifecycle state changes ----------------------------------------

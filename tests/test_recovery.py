@@ -16,6 +16,7 @@ import pytest
 from doubles.oom_llama_server import write_double
 from support import running, wait_for
 from supervisor.lifecycle import Spawn
+from supervisor.proxy import KEEPALIVE_IDLE
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -189,3 +190,29 @@ async def test_restart_while_the_next_child_is_being_spawned(tmp_path: Path, wri
         d.runner.restart("first")
         await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 3, what="ready after two restarts")
         assert d.runner.child_gen == 3
+
+
+async def test_no_tasks_or_connections_leak(tmp_path: Path, write_profile) -> None:
+    """Traffic, abandoned streams and a restart leave the task count and the upstream pool where they were."""
+    async with running(tmp_path, write_profile()) as d:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        async with httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+            await c.post("/v1/chat/completions", json=CHAT)
+        await asyncio.sleep(0.2)
+        baseline = len(asyncio.all_tasks())
+        for round_ in range(3):
+            async with httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+                await asyncio.gather(*(c.post("/v1/chat/completions", json=CHAT) for _ in range(8)))
+                body = {**CHAT, "max_tokens": 2000, "stream": True, "ignore_eos": True}
+                for _ in range(3):  # streams the client walks away from
+                    async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                        async for _line in r.aiter_lines():
+                            break
+            if round_ == 1:
+                d.runner.restart("leak check")
+                await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 2, what="restart")
+        await wait_for(lambda: d.runner.in_flight == 0, what="requests finished")
+        await asyncio.sleep(0.5)
+        assert len(asyncio.all_tasks()) <= baseline
+        # Few idle upstream connections: each one pins a llama-server HTTP thread (see proxy.KEEPALIVE_IDLE).
+        assert len(d.proxy.pool.connections) <= KEEPALIVE_IDLE
