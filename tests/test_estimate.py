@@ -79,3 +79,16 @@ async def test_pre_launch_estimate_with_fake_nvml(tmp_path: Path, write_profile,
     else:
         assert tried == ["99", "2", "1"]  # 99 fails; the ladder's estimate from the evidence gives 2; the double wants ≤ 1
         assert st["settings"]["vram_estimate"] is None
+
+
+def test_check_prints_the_estimate_with_fake_nvml(write_profile, tiny_model: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor.cli import _estimate_line
+    from supervisor.profile import load_profile
+
+    monkeypatch.setattr(gpu, "snapshot", lambda: fake_gpu(769.0))
+    line = _estimate_line(load_profile(write_profile(n_gpu_layers=99)))
+    assert "Fake GPU 24GB, 769 MiB free" in line and "asks for 5: would start with" in line
+    monkeypatch.setattr(gpu, "snapshot", lambda: fake_gpu(20000.0))
+    assert _estimate_line(load_profile(write_profile(n_gpu_layers="all"))).endswith("fits as asked")
+    assert "fits 'auto' itself" in _estimate_line(load_profile(write_profile(n_gpu_layers="auto")))
