@@ -11,6 +11,7 @@ from pathlib import Path
 _ALIAS = re.compile(r"(?:^|,\s*)(-{1,2}[A-Za-z0-9][\w.-]*)")
 _ENV = re.compile(r"\(env: (LLAMA_[A-Z0-9_]+)\)")
 _VERSION = re.compile(r"version: (\S+) \(build (\d+), commit (\w+)\)")
+_DEVICE = re.compile(r"^\s+([A-Za-z]+\d+): ", re.M)
 # The help's first column (the flags) is padded to this width; longer specs sit alone on their line.
 _SPEC_WIDTH = 40
 
@@ -27,6 +28,7 @@ class Capabilities:
     value_flags: frozenset[str]  # flags that take a value
     env_vars: frozenset[str]
     ngl_auto: bool  # -ngl accepts "auto"/"all" (newer builds)
+    devices: tuple[str, ...] = ()  # from --list-devices: "CUDA0", "MTL0", "Vulkan0"... (empty: CPU only)
 
     def has(self, flag: str) -> bool:
         return flag in self.flags
@@ -55,6 +57,11 @@ def parse_help(text: str) -> tuple[set[str], set[str], set[str], bool]:
     return flags, value_flags, envs, ngl_auto
 
 
+def parse_devices(text: str) -> list[str]:
+    """Device names from `--list-devices` ("  CUDA0: NVIDIA H100 ...", "  MTL0: Apple M2 ...")."""
+    return _DEVICE.findall(text)
+
+
 def _run(binary: str, arg: str) -> str:
     try:
         cp = subprocess.run([binary, arg], capture_output=True, text=True, timeout=30, check=False)
@@ -78,7 +85,9 @@ def probe(binary: str) -> Capabilities:
         raise CapabilityError(f"{binary} does not look like llama-server: its --help lists no --model flag")
     m = _VERSION.search(_run(binary, "--version"))
     version = f"{m.group(1)} (build {m.group(2)}, commit {m.group(3)})" if m else "unknown"
-    caps = Capabilities(str(binary), version, frozenset(flags), frozenset(value_flags), frozenset(envs), ngl_auto)
+    devices = tuple(parse_devices(_run(binary, "--list-devices"))) if "--list-devices" in flags else ()
+    caps = Capabilities(str(binary), version, frozenset(flags), frozenset(value_flags), frozenset(envs), ngl_auto,
+                        devices)
     _cache[key] = caps
     return caps
 

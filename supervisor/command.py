@@ -91,7 +91,9 @@ def build_argv(profile: Profile, caps: Capabilities, settings: RunSettings, port
     """The exact command line; raises CommandError when the binary lacks something the profile needs."""
     argv = [caps.binary, "--model", str(profile.model), "--host", CHILD_HOST, "--port", str(port),
             "--ctx-size", str(settings.ctx_size)]
-    if settings.cpu_only:
+    # `metal: false` on a Mac (the binary lists a Metal device) means CPU only: Metal is otherwise the default.
+    metal_off = profile.metal is False and any(d.startswith("MTL") for d in caps.devices)
+    if settings.cpu_only or metal_off:
         argv += ["--n-gpu-layers", "0"]
         if caps.has("--device"):
             argv += ["--device", "none"]

@@ -55,7 +55,7 @@ class Profile(BaseModel):
     n_gpu_layers: int | Literal["auto", "all"] = "auto"
     ctx_size: int = Field(4096, gt=0)
     min_ctx_size: int = Field(2048, gt=0, description="floor for the out-of-memory ladder")
-    metal: bool = False
+    metal: bool | None = None  # None: the platform's default (Metal on macOS when the binary has it)
     threads: int | None = Field(None, gt=0)
     parallel: int | None = Field(None, gt=0)
     flash_attn: Literal["on", "off", "auto"] | None = None

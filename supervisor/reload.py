@@ -29,6 +29,11 @@ def load_checked(path: Path) -> Loaded:
         caps = probe(profile.binary)
     except (CapabilityError, OSError) as exc:
         raise ProfileError(path, [("binary", str(exc))]) from None
+    if profile.metal and not any(d.startswith("MTL") for d in caps.devices):
+        found = ", ".join(caps.devices) or "none"
+        raise ProfileError(path, [("metal", f"metal: true, but {caps.binary} has no Metal device (--list-devices: "
+                                            f"{found}): it was built without Metal; rebuild it with "
+                                            "scripts/build_llama_server.py --backend metal")])
     try:
         build_argv(profile, caps, base_settings(profile), 0)
     except CommandError as exc:

@@ -116,3 +116,34 @@ def test_parse_help_layout() -> None:
                      "--n-gpu-layers"}
     assert value_flags == flags - {"--no-webui"}
     assert envs == {"LLAMA_ARG_CTX_SIZE"} and auto
+
+
+def test_devices_from_list_devices(caps: Capabilities) -> None:
+    from supervisor.capabilities import parse_devices
+
+    assert caps.devices == ()  # this CPU build: "Available devices: (none)"
+    text = "Available devices:\n  MTL0: Apple M2 Pro (21845 MiB, 21845 MiB free)\n  BLAS: Accelerate\n"
+    assert parse_devices(text) == ["MTL0"]
+    assert parse_devices("Available devices:\n  CUDA0: NVIDIA H100 80GB HBM3 (81079 MiB, 80534 MiB free)\n") == ["CUDA0"]
+
+
+def test_metal_false_on_a_mac_means_cpu_only(write_profile, caps: Capabilities) -> None:
+    mac = Capabilities(caps.binary, caps.version, caps.flags, caps.value_flags, caps.env_vars, True, ("MTL0",))
+    argv = build_argv(load_profile(write_profile(n_gpu_layers="all", metal=False)), mac, RunSettings("all", 1024), 1)
+    assert _tail(argv)[:6] == ["--ctx-size", "1024", "--n-gpu-layers", "0", "--device", "none"]
+    argv = build_argv(load_profile(write_profile(n_gpu_layers="all")), mac, RunSettings("all", 1024), 1)
+    assert "--device" not in argv and "--metal" not in argv
+
+
+def test_metal_true_with_a_binary_built_without_metal(write_profile, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from supervisor.profile import ProfileError
+    from supervisor.reload import load_checked
+
+    monkeypatch.setattr(sys, "platform", "darwin")  # as on a Mac, with this CPU-only build
+    path = write_profile(metal=True)
+    with pytest.raises(ProfileError) as exc:
+        load_checked(path)
+    assert exc.value.problems[0][0] == "metal"
+    assert "built without Metal" in exc.value.problems[0][1] and "--backend metal" in exc.value.problems[0][1]
