@@ -69,6 +69,14 @@ def _rewrite(doc: dict[str, Any], policy: ImagePolicy, hosts: frozenset[str], fo
     return json.dumps(new if new is not None else doc).encode(), stats
 
 
+def _has_image(doc: dict[str, Any]) -> bool:
+    for msg in doc.get("messages") or ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            return True
+    return False
+
+
 def route_label(path: str) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
@@ -149,9 +157,14 @@ class Proxy:
         try:
             if path == PREDICT:
                 doc = predict_to_chat(doc)
-            if path == PREDICT or (path in CHAT_ROUTES and (b"image_url" in body or
-                                                           self.runner.loaded.profile.images.keep_last_turns)):
-                policy = self.runner.loaded.profile.images
+            profile = self.runner.loaded.profile
+            chat = path == PREDICT or path in CHAT_ROUTES
+            if profile.mmproj is None and chat and (path == PREDICT or b"image_url" in body) and _has_image(doc):
+                # llama-server would answer 500 ("image input is not supported"): it is the client's request.
+                raise RequestRejected(400, f"profile '{profile.name}' has no vision projector (mmproj): "
+                                           "this model does not take images")
+            if path == PREDICT or (path in CHAT_ROUTES and (b"image_url" in body or profile.images.keep_last_turns)):
+                policy = profile.images
                 new, stats = await asyncio.to_thread(_rewrite, doc, policy, self.remote_hosts, path == PREDICT)
                 if stats.images:
                     self.metrics.images.inc(stats.images)

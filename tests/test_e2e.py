@@ -128,3 +128,16 @@ async def test_wrong_method_on_own_route_is_json(tmp_path: Path, write_profile) 
         r = await c.get("/admin/restart")
         assert r.status_code == 405 and r.json()["error"]["code"] == 405
         assert (await c.head("/health")).status_code in (200, 503)
+
+
+async def test_image_to_a_text_only_profile_is_a_400(tmp_path: Path, write_profile) -> None:
+    img = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    async with running(tmp_path, write_profile(name="textonly")) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [img]}]})
+        assert r.status_code == 400 and "no vision projector" in r.json()["error"]["message"]
+        r = await c.post("/predict", json={"prompt": "x", "images": ["iVBORw0KGgo="]})
+        assert r.status_code == 400 and "textonly" in r.json()["error"]["message"]
+        r = await c.post("/predict", json={"prompt": "say hi", "max_tokens": 2})
+        assert r.status_code == 200 and "response" in r.json()
