@@ -226,13 +226,15 @@ def main() -> None:
         result["largest_fitting"] = max(fits) if fits else None
         save()
         runs = []
-        for name, layers, est in (("estimate on", 99, True), ("estimate off", 99, False), ("auto", "auto", True)):
-            profile = args.work / f"profile-{name.replace(' ', '-')}.yaml"
+        scenarios = (("99, estimate on", 99, True), ("99, estimate off", 99, False), ("auto", "auto", True),
+                     ("12, estimate off", 12, False), ("13, estimate off", 13, False))
+        for name, layers, est in scenarios:
+            profile = args.work / f"profile-{len(runs)}.yaml"
             profile.write_text(
                 f"name: proof\nbinary: {binary}\nmodel: {model}\nn_gpu_layers: {layers}\nctx_size: 4096\n"
                 "min_ctx_size: 1024\ncache_ram_mib: 0\nparallel: 1\n")
             r = run_supervisor(profile, args.work / f"state-{len(runs)}", est)
-            r["name"] = name
+            r["name"], r["asked"] = name, layers
             runs.append(r)
             log(f"{name}: {r}")
             result["runs"] = runs
@@ -249,8 +251,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for r in result["runs"]:
-        ask = "auto" if r["name"] == "auto" else f"99, {r['name']}"
-        lines.append(f"| {ask} | {' → '.join(map(str, r['layers_tried']))} | {', '.join(r['causes']) or '—'} | "
+        lines.append(f"| {r['name']} | {' → '.join(map(str, r['layers_tried']))} | {', '.join(r['causes']) or '—'} | "
                      f"{r['outcome']} | {r['seconds_to_ready']} |")
     md = "\n".join(lines)
     (args.out / "proof.md").write_text(md + "\n")
