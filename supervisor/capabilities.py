@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 from dataclasses import dataclass
@@ -91,6 +90,3 @@ def probe(binary: str) -> Capabilities:
     _cache[key] = caps
     return caps
 
-
-async def probe_async(binary: str) -> Capabilities:
-    return await asyncio.to_thread(probe, binary)

@@ -80,9 +80,3 @@ def snapshot() -> list[GpuInfo]:
         out.append(GpuInfo(i, name, mem.total / mib, mem.used / mib, mem.free / mib, util, temp, procs))
     return out
 
-
-def free_vram_mib(index: int = 0) -> float | None:
-    for g in snapshot():
-        if g.index == index:
-            return g.memory_free_mib
-    return None
