@@ -104,12 +104,39 @@ class Reloader:
             await asyncio.sleep(0.05)
 
     async def watch(self) -> None:
-        """Watch the profile's folder (atomic saves replace the file) and the settings file."""
-        def relevant(_change: watchfiles.Change, p: str) -> bool:
-            return Path(p).name in {self.path.name} | ({self.settings_file.name} if self.settings_file else set())
+        """Watch the active profile's folder (atomic saves replace the file) and the settings file's.
 
-        dirs = {str(self.path.parent)} | ({str(self.settings_file.parent)} if self.settings_file else set())
+        When the settings file switches to a profile in another folder, the watch moves with it: the new
+        watcher starts before the old one stops, then one reload catches whatever changed in between.
+        """
+        current: asyncio.Task[None] | None = None
+        try:
+            while True:
+                moved = asyncio.Event()
+                task = asyncio.ensure_future(self._watch_folders(self.path.parent, moved))
+                await asyncio.sleep(0)  # lets the new watcher start before the old one goes
+                if current is not None:
+                    current.cancel()
+                    await asyncio.gather(current, return_exceptions=True)
+                    await self.reload("watch moved")
+                current = task
+                await moved.wait()
+        finally:
+            if current is not None:
+                current.cancel()
+                await asyncio.gather(current, return_exceptions=True)
+
+    async def _watch_folders(self, folder: Path, moved: asyncio.Event) -> None:
+        dirs = {str(folder)} | ({str(self.settings_file.parent)} if self.settings_file else set())
+        log.debug("watching", dirs=sorted(dirs))
+
+        def relevant(_change: watchfiles.Change, p: str) -> bool:
+            names = {self.path.name} | ({self.settings_file.name} if self.settings_file else set())
+            return Path(p).name in names
+
         # A change is acted on once the files have been quiet for debounce_ms: a burst of saves is one reload.
         async for _changes in watchfiles.awatch(*dirs, watch_filter=relevant, debounce=max(1600, 4 * self.debounce_ms),
                                                  step=self.debounce_ms, recursive=False):
             await self.reload("file change")
+            if self.path.parent != folder:
+                moved.set()

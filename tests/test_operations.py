@@ -95,7 +95,11 @@ async def test_reload_bad_edit_keeps_serving_good_edit_restarts(tmp_path: Path, 
 
 async def test_switching_the_active_profile_in_the_settings_file(tmp_path: Path, write_profile,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    first, second = write_profile(name="first"), write_profile(name="second", ctx_size=2048)
+    first = write_profile(name="first")
+    elsewhere = tmp_path / "profiles"
+    elsewhere.mkdir()
+    second = elsewhere / "second.yaml"
+    write_profile(name="second", ctx_size=2048).rename(second)
     settings = tmp_path / "supervisor.yaml"
     settings.write_text(f"profile: {first}\n")
     monkeypatch.setenv("LLAMA_SUPERVISOR_CONFIG", str(settings))
@@ -105,6 +109,9 @@ async def test_switching_the_active_profile_in_the_settings_file(tmp_path: Path,
         settings.write_text(f"profile: {second}\n")
         await wait_for(lambda: d.runner.ready and d.runner.loaded.profile.name == "second", what="switched")
         assert "2048" in d.runner.argv
+        # The watch followed the active profile into its folder: an edit there is picked up too.
+        second.write_text(second.read_text().replace("ctx_size: 2048", "ctx_size: 3072"))
+        await wait_for(lambda: d.runner.ready and "3072" in d.runner.argv, what="edit in the new folder")
 
 
 async def test_burst_of_saves_gives_one_restart(tmp_path: Path, write_profile) -> None:
