@@ -88,8 +88,6 @@ class Config(BaseSettings):
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
     log_child_output: bool = True
 
-    _file: Path | None = None
-
     @model_validator(mode="after")
     def _keys_from_files(self) -> Config:
         for attr in ("api_key", "admin_key"):

@@ -118,10 +118,14 @@ def layers_after_oom(fp: Footprint, free_mib: float, tried: int, failed_alloc_mi
     return max(0, min(est, tried - 1))
 
 
+def offloadable(layers: int | str, model_layers: int | None) -> int | None:
+    """How many layers a setting puts on the GPU (the output layer counts as one); None when unknown."""
+    total = model_layers + 1 if model_layers is not None else None
+    if isinstance(layers, int):
+        return min(layers, total) if total is not None else layers
+    return total
+
+
 def requested_offload(layers: int | str, n_layers: int) -> int | None:
     """How many layers a profile value asks for, or None for 'auto' (llama.cpp's own fitting)."""
-    if layers == "auto":
-        return None
-    if layers == "all":
-        return n_layers + 1
-    return min(int(layers), n_layers + 1)
+    return None if layers == "auto" else offloadable(layers, n_layers)

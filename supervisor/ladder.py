@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from .estimate import Footprint, layers_after_oom, mib
+from .estimate import Footprint, layers_after_oom, mib, offloadable
 
 Layers = int | Literal["auto", "all"]
 # Compute buffers and the CUDA context need room beyond the weights: keep this much VRAM spare.
@@ -59,14 +59,6 @@ class Rung:
     reason: str
 
 
-def offloadable(layers: Layers, model_layers: int | None) -> int | None:
-    """How many layers a setting actually puts on the GPU (the output layer counts as one)."""
-    total = model_layers + 1 if model_layers is not None else None
-    if isinstance(layers, int):
-        return min(layers, total) if total is not None else layers
-    return total
-
-
 def estimate_layers(n_tried: int, ev: Evidence) -> int | None:
     """Layers that should fit, from the failed allocation for `n_tried` layers and the free VRAM."""
     if ev.alloc_mib is None or ev.free_vram_mib is None or n_tried <= 0 or ev.alloc_mib <= 0:
@@ -81,13 +73,12 @@ def next_rung(cur: RunSettings, ev: Evidence, *, min_ctx: int, has_mmproj: bool)
     if not cur.cpu_only:
         n = offloadable(cur.n_gpu_layers, ev.model_layers)
         if n is not None and n > 1:
-            est = estimate_layers(n, ev)
             if ev.footprint is not None and ev.free_vram_mib is not None:
                 new = layers_after_oom(ev.footprint, ev.free_vram_mib, n, ev.alloc_mib, compute=ev.compute,
                                        mmproj_offload=cur.mmproj_offload)
                 how = (f"estimate: ~{mib(ev.footprint.mean_layer_mib)} MiB a layer, {ev.free_vram_mib:.0f} MiB free"
                        + (f", {ev.alloc_mib:.0f} MiB compute buffer failed" if ev.compute and ev.alloc_mib else ""))
-            elif est is not None:
+            elif (est := estimate_layers(n, ev)) is not None:
                 new, how = min(est, n - 1), (
                     f"estimate: {ev.alloc_mib:.0f} MiB failed for {n} layers, {ev.free_vram_mib:.0f} MiB free"
                 )

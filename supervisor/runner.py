@@ -11,7 +11,6 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -96,7 +95,6 @@ class Runner:
         self._timers: list[asyncio.TimerHandle] = []
         # Probes and warmup keep no idle connection: it would pin one of llama-server's HTTP threads (see proxy.py).
         self.http = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0))
-        self._listeners: list[Callable[[Machine, Machine], None]] = []
 
     # ---- the one place where lifecycle state changes ----------------------------------------
 
@@ -118,8 +116,6 @@ class Runner:
         else:
             self._ready.clear()
         self.notifier.send(*self._notify_fields(new))
-        for fn in self._listeners:
-            fn(old, new)
 
     def _notify_fields(self, m: Machine) -> list[str]:
         words = {State.STARTING: "loading model", State.WARMING: "warming up", State.READY: "ready",
@@ -134,9 +130,6 @@ class Runner:
             # Tell systemd a model load may take a while, so the start timeout does not fire.
             fields.append(f"EXTEND_TIMEOUT_USEC={int(self.cfg.load_stall_s * 2e6)}")
         return fields
-
-    def on_state_change(self, fn: Callable[[Machine, Machine], None]) -> None:
-        self._listeners.append(fn)
 
     def _perform(self, a: Action) -> None:
         match a:
@@ -154,7 +147,7 @@ class Runner:
                     delay, lambda: self.dispatch(event(time.monotonic(), gen)))
                 self._timers = [t for t in self._timers if not t.cancelled()] + [handle]
             case Remember(settings=settings):
-                self._task(asyncio.to_thread(self.memory.save, self.memory_key(), settings, self.loaded.profile.name))
+                self._task(asyncio.to_thread(self._remember, settings))
             case Finished():
                 self.finished.set()
 
@@ -171,12 +164,22 @@ class Runner:
     # ---- effects ----------------------------------------------------------------------------
 
     def memory_key(self) -> str:
+        """Blocking (stats the model and binary files): call from a worker thread."""
         p = self.loaded.profile
         return memory.key_for(p.name, p.model, self.loaded.caps.binary)
 
+    def _remember(self, settings: RunSettings) -> None:
+        self.memory.save(self.memory_key(), settings, self.loaded.profile.name)
+
+    def _recall(self) -> RunSettings | None:
+        return self.memory.load(self.memory_key())
+
+    def _forget(self) -> None:
+        self.memory.forget(self.memory_key())
+
     async def start(self) -> None:
         p = self.loaded.profile
-        learned = await asyncio.to_thread(self.memory.load, self.memory_key())
+        learned = await asyncio.to_thread(self._recall)
         self.model_layers = await asyncio.to_thread(block_count, p.model)
         base = base_settings(p)
         first, why = learned, None
@@ -364,7 +367,7 @@ class Runner:
 
     def restart(self, reason: str, *, reset: bool = False, base: RunSettings | None = None) -> None:
         if reset:
-            self._task(asyncio.to_thread(self.memory.forget, self.memory_key()))
+            self._task(asyncio.to_thread(self._forget))
         self.dispatch(RestartRequested(time.monotonic(), reason, base=base, reset=reset))
 
     def replace_profile(self, loaded: Loaded) -> None:
