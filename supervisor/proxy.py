@@ -19,6 +19,7 @@ import structlog
 from .images import ImageError, Stats, chat_to_predict, predict_to_chat, rewrite_chat
 from .profile import ImagePolicy
 from .runner import Runner
+from .upstream import AsyncioBackend
 
 log = structlog.get_logger("proxy")
 Scope = MutableMapping[str, Any]
@@ -91,8 +92,9 @@ class Proxy:
         # Keep few idle connections, and not for long: every idle keep-alive connection pins one of
         # llama-server's fixed HTTP threads (parallel + 4 of them) until its 5 s keep-alive timeout, and a
         # new connection that finds them all pinned waits for that timeout (measured: 5 s stalls).
+        # The network layer is our asyncio one (see upstream.py): cheaper per streamed token.
         self.pool = httpcore.AsyncConnectionPool(max_connections=512, max_keepalive_connections=KEEPALIVE_IDLE,
-                                                 keepalive_expiry=4.0)
+                                                 keepalive_expiry=4.0, network_backend=AsyncioBackend())
 
     async def aclose(self) -> None:
         await self.pool.aclose()
