@@ -16,7 +16,6 @@ from typing import Any
 
 import httpcore
 
-READ_LIMIT = 1 << 20
 FLUSH_SIZE = 256 * 1024
 
 
@@ -83,7 +82,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
                           ) -> httpcore.AsyncNetworkStream:
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port, limit=READ_LIMIT)
+                reader, writer = await asyncio.open_connection(host, port)
         except TimeoutError as exc:
             raise httpcore.ConnectTimeout(str(exc)) from exc
         except OSError as exc:
