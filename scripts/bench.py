@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -105,6 +106,12 @@ class Supervisor:
             self.proc.kill()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def write_profile(path: Path, binary: str, model: Path, mmproj: Path | None = None, **extra: Any) -> Path:
     lines = ["name: bench", f"binary: {binary}", f"model: {model}", "n_gpu_layers: 0",
              "cache_ram_mib: 0"]
@@ -122,13 +129,8 @@ class Nginx:
     """Debian's nginx in front of the same llama-server (proxy_buffering off), to show where a C proxy stands."""
 
     def __init__(self, upstream: str, tmp: Path) -> None:
-        import shutil
-        import socket
-
         self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         d = tmp / "nginx"
         d.mkdir(exist_ok=True)
         up = upstream.removeprefix("http://")
@@ -261,7 +263,7 @@ async def p2_streaming(through: str, direct: str, rounds: int, clients: int = 16
 def p3_cold_start(binary: str, model: Path, profile: Path, tmp: Path, n: int) -> dict[str, Any]:
     bare, sup_ready, sup_warm, sup_health = [], [], [], []
     for i in range(n):
-        port = 19300 + i
+        port = free_port()
         t = time.perf_counter()
         proc = subprocess.Popen([binary, "--model", str(model), "--port", str(port), "--ctx-size", "4096",
                                  "--n-gpu-layers", "0", "--cache-ram", "0"], stdout=subprocess.DEVNULL,
