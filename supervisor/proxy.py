@@ -17,7 +17,8 @@ import httpcore
 import structlog
 
 from .images import ImageError, Stats, chat_to_predict, predict_to_chat, rewrite_chat
-from .profile import ImagePolicy
+from .lifecycle import Machine
+from .profile import ImagePolicy, Profile
 from .runner import Runner
 from .upstream import AsyncioBackend
 
@@ -59,6 +60,28 @@ async def send_simple(send: Send, status: int, headers: list[tuple[bytes, bytes]
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def context_hint(data: bytes, profile: Profile, m: Machine) -> bytes:
+    """llama-server's 'exceeds the available context size' says 'try increasing it'; the operator also needs
+    the size in force (the out-of-memory ladder may have lowered it) and which profile knobs bear on it."""
+    try:
+        doc = json.loads(data)
+        err = doc["error"]
+        ctx = f"ctx_size {m.effective.ctx_size}"
+        if m.effective.ctx_size != m.base.ctx_size:
+            ctx += f" (lowered from {m.base.ctx_size}: {m.adjustment})"
+        if profile.parallel and profile.parallel > 1:
+            ctx += f" shared by {profile.parallel} parallel slots"
+        policy = profile.images
+        kept = [f"the last {policy.keep_last_images} images"] if policy.keep_last_images is not None else []
+        kept += [f"the last {policy.keep_last_turns} turns"] if policy.keep_last_turns else []
+        err["message"] = (f"{err['message']}. Profile '{profile.name}' runs with {ctx}"
+                          + (f"; the proxy keeps {' and '.join(kept)}" if kept else "")
+                          + ": shorten the conversation, or raise ctx_size or set images.keep_last_turns in the profile")
+        return json.dumps(doc).encode()
+    except (ValueError, KeyError, TypeError):
+        return data  # not the shape we know: llama-server's answer goes through as it is
 
 
 def _rewrite(doc: dict[str, Any], policy: ImagePolicy, hosts: frozenset[str], force: bool
@@ -283,6 +306,8 @@ class Proxy:
                     data = json.dumps(chat_to_predict(json.loads(data))).encode()
                     headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
                     headers.append((b"content-type", b"application/json"))
+            elif code == 400 and b"exceed_context_size_error" in data:
+                data = context_hint(data, self.runner.loaded.profile, self.runner.machine)
             await send_simple(send, code, headers + [(b"content-length", str(len(data)).encode())], data)
             return
         await send({"type": "http.response.start", "status": code, "headers": headers})

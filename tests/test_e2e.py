@@ -141,3 +141,23 @@ async def test_image_to_a_text_only_profile_is_a_400(tmp_path: Path, write_profi
         assert r.status_code == 400 and "textonly" in r.json()["error"]["message"]
         r = await c.post("/predict", json={"prompt": "say hi", "max_tokens": 2})
         assert r.status_code == 200 and "response" in r.json()
+
+
+async def test_a_conversation_over_the_context_is_a_400_and_the_child_keeps_serving(tmp_path: Path,
+                                                                                   write_profile) -> None:
+    async with running(tmp_path, write_profile(name="small", ctx_size=512)) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        pid = d.runner.child.pid
+        long = {"messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 4}
+        for body in (long, {**long, "stream": True}):
+            r = await c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["type"] == "exceed_context_size_error" and err["n_ctx"] == 256  # per slot
+            # llama-server's own words, then what the operator can change in which profile.
+            assert "exceeds the available context size" in err["message"]
+            assert "Profile 'small' runs with ctx_size 512 shared by 2 parallel slots; the proxy keeps the last 3 images" in err["message"]
+        r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200
+        assert d.runner.ready and d.runner.child.pid == pid and d.runner.machine.restarts == 0

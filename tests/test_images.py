@@ -1,9 +1,10 @@
-"""Image preprocessing and the context policy, as units (Pillow only, no server)."""
+"""Image preprocessing and the context policy, as units (no server)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 
 import pytest
 from PIL import Image
@@ -11,7 +12,10 @@ from PIL import Image
 from supervisor.images import (
     OMITTED, ImageError, chat_to_predict, decode_image_url, predict_to_chat, process_image, rewrite_chat,
 )
-from supervisor.profile import ImagePolicy
+from supervisor.ladder import RunSettings
+from supervisor.lifecycle import initial
+from supervisor.profile import ImagePolicy, load_profile
+from supervisor.proxy import context_hint
 
 POLICY = ImagePolicy()
 
@@ -130,3 +134,18 @@ def test_predict_translation() -> None:
         predict_to_chat({"images": []})
     resp = {"choices": [{"message": {"content": "a cat"}, "finish_reason": "stop"}], "model": "m", "usage": {}}
     assert chat_to_predict(resp) == {"response": "a cat", "finish_reason": "stop", "model": "m", "usage": {}}
+
+
+def test_context_hint_names_the_size_in_force_and_the_knobs(write_profile) -> None:
+    answer = json.dumps({"error": {"code": 400, "message": "request (3018 tokens) exceeds the available context size "
+                                   "(1024 tokens), try increasing it", "type": "exceed_context_size_error",
+                                   "n_prompt_tokens": 3018, "n_ctx": 1024}}).encode()
+    profile = load_profile(write_profile(name="vl", ctx_size=8192, parallel=1, images={"keep_last_turns": 4}))
+    lowered = initial(RunSettings(99, 8192), RunSettings(0, 4096), "context: halved after oom_load")
+    err = json.loads(context_hint(answer, profile, lowered))["error"]
+    assert err["message"] == (
+        "request (3018 tokens) exceeds the available context size (1024 tokens), try increasing it. Profile 'vl' runs "
+        "with ctx_size 4096 (lowered from 8192: context: halved after oom_load); the proxy keeps the last 3 images and "
+        "the last 4 turns: shorten the conversation, or raise ctx_size or set images.keep_last_turns in the profile")
+    assert err["n_ctx"] == 1024 and err["type"] == "exceed_context_size_error"  # the rest is llama-server's, intact
+    assert context_hint(b"not json", profile, lowered) == b"not json"
