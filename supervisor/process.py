@@ -40,6 +40,7 @@ class Child:
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.last_output = time.monotonic()
         self.signalled = False
+        self.printed = asyncio.Event()  # set on every log line and when a pipe closes: readiness looks then
         self._on_line = on_line
         self._echo = echo
         self._drains = [
@@ -56,12 +57,14 @@ class Child:
             except ValueError:  # a line longer than the stream limit: take what is buffered
                 raw = await stream.read(65536)
             if not raw:
+                self.printed.set()
                 return
             line = raw.decode("utf-8", "replace").rstrip()
             if not line:
                 continue
             self.tail.append(line)
             self.last_output = time.monotonic()
+            self.printed.set()
             if self._echo:
                 log.info("child_output", stream=name, pid=self.pid, line=line)
             if self._on_line is not None:

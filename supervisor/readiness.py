@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import time
 
@@ -12,6 +13,8 @@ import httpx
 from .images import process_image
 from .process import Child
 from .profile import ImagePolicy
+
+MIN_POLL_GAP_S = 0.003
 
 
 class NotReady(Exception):
@@ -24,11 +27,18 @@ async def wait_healthy(client: httpx.AsyncClient, base_url: str, child: Child, *
 
     llama-server answers 503 while it loads; a big model can take minutes, so the deadline is a
     stall deadline: it moves forward whenever the child prints something, and `max_s` caps the total.
+    Between polls it also listens: llama-server logs "model loaded" the moment it is ready, so a new log
+    line brings the next poll forward instead of waiting out an interval that has grown to `max_interval_s`.
     """
     t0 = time.monotonic()
+    last_poll = t0 - MIN_POLL_GAP_S
     while True:
+        # A burst of log lines (tensor loading) must not become a burst of probes.
+        await asyncio.sleep(max(0.0, last_poll + MIN_POLL_GAP_S - time.monotonic()))
         if child.returncode is not None:
             raise NotReady(f"exited with code {child.returncode} while loading")
+        child.printed.clear()
+        last_poll = time.monotonic()
         try:
             r = await client.get(f"{base_url}/health", timeout=2.0)
             if r.status_code == 200:
@@ -40,7 +50,9 @@ async def wait_healthy(client: httpx.AsyncClient, base_url: str, child: Child, *
             raise NotReady(f"not healthy after {max_s:.0f}s")
         if now - max(t0, child.last_output) > stall_s:
             raise NotReady(f"no /health 200 and no output for {stall_s:.0f}s while loading")
-        await asyncio.sleep(interval_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval_s):
+                await child.printed.wait()
         # Small models are up in tens of milliseconds, big ones take minutes: poll fast first, then back off.
         interval_s = min(max_interval_s, interval_s * 1.5)
 
