@@ -78,7 +78,8 @@ def context_hint(data: bytes, profile: Profile, m: Machine) -> bytes:
         kept += [f"the last {policy.keep_last_turns} turns"] if policy.keep_last_turns else []
         err["message"] = (f"{err['message']}. Profile '{profile.name}' runs with {ctx}"
                           + (f"; the proxy keeps {' and '.join(kept)}" if kept else "")
-                          + ": shorten the conversation, or raise ctx_size or set images.keep_last_turns in the profile")
+                          + ": shorten the conversation, or raise ctx_size"
+                          + (" in the profile" if policy.keep_last_turns else " or set images.keep_last_turns in the profile"))
         return json.dumps(doc).encode()
     except (ValueError, KeyError, TypeError):
         return data  # not the shape we know: llama-server's answer goes through as it is

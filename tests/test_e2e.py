@@ -158,6 +158,7 @@ async def test_a_conversation_over_the_context_is_a_400_and_the_child_keeps_serv
             # llama-server's own words, then what the operator can change in which profile.
             assert "exceeds the available context size" in err["message"]
             assert "Profile 'small' runs with ctx_size 512 shared by 2 parallel slots; the proxy keeps the last 3 images" in err["message"]
+            assert err["message"].endswith("or set images.keep_last_turns in the profile")  # not set in this profile
         r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert r.status_code == 200
         assert d.runner.ready and d.runner.child.pid == pid and d.runner.machine.restarts == 0

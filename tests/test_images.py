@@ -146,6 +146,6 @@ def test_context_hint_names_the_size_in_force_and_the_knobs(write_profile) -> No
     assert err["message"] == (
         "request (3018 tokens) exceeds the available context size (1024 tokens), try increasing it. Profile 'vl' runs "
         "with ctx_size 4096 (lowered from 8192: context: halved after oom_load); the proxy keeps the last 3 images and "
-        "the last 4 turns: shorten the conversation, or raise ctx_size or set images.keep_last_turns in the profile")
+        "the last 4 turns: shorten the conversation, or raise ctx_size in the profile")
     assert err["n_ctx"] == 1024 and err["type"] == "exceed_context_size_error"  # the rest is llama-server's, intact
     assert context_hint(b"not json", profile, lowered) == b"not json"
