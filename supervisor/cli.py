@@ -92,10 +92,10 @@ def _loop_factory() -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .child.runner import base_settings
+    from .core.command import build_argv
     from .profile import ProfileError
     from .reload import load_checked
-    from .runner import base_settings
-    from .command import build_argv
 
     try:
         loaded = load_checked(Path(args.profile))
@@ -117,12 +117,14 @@ def _check(args: argparse.Namespace) -> int:
 
 def _estimate_line(p: Any) -> str:
     """What the VRAM estimate would decide for this profile on this machine."""
-    from . import estimate, gpu
+    from .core import estimate
+    from .host import gpu
+    from .host.gguf import footprint
 
     gpus = gpu.snapshot()
     if not gpus:
         return f"VRAM estimate: no GPU information ({gpu.unavailable_reason()})"
-    fp = estimate.footprint(p.model, p.ctx_size, p.cache_type_k, p.cache_type_v, p.mmproj)
+    fp = footprint(p.model, p.ctx_size, p.cache_type_k, p.cache_type_v, p.mmproj)
     est = estimate.fit_layers(fp, gpus[0].memory_free_mib)
     asked = estimate.requested_offload(p.n_gpu_layers, fp.n_layers)
     verdict = ("llama.cpp fits 'auto' itself" if asked is None else

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .lifecycle import State
+from .core.lifecycle import State
 
 NS = "llama_supervisor"
 disable_created_metrics()  # the *_created series only add noise to every scrape

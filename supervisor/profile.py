@@ -12,7 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-GGUF_MAGIC = b"GGUF"
+from .core.command import RESERVED_FLAGS  # the command builder owns these flags
+from .host.gguf import check_gguf
+
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -103,8 +105,6 @@ class Profile(BaseModel):
     @field_validator("extra_args")
     @classmethod
     def _no_reserved_flags(cls, v: list[str]) -> list[str]:
-        from .command import RESERVED_FLAGS  # the command builder owns these flags
-
         for arg in v:
             flag = arg.split("=", 1)[0]
             if flag in RESERVED_FLAGS:
@@ -129,20 +129,6 @@ def resolve_binary(value: str) -> Path | None:
         return p if p.is_file() else None
     found = shutil.which(value)
     return Path(found) if found else None
-
-
-def check_gguf(path: Path) -> None:
-    if not path.exists():
-        raise ValueError(f"file not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"not a file: {path}")
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
-    if magic != GGUF_MAGIC:
-        raise ValueError(f"not a GGUF file (magic bytes {magic!r}, expected b'GGUF'): {path}")
 
 
 def _expand(value: Any, problems: list[tuple[str, str]], where: str) -> Any:

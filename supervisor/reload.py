@@ -14,10 +14,10 @@ from typing import Any
 import structlog
 import watchfiles
 
-from .capabilities import CapabilityError, probe
-from .command import CommandError, build_argv, child_env
+from .child.probe import CapabilityError, probe
+from .child.runner import Loaded, Runner, base_settings
+from .core.command import CommandError, build_argv, child_env
 from .profile import ProfileError, load_profile
-from .runner import Loaded, Runner, base_settings
 
 log = structlog.get_logger("reload")
 

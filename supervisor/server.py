@@ -13,12 +13,12 @@ import structlog
 import uvicorn
 
 from . import status
-from .api import App
+from .child.runner import Runner
 from .config import Config
-from .proxy import Proxy
 from .reload import Reloader, load_checked
-from .runner import Runner
 from .sdnotify import Notifier
+from .web.app import App
+from .web.proxy import Proxy
 
 log = structlog.get_logger("server")
 

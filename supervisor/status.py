@@ -10,10 +10,11 @@ from typing import Any
 
 import psutil
 
-from . import __version__, gpu
-from .command import redact
-from .crash import signal_name
-from .runner import Runner
+from . import __version__
+from .child.runner import Runner
+from .core.command import redact
+from .core.crash import signal_name
+from .host import gpu
 
 LOG_TAIL = 40
 _procs: dict[int, psutil.Process] = {}

@@ -18,7 +18,6 @@ import build_llama_server  # noqa: E402
 import tiny_gguf  # noqa: E402
 
 
-
 @pytest.fixture(scope="session")
 def llama_server() -> str:
     """The real llama-server. Missing is a failure, never a skip: CI must exercise the real thing."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.capabilities import Capabilities, parse_help, probe
-from supervisor.command import CommandError, build_argv, check_extra_args, child_env
-from supervisor.ladder import RunSettings
+from supervisor.child.probe import probe
+from supervisor.core.capabilities import Capabilities, parse_help
+from supervisor.core.command import CommandError, build_argv, check_extra_args, child_env
+from supervisor.core.ladder import RunSettings
 from supervisor.profile import load_profile
 
 
@@ -119,7 +120,7 @@ def test_parse_help_layout() -> None:
 
 
 def test_devices_from_list_devices(caps: Capabilities) -> None:
-    from supervisor.capabilities import parse_devices
+    from supervisor.core.capabilities import parse_devices
 
     assert caps.devices == ()  # this CPU build: "Available devices: (none)"
     text = "Available devices:\n  MTL0: Apple M2 Pro (21845 MiB, 21845 MiB free)\n  BLAS: Accelerate\n"

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from supervisor.crash import FATAL_WHILE_RUNNING, Cause, Exit, classify
+from supervisor.core.crash import FATAL_WHILE_RUNNING, Cause, Exit, classify
 
 CUDA_LOAD_OOM = (
     "llama_model_load_from_file_impl: using device CUDA0 (NVIDIA H100 80GB HBM3) - 5632 MiB free",

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import psutil
-
 from support import running, wait_for
 
 

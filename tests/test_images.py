@@ -9,13 +9,12 @@ import json
 import pytest
 from PIL import Image
 
-from supervisor.images import (
-    OMITTED, ImageError, chat_to_predict, decode_image_url, predict_to_chat, process_image, rewrite_chat,
-)
-from supervisor.ladder import RunSettings
-from supervisor.lifecycle import initial
+from supervisor.core.ladder import RunSettings
+from supervisor.core.lifecycle import initial
 from supervisor.profile import ImagePolicy, load_profile
-from supervisor.proxy import context_hint
+from supervisor.web.images import OMITTED, ImageError, decode_image_url, process_image, rewrite_chat
+from supervisor.web.predict import chat_to_predict, predict_to_chat
+from supervisor.web.proxy import context_hint
 
 POLICY = ImagePolicy()
 

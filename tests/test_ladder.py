@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from supervisor.ladder import Evidence, RunSettings, estimate_layers, next_rung
+from supervisor.core.ladder import Evidence, RunSettings, estimate_layers, next_rung
 
 
 def walk(start: RunSettings, ev: Evidence, *, min_ctx: int = 1024, has_mmproj: bool = True) -> list[tuple[str, RunSettings]]:

@@ -8,11 +8,29 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.crash import Cause, Verdict
-from supervisor.ladder import Evidence, RunSettings
-from supervisor.lifecycle import (
-    BackoffElapsed, ChildExited, Finished, Healthy, Kill, Machine, Policy, Remember, RestartRequested, SetTimer,
-    Spawn, StableElapsed, Start, State, StopRequested, Unresponsive, WarmedUp, Warmup, backoff_delay, initial,
+from supervisor.core.crash import Cause, Verdict
+from supervisor.core.ladder import Evidence, RunSettings
+from supervisor.core.lifecycle import (
+    BackoffElapsed,
+    ChildExited,
+    Finished,
+    Healthy,
+    Kill,
+    Machine,
+    Policy,
+    Remember,
+    RestartRequested,
+    SetTimer,
+    Spawn,
+    StableElapsed,
+    Start,
+    State,
+    StopRequested,
+    Unresponsive,
+    WarmedUp,
+    Warmup,
+    backoff_delay,
+    initial,
     transition,
 )
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from support import running, wait_for
 
 from supervisor.config import ConfigError, load_config
 from supervisor.sdnotify import Notifier
-from support import running, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "ignore_eos": True}
 

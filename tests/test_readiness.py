@@ -10,7 +10,7 @@ import httpx
 import pytest
 import respx
 
-from supervisor.readiness import NotReady, wait_healthy
+from supervisor.child.readiness import NotReady, wait_healthy
 
 URL = "http://127.0.0.1:9"
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from doubles.oom_llama_server import write_double
 from support import running, wait_for
-from supervisor.lifecycle import Spawn
-from supervisor.proxy import KEEPALIVE_IDLE
+
+from supervisor.core.lifecycle import Spawn
+from supervisor.web.proxy import KEEPALIVE_IDLE
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 

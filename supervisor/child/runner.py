@@ -19,23 +19,43 @@ from typing import Any
 import httpx
 import structlog
 
-from . import estimate, gpu, memory
-from .capabilities import Capabilities
-from .command import CommandError, build_argv, child_env, redact
-from .config import Config
-from .crash import FATAL_WHILE_RUNNING, OOM_CAUSES, Cause, Exit, Verdict, classify
-from .ladder import Evidence, RunSettings
-from .lifecycle import (
-    Action, BackoffElapsed, ChildExited, Event, Finished, Healthy, Kill, Machine, Policy, Remember,
-    RestartRequested, SetTimer, Spawn, StableElapsed, Start, State, StopRequested, Unresponsive, WarmedUp, Warmup,
-    initial, transition,
+from ..config import Config
+from ..core import estimate
+from ..core.capabilities import Capabilities
+from ..core.command import CommandError, build_argv, child_env, redact
+from ..core.crash import FATAL_WHILE_RUNNING, OOM_CAUSES, Cause, Exit, Verdict, classify
+from ..core.ladder import Evidence, RunSettings
+from ..core.lifecycle import (
+    Action,
+    BackoffElapsed,
+    ChildExited,
+    Event,
+    Finished,
+    Healthy,
+    Kill,
+    Machine,
+    Policy,
+    Remember,
+    RestartRequested,
+    SetTimer,
+    Spawn,
+    StableElapsed,
+    Start,
+    State,
+    StopRequested,
+    Unresponsive,
+    WarmedUp,
+    Warmup,
+    initial,
+    transition,
 )
-from .metrics import Metrics
-from .modelinfo import block_count
+from ..host import gpu, memory
+from ..host.gguf import block_count, footprint
+from ..metrics import Metrics
+from ..profile import Profile
+from ..sdnotify import Notifier
 from .process import Child, oom_kill_count, spawn
-from .profile import Profile
 from .readiness import NotReady, wait_healthy, warmup
-from .sdnotify import Notifier
 
 log = structlog.get_logger("supervisor")
 
@@ -194,7 +214,7 @@ class Runner:
     async def _footprint(self, ctx_size: int) -> estimate.Footprint | None:
         p = self.loaded.profile
         try:
-            return await asyncio.to_thread(estimate.footprint, p.model, ctx_size, p.cache_type_k, p.cache_type_v,
+            return await asyncio.to_thread(footprint, p.model, ctx_size, p.cache_type_k, p.cache_type_v,
                                            p.mmproj)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("footprint_unavailable", error=repr(exc))

@@ -16,10 +16,11 @@ from typing import Any
 import httpcore
 import structlog
 
-from .images import ImageError, Stats, chat_to_predict, predict_to_chat, rewrite_chat
-from .lifecycle import Machine
-from .profile import ImagePolicy, Profile
-from .runner import Runner
+from ..child.runner import Runner
+from ..core.lifecycle import Machine
+from ..profile import ImagePolicy, Profile
+from .images import ImageError, Stats, rewrite_chat
+from .predict import chat_to_predict, predict_to_chat
 from .upstream import AsyncioBackend
 
 log = structlog.get_logger("proxy")

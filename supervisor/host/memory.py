@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .ladder import RunSettings
+from ..core.ladder import RunSettings
 
 FILE_NAME = "learned-settings.json"
 

@@ -10,9 +10,9 @@ import time
 
 import httpx
 
-from .images import process_image
+from ..profile import ImagePolicy
+from ..web.images import process_image
 from .process import Child
-from .profile import ImagePolicy
 
 MIN_POLL_GAP_S = 0.003
 

@@ -1,22 +1,15 @@
-"""What the installed llama-server really accepts, read from the binary itself (--help, --version)."""
+"""What a llama-server binary accepts, parsed from its own --help and --list-devices text. Pure: no I/O."""
 
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 _ALIAS = re.compile(r"(?:^|,\s*)(-{1,2}[A-Za-z0-9][\w.-]*)")
 _ENV = re.compile(r"\(env: (LLAMA_[A-Z0-9_]+)\)")
-_VERSION = re.compile(r"version: (\S+) \(build (\d+), commit (\w+)\)")
 _DEVICE = re.compile(r"^\s+([A-Za-z]+\d+): ", re.M)
 # The help's first column (the flags) is padded to this width; longer specs sit alone on their line.
 _SPEC_WIDTH = 40
-
-
-class CapabilityError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -59,34 +52,3 @@ def parse_help(text: str) -> tuple[set[str], set[str], set[str], bool]:
 def parse_devices(text: str) -> list[str]:
     """Device names from `--list-devices` ("  CUDA0: NVIDIA H100 ...", "  MTL0: Apple M2 ...")."""
     return _DEVICE.findall(text)
-
-
-def _run(binary: str, arg: str) -> str:
-    try:
-        cp = subprocess.run([binary, arg], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CapabilityError(f"cannot run {binary} {arg}: {exc}") from exc
-    return cp.stdout + cp.stderr
-
-
-_cache: dict[tuple[str, int, int], Capabilities] = {}
-
-
-def probe(binary: str) -> Capabilities:
-    """Blocking; cached per (path, mtime, size) so a rebuilt binary is probed again."""
-    st = Path(binary).stat()
-    key = (str(binary), st.st_mtime_ns, st.st_size)
-    if key in _cache:
-        return _cache[key]
-    help_text = _run(binary, "--help")
-    flags, value_flags, envs, ngl_auto = parse_help(help_text)
-    if "--model" not in flags:
-        raise CapabilityError(f"{binary} does not look like llama-server: its --help lists no --model flag")
-    m = _VERSION.search(_run(binary, "--version"))
-    version = f"{m.group(1)} (build {m.group(2)}, commit {m.group(3)})" if m else "unknown"
-    devices = tuple(parse_devices(_run(binary, "--list-devices"))) if "--list-devices" in flags else ()
-    caps = Capabilities(str(binary), version, frozenset(flags), frozenset(value_flags), frozenset(envs), ngl_auto,
-                        devices)
-    _cache[key] = caps
-    return caps
-

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .profile import ImagePolicy
+from ..profile import ImagePolicy
 
 SUPPORTED = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
              "BMP": "image/bmp", "MPO": "image/jpeg", "TIFF": "image/tiff"}
@@ -35,7 +35,6 @@ class ImageError(Exception):
 @dataclass
 class Stats:
     images: int = 0
-    resized: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     dropped: int = 0  # messages and image parts removed by the context policy
@@ -158,7 +157,6 @@ def rewrite_chat(doc: dict[str, Any], policy: ImagePolicy, remote_hosts: frozens
         stats.images += 1
         stats.bytes_in += len(data)
         stats.bytes_out += len(out)
-        stats.resized += int(resized)
         if resized or not url.startswith("data:"):
             part["image_url"] = {**(ref if isinstance(ref, dict) else {}),
                                  "url": f"data:{mime};base64," + base64.b64encode(out).decode()}
@@ -166,30 +164,3 @@ def rewrite_chat(doc: dict[str, Any], policy: ImagePolicy, remote_hosts: frozens
     if not changed:
         return None, stats
     return {**doc, "messages": [out_msgs[i] for i in kept]}, stats
-
-
-def predict_to_chat(doc: dict[str, Any]) -> dict[str, Any]:
-    """The seed guide's `/predict` body ({"prompt", "images": [base64...]}) as a chat completion request."""
-    prompt = doc.get("prompt")
-    if not isinstance(prompt, str):
-        raise ImageError(400, "predict: 'prompt' must be a string")
-    images = doc.get("images") or []
-    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-        raise ImageError(400, "predict: 'images' must be a list of base64 strings")
-    content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
-    for img in images:
-        url = img if img.startswith(("data:", "http://", "https://")) else "data:image/jpeg;base64," + img
-        content.append({"type": "image_url", "image_url": {"url": url}})
-    chat: dict[str, Any] = {"messages": [{"role": "user", "content": content}], "stream": False}
-    for key in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"):
-        if key in doc:
-            chat[key] = doc[key]
-    if "n_predict" in doc and "max_tokens" not in doc:
-        chat["max_tokens"] = doc["n_predict"]
-    return chat
-
-
-def chat_to_predict(resp: dict[str, Any]) -> dict[str, Any]:
-    choice = (resp.get("choices") or [{}])[0]
-    return {"response": (choice.get("message") or {}).get("content", ""), "finish_reason": choice.get("finish_reason"),
-            "model": resp.get("model"), "usage": resp.get("usage")}

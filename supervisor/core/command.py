@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from .capabilities import Capabilities
 from .ladder import RunSettings
-from .profile import Profile
+
+if TYPE_CHECKING:  # the schema only: core imports nothing outside core at run time
+    from ..profile import Profile
 
 CHILD_HOST = "127.0.0.1"
 

@@ -1,4 +1,4 @@
-"""How many layers fit in free VRAM, from the model's GGUF metadata (memory-mapped, no weights loaded).
+"""How many layers fit in free VRAM, from a model's footprint (host/gguf.py reads it). Pure: no I/O.
 
 llama.cpp offloads the last N repeating blocks, and the output layer as one more when N exceeds the
 block count. Each offloaded block costs its weights plus its share of the KV cache; compute buffers and
@@ -7,9 +7,7 @@ the CUDA context need room beyond that, which is what the reserve is for.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 MIB = 1024 * 1024
 # Bytes per element of the KV cache types llama-server accepts.
@@ -18,7 +16,6 @@ CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 
 # Room for compute buffers and the CUDA context, beyond weights and KV cache.
 RESERVE_MIB = 768.0
 RESERVE_FRACTION = 0.05
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -53,42 +50,6 @@ class Estimate:
 
 def mib(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
-
-
-def footprint(model: Path, ctx_size: int, cache_type_k: str | None = None, cache_type_v: str | None = None,
-              mmproj: Path | None = None) -> Footprint:
-    """Blocking (reads the GGUF header and tensor table): call through asyncio.to_thread."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(model))
-
-    def field(name: str, default: int | None = None) -> int:
-        f = reader.get_field(name)
-        value = f.contents() if f is not None else default
-        if not isinstance(value, int):
-            raise ValueError(f"{model}: GGUF field {name} missing or not an integer")
-        return value
-
-    arch_field = reader.get_field("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else "llama"
-    n_layers = field(f"{arch}.block_count")
-    n_embd = field(f"{arch}.embedding_length")
-    n_head = field(f"{arch}.attention.head_count", 1)
-    n_head_kv = field(f"{arch}.attention.head_count_kv", n_head)
-    k_len = field(f"{arch}.attention.key_length", n_embd // n_head)
-    v_len = field(f"{arch}.attention.value_length", n_embd // n_head)
-
-    blocks = [0.0] * n_layers
-    output = 0.0
-    for t in reader.tensors:
-        m = _BLOCK.match(t.name)
-        if m and int(m.group(1)) < n_layers:
-            blocks[int(m.group(1))] += int(t.n_bytes) / MIB
-        elif t.name.startswith(("output.", "output_norm.")):
-            output += int(t.n_bytes) / MIB
-    kv = ctx_size * n_head_kv * (k_len * CACHE_BYTES[cache_type_k or "f16"] + v_len * CACHE_BYTES[cache_type_v or "f16"])
-    mm = mmproj.stat().st_size / MIB if mmproj is not None else 0.0
-    return Footprint(n_layers, tuple(blocks), output, kv / MIB, mm)
 
 
 def fit_layers(fp: Footprint, free_mib: float, *, mmproj_offload: bool = True,

@@ -1,0 +1,46 @@
+"""Ask the installed llama-server what it accepts (--help, --version, --list-devices): blocking subprocess calls."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from ..core.capabilities import Capabilities, parse_devices, parse_help
+
+_VERSION = re.compile(r"version: (\S+) \(build (\d+), commit (\w+)\)")
+
+
+class CapabilityError(Exception):
+    pass
+
+
+def _run(binary: str, arg: str) -> str:
+    try:
+        cp = subprocess.run([binary, arg], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CapabilityError(f"cannot run {binary} {arg}: {exc}") from exc
+    return cp.stdout + cp.stderr
+
+
+_cache: dict[tuple[str, int, int], Capabilities] = {}
+
+
+def probe(binary: str) -> Capabilities:
+    """Blocking; cached per (path, mtime, size) so a rebuilt binary is probed again."""
+    st = Path(binary).stat()
+    key = (str(binary), st.st_mtime_ns, st.st_size)
+    if key in _cache:
+        return _cache[key]
+    help_text = _run(binary, "--help")
+    flags, value_flags, envs, ngl_auto = parse_help(help_text)
+    if "--model" not in flags:
+        raise CapabilityError(f"{binary} does not look like llama-server: its --help lists no --model flag")
+    m = _VERSION.search(_run(binary, "--version"))
+    version = f"{m.group(1)} (build {m.group(2)}, commit {m.group(3)})" if m else "unknown"
+    devices = tuple(parse_devices(_run(binary, "--list-devices"))) if "--list-devices" in flags else ()
+    caps = Capabilities(str(binary), version, frozenset(flags), frozenset(value_flags), frozenset(envs), ngl_auto,
+                        devices)
+    _cache[key] = caps
+    return caps
+
