@@ -17,6 +17,7 @@ Environment:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shlex
 import shutil
@@ -133,7 +134,14 @@ def resolve(backend: str, jobs: int, source: Path | None = None) -> Path:
     target = cached_binary(backend)
     if os.access(target, os.X_OK):
         return target
-    return build(backend, jobs, source)
+    # Two setups at once (parallel checkouts, CI next to a developer) must not build into one cache twice:
+    # the second waits for the first, then finds the binary.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.access(target, os.X_OK):
+            return target
+        return build(backend, jobs, source)
 
 
 def main() -> None:
