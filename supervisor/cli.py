@@ -92,10 +92,9 @@ def _loop_factory() -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .child.runner import base_settings
     from .core.command import build_argv
+    from .loading import base_settings, load_checked
     from .profile import ProfileError
-    from .reload import load_checked
 
     try:
         loaded = load_checked(Path(args.profile))

@@ -1,4 +1,4 @@
-"""Loading a profile for real use (schema + binary + argv check) and reloading it when it changes.
+"""Reloading the active profile when it changes (file watch, SIGHUP, /admin/reload).
 
 A bad edit never replaces a working setup: the error is logged and shown in /status until a good
 edit clears it. A good edit restarts the child only when its command line or environment changes.
@@ -7,44 +7,17 @@ edit clears it. A good edit restarts the child only when its command line or env
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
 import structlog
 import watchfiles
 
-from .child.probe import CapabilityError, probe
-from .child.runner import Loaded, Runner, base_settings
-from .core.command import CommandError, build_argv, child_env
-from .profile import ProfileError, load_profile
+from .child.runner import Runner
+from .loading import child_identity, load_checked
+from .profile import ProfileError
 
 log = structlog.get_logger("reload")
-
-
-def load_checked(path: Path) -> Loaded:
-    """Validate a profile against the binary it names. Blocking; raises ProfileError naming file and field."""
-    profile = load_profile(path)
-    try:
-        caps = probe(profile.binary)
-    except (CapabilityError, OSError) as exc:
-        raise ProfileError(path, [("binary", str(exc))]) from None
-    if profile.metal and not any(d.startswith("MTL") for d in caps.devices):
-        found = ", ".join(caps.devices) or "none"
-        raise ProfileError(path, [("metal", f"metal: true, but {caps.binary} has no Metal device (--list-devices: "
-                                            f"{found}): it was built without Metal; rebuild it with "
-                                            "scripts/build_llama_server.py --backend metal")])
-    try:
-        build_argv(profile, caps, base_settings(profile), 0)
-    except CommandError as exc:
-        field, _, msg = str(exc).partition(": ")
-        raise ProfileError(path, [(field, msg)]) from None
-    return Loaded(path, profile, caps)
-
-
-def _child_identity(loaded: Loaded) -> tuple[list[str], dict[str, str]]:
-    argv = build_argv(loaded.profile, loaded.caps, base_settings(loaded.profile), 0)
-    return argv, child_env(os.environ, loaded.profile)
 
 
 class Reloader:
@@ -82,9 +55,9 @@ class Reloader:
             r.metrics.reloads.labels("invalid").inc()
             log.error("reload_rejected", source=source, file=exc.path, errors=exc.problems,
                       keeping=str(r.loaded.path))
-            return {"ok": False, "restarted": False, "error": exc.as_dict()}
+            return {"ok": False, "restarted": False, "error": {"message": str(exc), **exc.as_dict()}}
         r.last_reload_error = None
-        changed = _child_identity(loaded) != _child_identity(r.loaded) or path != r.loaded.path
+        changed = child_identity(loaded) != child_identity(r.loaded) or path != r.loaded.path
         if not changed:
             r.loaded = loaded  # supervisor-side settings (images, warmup) apply at once
             r.metrics.reloads.labels("unchanged").inc()

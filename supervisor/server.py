@@ -15,7 +15,8 @@ import uvicorn
 from . import status
 from .child.runner import Runner
 from .config import Config
-from .reload import Reloader, load_checked
+from .loading import load_checked
+from .reload import Reloader
 from .sdnotify import Notifier
 from .web.app import App
 from .web.proxy import Proxy

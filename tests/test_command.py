@@ -140,7 +140,7 @@ def test_metal_true_with_a_binary_built_without_metal(write_profile, monkeypatch
     import sys
 
     from supervisor.profile import ProfileError
-    from supervisor.reload import load_checked
+    from supervisor.loading import load_checked
 
     monkeypatch.setattr(sys, "platform", "darwin")  # as on a Mac, with this CPU-only build
     path = write_profile(metal=True)

@@ -11,9 +11,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +19,6 @@ import structlog
 
 from ..config import Config
 from ..core import estimate
-from ..core.capabilities import Capabilities
 from ..core.command import CommandError, build_argv, child_env, redact
 from ..core.crash import FATAL_WHILE_RUNNING, OOM_CAUSES, Cause, Exit, Verdict, classify
 from ..core.ladder import Evidence, RunSettings
@@ -34,7 +31,6 @@ from ..core.lifecycle import (
     Healthy,
     Kill,
     Machine,
-    Policy,
     Remember,
     RestartRequested,
     SetTimer,
@@ -51,8 +47,8 @@ from ..core.lifecycle import (
 )
 from ..host import gpu, memory
 from ..host.gguf import block_count, footprint
+from ..loading import Loaded, base_settings, policy_for
 from ..metrics import Metrics
-from ..profile import Profile
 from ..sdnotify import Notifier
 from .process import Child, oom_kill_count, spawn
 from .readiness import NotReady, wait_healthy, warmup
@@ -60,29 +56,10 @@ from .readiness import NotReady, wait_healthy, warmup
 log = structlog.get_logger("supervisor")
 
 
-def base_settings(p: Profile) -> RunSettings:
-    return RunSettings(n_gpu_layers=p.n_gpu_layers, ctx_size=p.ctx_size)
-
-
-def policy_for(cfg: Config, p: Profile) -> Policy:
-    return Policy(backoff_base_s=cfg.backoff_base_s, backoff_cap_s=cfg.backoff_cap_s, stable_s=cfg.stable_s,
-                  breaker_failures=cfg.breaker_failures, breaker_window_s=cfg.breaker_window_s,
-                  min_ctx=min(p.min_ctx_size, p.ctx_size), has_mmproj=p.mmproj is not None)
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@dataclass
-class Loaded:
-    """A validated profile together with what is needed to run it."""
-
-    path: Path
-    profile: Profile
-    caps: Capabilities
 
 
 class Runner:

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 from typing import Any
 
+import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -15,7 +16,8 @@ from starlette.routing import Route
 
 from .. import status
 from ..child.runner import Runner
-from .proxy import Proxy, Receive, Scope, Send, json_error, send_simple
+from .errors import Receive, Scope, Send, error_doc, error_response, json_error, send_simple
+from .proxy import Proxy
 
 OWN_PATHS = frozenset({"/health", "/status", "/metrics", "/child/metrics", "/admin/restart", "/admin/reload"})
 ADMIN_PATHS = frozenset({"/status", "/metrics", "/child/metrics", "/admin/restart", "/admin/reload"})
@@ -24,9 +26,13 @@ ADMIN_PATHS = frozenset({"/status", "/metrics", "/child/metrics", "/admin/restar
 async def _json_http_error(request: Request, exc: Exception) -> Response:
     """404/405 on the supervisor's own routes as JSON, like every other error it returns."""
     assert isinstance(exc, HTTPException)
-    return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {exc.detail}",
-                                   "type": "invalid_request_error", "code": exc.status_code}},
-                        status_code=exc.status_code, headers=exc.headers)
+    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                          "invalid_request_error", exc.headers)
+
+
+async def _json_server_error(request: Request, exc: Exception) -> Response:
+    """A bug in one of the supervisor's own routes: still JSON (Starlette then logs the exception)."""
+    return error_response(500, f"supervisor error: {type(exc).__name__}", "server_error")
 
 
 def _presented_key(scope: Scope) -> bytes | None:
@@ -51,7 +57,7 @@ class App:
         cfg = runner.cfg
         self.api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
         self.admin_key = cfg.admin_key.get_secret_value() if cfg.admin_key else None
-        self.own = Starlette(exception_handlers={HTTPException: _json_http_error}, routes=[
+        self.own = Starlette(exception_handlers={HTTPException: _json_http_error, Exception: _json_server_error}, routes=[
             Route("/health", self.health), Route("/status", self.status), Route("/metrics", self.metrics),
             Route("/child/metrics", self.child_metrics), Route("/admin/restart", self.restart, methods=["POST"]),
             Route("/admin/reload", self.do_reload, methods=["POST"]),
@@ -81,7 +87,10 @@ class App:
         m = self.runner.machine
         if self.runner.ready:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": m.state.value, "reason": m.reason or None}, status_code=503,
+        # Load balancers read the status code; "status" and "reason" are for people and scripts.
+        doc = error_doc(503, f"llama-server is {m.state.value}" + (f": {m.reason}" if m.reason else ""),
+                        "unavailable_error")
+        return JSONResponse({"status": m.state.value, "reason": m.reason or None, **doc}, status_code=503,
                             headers={"Retry-After": "5"})
 
     async def status(self, request: Request) -> Response:
@@ -96,8 +105,11 @@ class App:
         """llama-server's own Prometheus metrics (`llamacpp:` prefix), passed through."""
         url = self.runner.child_url
         if url is None:
-            return JSONResponse({"error": {"message": "llama-server is not running", "code": 503}}, status_code=503)
-        r = await self.runner.http.get(f"{url}/metrics")
+            return error_response(503, "llama-server is not running", "unavailable_error", {"Retry-After": "5"})
+        try:
+            r = await self.runner.http.get(f"{url}/metrics")
+        except httpx.HTTPError as exc:
+            return error_response(502, f"llama-server did not answer: {type(exc).__name__}", "server_error")
         return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
 
     async def restart(self, request: Request) -> Response:
@@ -107,6 +119,11 @@ class App:
 
     async def do_reload(self, request: Request) -> Response:
         if self.reload is None:
-            return JSONResponse({"error": {"message": "reload is not available", "code": 501}}, status_code=501)
+            return error_response(501, "reload is not available", "not_supported_error")
         outcome = await self.reload.reload("api")
-        return JSONResponse(outcome, status_code=200 if outcome["ok"] else 422)
+        if outcome["ok"]:
+            return JSONResponse(outcome)
+        # A rejected profile: OpenAI's error shape, plus the file and the per-field errors; "ok" stays for scripts.
+        err = outcome["error"]
+        doc = error_doc(422, err["message"], "invalid_request_error", file=err["file"], errors=err["errors"])
+        return JSONResponse({**outcome, **doc}, status_code=422)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import httpcore
@@ -19,14 +18,12 @@ import structlog
 from ..child.runner import Runner
 from ..core.lifecycle import Machine
 from ..profile import ImagePolicy, Profile
+from .errors import Receive, Scope, Send, error_doc, json_error, send_simple
 from .images import ImageError, Stats, rewrite_chat
 from .predict import chat_to_predict, predict_to_chat
 from .upstream import AsyncioBackend
 
 log = structlog.get_logger("proxy")
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
@@ -44,18 +41,6 @@ RETRYABLE = (httpcore.ConnectError, httpcore.RemoteProtocolError, httpcore.ReadE
 UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 TIMEOUTS = {"connect": 5.0, "read": None, "write": 60.0, "pool": None}
 KEEPALIVE_IDLE = 4  # within llama-server's "+4" spare HTTP threads
-
-
-def json_error(status: int, message: str, kind: str, headers: list[tuple[bytes, bytes]] | None = None
-               ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
-    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    return status, hdrs + (headers or []), body
-
-
-async def send_simple(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -322,8 +307,8 @@ class Proxy:
                     self._count_tokens(chunk)
         except UPSTREAM_ERRORS as exc:
             m = self.runner.machine
-            err = {"error": {"message": f"llama-server stream was cut ({type(exc).__name__}); state: {m.state.value}",
-                             "type": "server_error", "code": 502}}
+            err = error_doc(502, f"llama-server stream was cut ({type(exc).__name__}); state: {m.state.value}",
+                            "server_error")
             await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n",
                         "more_body": True})
             status[0] = 502

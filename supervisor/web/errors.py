@@ -1,0 +1,37 @@
+"""The one shape of every error the supervisor itself makes: OpenAI's `{"error": {"message", "type", "code"}}`,
+so the official clients raise a readable APIError from it. llama-server's own errors pass through unchanged."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+
+def error_doc(status: int, message: str, kind: str, **extra: Any) -> dict[str, Any]:
+    """`extra` adds fields inside "error" (e.g. a reload's file and per-field errors)."""
+    return {"error": {"message": message, "type": kind, "code": status, **extra}}
+
+
+def json_error(status: int, message: str, kind: str, headers: Headers | None = None) -> tuple[int, Headers, bytes]:
+    """(status, headers, body) for `send_simple`: the proxy's hot path answers in raw ASGI."""
+    body = json.dumps(error_doc(status, message, kind)).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return status, hdrs + (headers or []), body
+
+
+def error_response(status: int, message: str, kind: str, headers: Mapping[str, str] | None = None) -> Response:
+    """The same error as a Starlette response, for the supervisor's own routes."""
+    return JSONResponse(error_doc(status, message, kind), status_code=status, headers=headers)
+
+
+async def send_simple(send: Send, status: int, headers: Headers, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
