@@ -75,6 +75,9 @@ class Config(BaseSettings):
     queue_max: int = Field(64, ge=0)
     queue_wait_s: float = Field(120.0, ge=0)
     drain_s: float = Field(30.0, ge=0)
+    # several models (every profile in profiles_dir): residency
+    memory_budget_mib: int | None = Field(None, gt=0)  # host RAM all children together may use (None: no budget)
+    swap_pass_over_s: float = Field(5.0, ge=0)  # how long requests for an unloaded model let loaded ones go first
     # request limits
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     remote_image_hosts: list[str] = []  # hosts llama-server may fetch image URLs from (empty: none)

@@ -69,6 +69,23 @@ class Profile(BaseModel):
     env: dict[str, str] = {}
     warmup: bool = True
     images: ImagePolicy = Field(default_factory=lambda: ImagePolicy.model_validate({}))
+    # Several profiles on one box (profiles_dir): other names for this model, and what stays loaded.
+    aliases: list[str] = []
+    pinned: bool = False  # never unloaded to make room (loaded at start)
+    ttl_s: float = Field(0.0, ge=0, description="unload after this many idle seconds; 0: never")
+    preload: bool = False  # load at start, not on the first request
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for a in v:
+            if not a.strip() or a != a.strip():
+                raise ValueError(f"alias {a!r}: must be a non-empty name without surrounding spaces")
+            if a in seen:
+                raise ValueError(f"alias '{a}' is listed twice")
+            seen.add(a)
+        return v
 
     @field_validator("n_gpu_layers")
     @classmethod
@@ -120,6 +137,11 @@ class Profile(BaseModel):
             )
         if self.min_ctx_size > self.ctx_size:
             raise ValueError(f"min_ctx_size ({self.min_ctx_size}) is larger than ctx_size ({self.ctx_size})")
+        if self.name in self.aliases:
+            raise ValueError(f"aliases: '{self.name}' is the profile's name already")
+        if self.pinned and self.ttl_s:
+            raise ValueError(f"pinned: true and ttl_s: {self.ttl_s:g} contradict each other: a pinned model is "
+                             "never unloaded; drop one of them")
         return self
 
 

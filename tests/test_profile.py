@@ -19,6 +19,12 @@ def _problems(path: Path) -> list[tuple[str, str]]:
 def test_valid_profile_with_defaults(write_profile) -> None:
     p = load_profile(write_profile(n_gpu_layers="all", flash_attn=True))
     assert p.n_gpu_layers == "all" and p.flash_attn == "on" and p.cache_ram_mib == 0
+    assert p.aliases == [] and not p.pinned and p.ttl_s == 0 and not p.preload
+
+
+def test_residency_fields(write_profile) -> None:
+    p = load_profile(write_profile(aliases=["small", "fast"], ttl_s=300, preload=True))
+    assert p.aliases == ["small", "fast"] and p.ttl_s == 300 and p.preload and not p.pinned
 
 
 @pytest.mark.parametrize(
@@ -35,6 +41,14 @@ def test_valid_profile_with_defaults(write_profile) -> None:
         ({"extra_args": ["--port", "9"]}, "extra_args", "set by the supervisor"),
         ({"min_ctx_size": 4096, "ctx_size": 1024}, "", "min_ctx_size"),
         ({"cache_type_k": "q3"}, "cache_type_k", "q8_0"),
+        ({"aliases": ["a", "a"]}, "aliases", "listed twice"),
+        ({"aliases": [" a"]}, "aliases", "without surrounding spaces"),
+        ({"aliases": ["test"]}, "", "'test' is the profile's name already"),
+        ({"aliases": "small"}, "aliases", "valid list"),
+        ({"ttl_s": -1}, "ttl_s", "greater than or equal to 0"),
+        ({"pinned": True, "ttl_s": 60}, "", "a pinned model is never unloaded"),
+        ({"pinned": "maybe"}, "pinned", "valid boolean"),
+        ({"preload": "later"}, "preload", "valid boolean"),
     ],
 )
 def test_bad_fields_are_named(write_profile, fields: dict, field: str, fragment: str) -> None:

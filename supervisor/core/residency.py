@@ -1,0 +1,227 @@
+"""Which models stay loaded: decide(view, rules, now) → actions. Pure: no I/O, no clock.
+
+The pool describes the box as data — every model with its state, what it needs (measured once it ran,
+estimated before), its requests in flight, pinned/ttl and when it was last used; the free memory per GPU
+and the host RAM budget; the groups of requests waiting for a model that is not loaded — and carries out
+the actions this returns. The rules:
+
+- a model that fits next to the loaded ones is loaded; otherwise idle, unpinned models are unloaded in
+  least-recently-used order until it fits;
+- a model with requests in flight is never unloaded: it is drained first (new requests for it wait), and
+  only once the group that needs the room has been passed over for `pass_over_s`; until then requests for
+  loaded models proceed and the waiting group waits (this is what stops two models from thrashing: every
+  request that arrived for the unloaded model is served by the one swap);
+- one load at a time, the oldest waiting group first;
+- a model that does not fit in the GPUs even alone still loads once everything else that can go is gone:
+  the out-of-memory ladder fits it; one that cannot fit the host RAM budget even alone is refused;
+- after an out-of-memory exit, idle others are unloaded and the same settings tried again (`after_oom`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ModelState(StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"  # a child is starting (or restarting) for it
+    LOADED = "loaded"  # ready, serving
+    DRAINING = "draining"  # going away: no new requests, unloaded once the ones in flight are done
+    FAILED = "failed"  # its lifecycle gave up (crash loop, bad model); an explicit load tries again
+
+
+RESIDENT = frozenset({ModelState.LOADING, ModelState.LOADED, ModelState.DRAINING})
+
+
+@dataclass(frozen=True)
+class Mem:
+    """Memory a model holds or needs: MiB on each GPU (by NVML index) and MiB of host RAM."""
+
+    gpu_mib: tuple[float, ...] = ()
+    host_mib: float = 0.0
+
+    def gpu(self, device: int) -> float:
+        return self.gpu_mib[device] if device < len(self.gpu_mib) else 0.0
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    state: ModelState
+    need: Mem  # measured once the model ran (`measured`), the estimate before
+    measured: bool = False
+    in_flight: int = 0
+    pinned: bool = False
+    ttl_s: float = 0.0  # unload after this idle time; 0: never
+    last_used: float = 0.0  # monotonic time of the last request's end (or of the load)
+    draining_for: str = ""  # why a DRAINING model goes: the reason its unload will carry
+
+
+@dataclass(frozen=True)
+class Demand:
+    """Requests waiting for a model that is not loaded (count 0: a load asked for without a request)."""
+
+    model: str
+    count: int
+    since: float  # when the oldest of them began waiting
+
+
+@dataclass(frozen=True)
+class Room:
+    gpu_free_mib: tuple[float, ...] = ()  # NVML's free memory per GPU now (loaded children already subtracted)
+    host_budget_mib: float | None = None  # memory_budget_mib: host RAM all children together may use
+    host_available_mib: float | None = None  # MemAvailable from /proc/meminfo
+
+
+@dataclass(frozen=True)
+class View:
+    models: tuple[Model, ...]
+    room: Room
+    demands: tuple[Demand, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rules:
+    pass_over_s: float = 5.0  # how long a waiting group may be passed over before busy models are drained
+    wait_s: float = 120.0  # how long a group may wait in all before its requests get a 503
+
+
+# ---- actions ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    model: str
+
+
+@dataclass(frozen=True)
+class Unload:
+    model: str
+    reason: str  # lru | ttl | oom | drain | admin | reload — a metrics label
+    detail: str  # for people
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Stop admitting requests to `model`; it is unloaded (with `reason`) once those in flight are done."""
+
+    model: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    model: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Answer the requests waiting for `model` with a 503 (Retry-After)."""
+
+    model: str
+    detail: str
+
+
+Action = Load | Unload | Drain | Wait | Reject
+
+
+# ---- the decision -------------------------------------------------------------------------------
+
+
+def _resident(models: Iterable[Model], gone: set[str]) -> list[Model]:
+    return [m for m in models if m.state in RESIDENT and m.id not in gone]
+
+
+def gpu_fits(need: Mem, room: Room, freed: Sequence[Model]) -> bool:
+    for d, want in enumerate(need.gpu_mib):
+        if want <= 0 or d >= len(room.gpu_free_mib):
+            continue  # nothing asked on this GPU, or no NVML figure to hold it against
+        if want > room.gpu_free_mib[d] + sum(m.need.gpu(d) for m in freed):
+            return False
+    return True
+
+
+def host_fits(need: Mem, room: Room, resident: Sequence[Model], freed: Sequence[Model]) -> bool:
+    gone = {m.id for m in freed}
+    if room.host_budget_mib is not None:
+        used = sum(m.need.host_mib for m in resident if m.id not in gone)
+        if used + need.host_mib > room.host_budget_mib:
+            return False
+    return room.host_available_mib is None or (
+        need.host_mib <= room.host_available_mib + sum(m.need.host_mib for m in freed))
+
+
+def decide(view: View, rules: Rules, now: float) -> list[Action]:
+    models = {m.id: m for m in view.models}
+    wanted = {d.model for d in view.demands}
+    acts: list[Action] = []
+    gone: set[str] = set()
+    for m in view.models:
+        if m.state is ModelState.DRAINING and m.in_flight == 0:
+            acts.append(Unload(m.id, m.draining_for or "drain", "drained"))
+            gone.add(m.id)
+        elif (m.state is ModelState.LOADED and m.in_flight == 0 and not m.pinned and m.ttl_s > 0
+              and now - m.last_used >= m.ttl_s and m.id not in wanted):
+            acts.append(Unload(m.id, "ttl", f"idle for {now - m.last_used:.0f}s (ttl_s {m.ttl_s:g})"))
+            gone.add(m.id)
+    pending: list[Demand] = []
+    for d in view.demands:
+        target = models.get(d.model)
+        if target is None:
+            acts.append(Reject(d.model, f"model '{d.model}' is no longer offered"))
+        elif target.state is ModelState.FAILED:
+            acts.append(Reject(d.model, f"model '{d.model}' failed to start"))
+        elif now - d.since >= rules.wait_s:
+            acts.append(Reject(d.model, f"waited {now - d.since:.0f}s for memory to load '{d.model}'"))
+        elif target.state is ModelState.UNLOADED:
+            pending.append(d)
+    if not pending or any(m.state is ModelState.LOADING for m in view.models):
+        return acts  # one load at a time: memory figures are in flux while a model loads
+    first = min(pending, key=lambda d: d.since)
+    return acts + _make_room(view, models[first.model], first, rules, now, gone)
+
+
+def _make_room(view: View, target: Model, demand: Demand, rules: Rules, now: float, gone: set[str]) -> list[Action]:
+    room, need = view.room, target.need
+    resident = _resident(view.models, set())
+    freed = [m for m in view.models if m.id in gone]
+    others = [m for m in resident if m.id != target.id and not m.pinned and m.id not in gone]
+    # Cheapest to free first: models already going, then idle ones, then busy ones; least recently used first.
+    draining = [m for m in others if m.state is ModelState.DRAINING]
+    idle = sorted((m for m in others if m.state is ModelState.LOADED and m.in_flight == 0), key=lambda m: m.last_used)
+    busy = sorted((m for m in others if m.state is ModelState.LOADED and m.in_flight > 0), key=lambda m: m.last_used)
+    plan: list[Model] = []
+    for m in draining + idle + busy:
+        if gpu_fits(need, room, freed + plan) and host_fits(need, room, resident, freed + plan):
+            break
+        plan.append(m)
+    if not host_fits(need, room, resident, freed + plan):
+        return [Reject(target.id, f"'{target.id}' needs ~{need.host_mib:.0f} MiB of host RAM: it cannot fit "
+                                  f"memory_budget_mib {room.host_budget_mib:g} even with every unpinned model unloaded"
+                       if room.host_budget_mib is not None else
+                       f"'{target.id}' needs ~{need.host_mib:.0f} MiB of host RAM, more than is available")]
+    # If the GPUs cannot hold it even so, it loads once all of those are gone: the ladder fits it.
+    waiting_on = [m for m in plan if m.state is ModelState.DRAINING or m.in_flight > 0]
+    if not waiting_on:
+        evicted = [Unload(m.id, "lru", f"evicted for '{target.id}' (least recently used, idle)") for m in plan]
+        return [*evicted, Load(target.id)]
+    acts: list[Action] = []
+    names = ", ".join(f"'{m.id}'" for m in waiting_on)
+    if now - demand.since >= rules.pass_over_s:
+        acts += [Drain(m.id, "lru", f"drained for '{target.id}' ({demand.count} waiting "
+                                    f"{now - demand.since:.1f}s)") for m in waiting_on if m.in_flight > 0
+                 and m.state is ModelState.LOADED]
+        return [*acts, Wait(target.id, f"waiting for {names} to finish the requests in flight")]
+    return [Wait(target.id, f"{names} busy; requests for loaded models go first for up to {rules.pass_over_s:g}s")]
+
+
+def after_oom(view: View, model: str) -> list[Unload]:
+    """An out-of-memory exit of `model` while others are loaded: unload the idle, unpinned ones so the same
+    settings can be tried again before the ladder lowers them. Empty: nothing to free, the ladder goes on."""
+    idle = sorted((m for m in view.models if m.id != model and m.state is ModelState.LOADED and m.in_flight == 0
+                   and not m.pinned), key=lambda m: m.last_used)
+    return [Unload(m.id, "oom", f"freed for '{model}' after its out-of-memory exit") for m in idle]
