@@ -3,6 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-# CI must never skip the real-server tests: a missing llama-server fails them instead.
-export LLAMA_SUPERVISOR_REQUIRE_SERVER=1
+# CI must never skip the real-server tests: a missing llama-server fails them (tests/conftest.py, llama_server).
 exec .venv/bin/python -m pytest -n "${TEST_JOBS:-2}" -q "$@"

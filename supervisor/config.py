@@ -14,6 +14,8 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .validation import pydantic_problems
+
 DEFAULT_CONFIG_FILE = Path("/etc/llama-supervisor/supervisor.yaml")
 
 
@@ -137,14 +139,12 @@ def load_config(**overrides: Any) -> Config:
     try:
         cfg = Config(**given)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            field = ".".join(str(p) for p in err["loc"])
-            origin = "command line" if field in given else (
-                f"environment LLAMA_SUPERVISOR_{field.upper()}" if f"LLAMA_SUPERVISOR_{field.upper()}" in os.environ else source)
-            msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            problems.append((field, f"{msg} (from {origin})"))
-        raise ConfigError(source, problems) from None
+        found = []
+        for field, msg in pydantic_problems(exc, unknown="unknown setting"):
+            env = f"LLAMA_SUPERVISOR_{field.upper()}"
+            origin = "command line" if field in given else f"environment {env}" if env in os.environ else source
+            found.append((field, f"{msg} (from {origin})"))
+        raise ConfigError(source, found) from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, [("", f"invalid YAML: {exc}")]) from None
     return cfg

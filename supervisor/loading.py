@@ -45,7 +45,7 @@ def load_checked(path: Path) -> Loaded:
         caps = probe(profile.binary)
     except (CapabilityError, OSError) as exc:
         raise ProfileError(path, [("binary", str(exc))]) from None
-    if profile.metal and not any(d.startswith("MTL") for d in caps.devices):
+    if profile.metal and not caps.has_metal:
         found = ", ".join(caps.devices) or "none"
         raise ProfileError(path, [("metal", f"metal: true, but {caps.binary} has no Metal device (--list-devices: "
                                             f"{found}): it was built without Metal; rebuild it with "

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .core.command import RESERVED_FLAGS  # the command builder owns these flags
 from .host.gguf import check_gguf
+from .validation import pydantic_problems
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -202,20 +203,7 @@ def parse_profile(text: str, path: Path) -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(path, _pydantic_problems(exc)) from None
-
-
-def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
-    out = []
-    for err in exc.errors(include_url=False):
-        # Unions report one error per branch; the field name is what an operator needs.
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("int", "literal", "function")))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        out.append((loc, msg))
-    # Keep one message per field and problem, in order.
-    return list(dict.fromkeys(out))
+        raise ProfileError(path, pydantic_problems(exc)) from None
 
 
 def load_profile(path: Path | str) -> Profile:

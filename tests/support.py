@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -43,8 +42,3 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-def llama_server_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-x", "llama-server"], capture_output=True, text=True).stdout
-    return {int(x) for x in out.split()}

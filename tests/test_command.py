@@ -85,7 +85,7 @@ def test_child_env_is_built_on_purpose(write_profile) -> None:
 
 
 def test_old_binary_without_auto(write_profile, caps: Capabilities) -> None:
-    old = Capabilities(caps.binary, "old", caps.flags, caps.value_flags, caps.env_vars, ngl_auto=False)
+    old = Capabilities(caps.binary, "old", caps.flags, caps.value_flags, ngl_auto=False)
     p = load_profile(write_profile())
     assert "999" in build_argv(p, old, RunSettings("all", 1024), 1)
     with pytest.raises(CommandError, match="auto"):
@@ -99,7 +99,6 @@ def test_capabilities_from_real_binary(caps: Capabilities) -> None:
     assert not caps.has("--metal") and not caps.has("--mlock")
     assert "--ctx-size" in caps.value_flags and "--metrics" not in caps.value_flags
     assert caps.ngl_auto
-    assert "LLAMA_ARG_CTX_SIZE" in caps.env_vars
     assert caps.version != "unknown"
 
 
@@ -112,11 +111,11 @@ def test_parse_help_layout() -> None:
         "--no-webui                              disable\n"
         "-ngl,  --gpu-layers, --n-gpu-layers N   max layers, 'auto', or 'all'\n"
     )
-    flags, value_flags, envs, auto = parse_help(text)
+    flags, value_flags, auto = parse_help(text)
     assert flags == {"-c", "--ctx-size", "-sm", "--split-mode", "--no-webui", "-ngl", "--gpu-layers",
                      "--n-gpu-layers"}
     assert value_flags == flags - {"--no-webui"}
-    assert envs == {"LLAMA_ARG_CTX_SIZE"} and auto
+    assert auto
 
 
 def test_devices_from_list_devices(caps: Capabilities) -> None:
@@ -129,7 +128,7 @@ def test_devices_from_list_devices(caps: Capabilities) -> None:
 
 
 def test_metal_false_on_a_mac_means_cpu_only(write_profile, caps: Capabilities) -> None:
-    mac = Capabilities(caps.binary, caps.version, caps.flags, caps.value_flags, caps.env_vars, True, ("MTL0",))
+    mac = Capabilities(caps.binary, caps.version, caps.flags, caps.value_flags, True, ("MTL0",))
     argv = build_argv(load_profile(write_profile(n_gpu_layers="all", metal=False)), mac, RunSettings("all", 1024), 1)
     assert _tail(argv)[:6] == ["--ctx-size", "1024", "--n-gpu-layers", "0", "--device", "none"]
     argv = build_argv(load_profile(write_profile(n_gpu_layers="all")), mac, RunSettings("all", 1024), 1)
@@ -139,8 +138,8 @@ def test_metal_false_on_a_mac_means_cpu_only(write_profile, caps: Capabilities) 
 def test_metal_true_with_a_binary_built_without_metal(write_profile, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from supervisor.profile import ProfileError
     from supervisor.loading import load_checked
+    from supervisor.profile import ProfileError
 
     monkeypatch.setattr(sys, "platform", "darwin")  # as on a Mac, with this CPU-only build
     path = write_profile(metal=True)

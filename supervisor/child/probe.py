@@ -33,14 +33,13 @@ def probe(binary: str) -> Capabilities:
     if key in _cache:
         return _cache[key]
     help_text = _run(binary, "--help")
-    flags, value_flags, envs, ngl_auto = parse_help(help_text)
+    flags, value_flags, ngl_auto = parse_help(help_text)
     if "--model" not in flags:
         raise CapabilityError(f"{binary} does not look like llama-server: its --help lists no --model flag")
     m = _VERSION.search(_run(binary, "--version"))
     version = f"{m.group(1)} (build {m.group(2)}, commit {m.group(3)})" if m else "unknown"
     devices = tuple(parse_devices(_run(binary, "--list-devices"))) if "--list-devices" in flags else ()
-    caps = Capabilities(str(binary), version, frozenset(flags), frozenset(value_flags), frozenset(envs), ngl_auto,
-                        devices)
+    caps = Capabilities(str(binary), version, frozenset(flags), frozenset(value_flags), ngl_auto, devices)
     _cache[key] = caps
     return caps
 

@@ -31,10 +31,9 @@ def _die_with_parent() -> None:
 class Child:
     """One running llama-server. `on_line` sees every log line (to spot fatal messages)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, argv: Sequence[str],
-                 on_line: Callable[[str], None] | None = None, echo: bool = True) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, on_line: Callable[[str], None] | None = None,
+                 echo: bool = True) -> None:
         self.proc = proc
-        self.argv = list(argv)
         self.pid = proc.pid
         self.started_at = time.time()
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
@@ -143,4 +142,4 @@ async def spawn(argv: Sequence[str], env: dict[str, str], on_line: Callable[[str
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         limit=1 << 20,
     )
-    return Child(proc, argv, on_line, echo)
+    return Child(proc, on_line, echo)

@@ -89,7 +89,7 @@ class Runner:
         self.finished = asyncio.Event()
         self._ready = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: set[asyncio.TimerHandle] = set()  # pending only: a timer removes itself when it fires
         # Probes and warmup keep no idle connection: it would pin one of llama-server's HTTP threads (see proxy.py).
         self.http = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0))
 
@@ -140,9 +140,13 @@ class Runner:
                 event = BackoffElapsed if kind == "backoff" else StableElapsed
                 if kind == "backoff":
                     log.info("backoff", seconds=round(delay, 3), cause=self.machine.reason)
-                handle = asyncio.get_running_loop().call_later(
-                    delay, lambda: self.dispatch(event(time.monotonic(), gen)))
-                self._timers = [t for t in self._timers if not t.cancelled()] + [handle]
+
+                def fire() -> None:
+                    self._timers.discard(handle)
+                    self.dispatch(event(time.monotonic(), gen))
+
+                handle = asyncio.get_running_loop().call_later(delay, fire)
+                self._timers.add(handle)
             case Remember(settings=settings):
                 self._task(asyncio.to_thread(self._remember, settings))
             case Finished():

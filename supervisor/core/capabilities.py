@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 
 _ALIAS = re.compile(r"(?:^|,\s*)(-{1,2}[A-Za-z0-9][\w.-]*)")
-_ENV = re.compile(r"\(env: (LLAMA_[A-Z0-9_]+)\)")
 _DEVICE = re.compile(r"^\s+([A-Za-z]+\d+): ", re.M)
 # The help's first column (the flags) is padded to this width; longer specs sit alone on their line.
 _SPEC_WIDTH = 40
@@ -18,18 +17,20 @@ class Capabilities:
     version: str
     flags: frozenset[str]  # every spelling, e.g. "-c" and "--ctx-size"
     value_flags: frozenset[str]  # flags that take a value
-    env_vars: frozenset[str]
     ngl_auto: bool  # -ngl accepts "auto"/"all" (newer builds)
     devices: tuple[str, ...] = ()  # from --list-devices: "CUDA0", "MTL0", "Vulkan0"... (empty: CPU only)
 
     def has(self, flag: str) -> bool:
         return flag in self.flags
 
+    @property
+    def has_metal(self) -> bool:
+        return any(d.startswith("MTL") for d in self.devices)
 
-def parse_help(text: str) -> tuple[set[str], set[str], set[str], bool]:
+
+def parse_help(text: str) -> tuple[set[str], set[str], bool]:
     flags: set[str] = set()
     value_flags: set[str] = set()
-    envs = set(_ENV.findall(text))
     ngl_auto = False
     current: set[str] = set()
     for line in text.splitlines():
@@ -46,7 +47,7 @@ def parse_help(text: str) -> tuple[set[str], set[str], set[str], bool]:
             line = line[_SPEC_WIDTH:] if fits else ""
         if "--n-gpu-layers" in current and "'auto'" in line:
             ngl_auto = True
-    return flags, value_flags, envs, ngl_auto
+    return flags, value_flags, ngl_auto
 
 
 def parse_devices(text: str) -> list[str]:

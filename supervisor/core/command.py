@@ -95,7 +95,7 @@ def build_argv(profile: Profile, caps: Capabilities, settings: RunSettings, port
     argv = [caps.binary, "--model", str(profile.model), "--host", CHILD_HOST, "--port", str(port),
             "--ctx-size", str(settings.ctx_size)]
     # `metal: false` on a Mac (the binary lists a Metal device) means CPU only: Metal is otherwise the default.
-    metal_off = profile.metal is False and any(d.startswith("MTL") for d in caps.devices)
+    metal_off = profile.metal is False and caps.has_metal
     if settings.cpu_only or metal_off:
         argv += ["--n-gpu-layers", "0"]
         if caps.has("--device"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import signal
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -65,7 +65,6 @@ class Verdict:
     cause: Cause
     detail: str
     alloc_mib: float | None = None  # the failed device allocation, when the log names it
-    evidence: tuple[str, ...] = field(default=())
 
 
 def signal_name(returncode: int | None) -> str | None:
@@ -106,17 +105,17 @@ def classify(ex: Exit) -> Verdict:
     if alloc_line is not None and not _HOST_ALLOC.search(alloc_line):
         loading = _first(_MODEL, lines) is not None or any("failed to create context" in ln for ln in lines)
         cause = Cause.OOM_LOAD if (rc is not None and rc > 0) or loading else Cause.OOM_COMPUTE
-        return Verdict(cause, alloc_line.strip(), alloc_mib, (alloc_line,))
+        return Verdict(cause, alloc_line.strip(), alloc_mib)
     if alloc_line is not None:
-        return Verdict(Cause.OOM_HOST, alloc_line.strip(), None, (alloc_line,))
+        return Verdict(Cause.OOM_HOST, alloc_line.strip())
     if (line := _first(_PORT, lines)) is not None:
-        return Verdict(Cause.PORT_IN_USE, line.strip(), evidence=(line,))
+        return Verdict(Cause.PORT_IN_USE, line.strip())
     if (line := _first(_BAD_ARG, lines)) is not None:
-        return Verdict(Cause.BAD_ARGS, line.strip(), evidence=(line,))
+        return Verdict(Cause.BAD_ARGS, line.strip())
     if (line := _first(_MODEL, lines)) is not None:
         # The most specific line wins: a projector mismatch says more than "failed to load model".
         specific = _first(re.compile(r"mismatch between|invalid magic|failed to open"), lines)
-        return Verdict(Cause.MODEL_ERROR, (specific or line).strip(), evidence=(specific or line,))
+        return Verdict(Cause.MODEL_ERROR, (specific or line).strip())
     if sig is not None:
         return Verdict(Cause.CRASHED, f"killed by {sig}" + (f": {lines[-1].strip()}" if lines else ""))
     last = lines[-1].strip() if lines else "no output"
