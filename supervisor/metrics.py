@@ -74,6 +74,14 @@ class Metrics:
         self.images = Counter(f"{NS}_images_total", "Images checked by the proxy", registry=r)
         self.image_bytes = Counter(f"{NS}_image_bytes_total", "Image bytes before (in) and after (out) the proxy",
                                    ["direction"], registry=r)
+        self.images_dropped = Counter(f"{NS}_images_dropped_total",
+                                      "Images the context guard replaced by a placeholder", registry=r)
+        self.turns_dropped = Counter(f"{NS}_turns_dropped_total", "Conversation turns the context guard left out",
+                                     registry=r)
+        self.context_tokens_saved = Counter(f"{NS}_context_tokens_saved_total",
+                                            "Prompt tokens the context guard's trimming saved", registry=r)
+        self.context_checks = Counter(f"{NS}_context_checks_total", "Chat requests the context guard looked at, "
+                                      "by how it decided", ["outcome"], registry=r)
         self.reloads = Counter(f"{NS}_reloads_total", "Profile reloads by outcome", ["outcome"], registry=r)
 
     def attach_sampler(self, sample: Callable[[], dict[str, Any]]) -> None:

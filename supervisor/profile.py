@@ -46,6 +46,10 @@ class ImagePolicy(BaseModel):
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
     keep_last_images: int | None = Field(3, ge=0)
     keep_last_turns: int | None = Field(None, gt=0)
+    # The context guard: fit every chat request into one slot's context, dropping the oldest images, then the
+    # oldest turns (null: on for profiles with a projector, off for text-only ones).
+    fit_context: bool | None = None
+    reply_tokens: int = Field(512, gt=0, description="room kept for the answer when a request sets no max_tokens")
 
 
 class Profile(BaseModel):

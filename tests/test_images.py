@@ -30,33 +30,34 @@ def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
 
 
 def test_big_photo_is_downscaled_keeping_aspect() -> None:
-    out, mime, changed = process_image(encode(Image.new("RGB", (4000, 3000), "red")), POLICY, "x")
+    out, mime, changed, size = process_image(encode(Image.new("RGB", (4000, 3000), "red")), POLICY, "x")
     assert changed and mime == "image/jpeg"
-    assert Image.open(io.BytesIO(out)).size == (1024, 768)
+    assert Image.open(io.BytesIO(out)).size == size == (1024, 768)
 
 
 def test_short_side_limit_applies_to_portrait() -> None:
-    out, _, _ = process_image(encode(Image.new("RGB", (900, 2400), "red")), POLICY, "x")
-    assert Image.open(io.BytesIO(out)).size == (384, 1024)  # long side bound wins here
+    out, _, _, size = process_image(encode(Image.new("RGB", (900, 2400), "red")), POLICY, "x")
+    assert Image.open(io.BytesIO(out)).size == size == (384, 1024)  # long side bound wins here
 
 
 def test_small_image_is_untouched() -> None:
     data = encode(Image.new("RGB", (640, 480), "blue"))
-    assert process_image(data, POLICY, "x") == (data, "image/jpeg", False)
+    assert process_image(data, POLICY, "x") == (data, "image/jpeg", False, (640, 480))
 
 
 def test_exif_rotation_is_applied() -> None:
     img = Image.new("RGB", (2000, 1000), "green")
     exif = img.getexif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
-    out, _, changed = process_image(encode(img, exif=exif), POLICY, "x")
+    out, _, changed, size = process_image(encode(img, exif=exif), POLICY, "x")
     result = Image.open(io.BytesIO(out))
-    assert changed and result.size == (512, 1024)  # upright: portrait now
+    assert changed and result.size == size == (512, 1024)  # upright: portrait now
     assert result.getexif().get(0x0112, 1) == 1
 
 
 def test_alpha_stays_png() -> None:
-    out, mime, changed = process_image(encode(Image.new("RGBA", (3000, 2000), (1, 2, 3, 100)), "PNG"), POLICY, "x")
+    out, mime, changed, _ = process_image(encode(Image.new("RGBA", (3000, 2000), (1, 2, 3, 100)), "PNG"), POLICY,
+                                          "x")
     assert changed and mime == "image/png" and Image.open(io.BytesIO(out)).mode == "RGBA"
 
 
@@ -100,6 +101,7 @@ def _chat(n_images: int, turns: int = 1) -> dict:
 def test_keep_last_images() -> None:
     new, stats = rewrite_chat(_chat(2, turns=3), ImagePolicy(keep_last_images=3))
     assert new is not None and stats.dropped == 3 and stats.images == 3
+    assert stats.sizes == [(32, 32)] * 3  # the images left, in order: the context guard costs them
     texts = [p for m in new["messages"] if isinstance(m["content"], list) for p in m["content"]]
     assert sum(p.get("text") == OMITTED for p in texts) == 3
     assert sum(p["type"] == "image_url" for p in texts) == 3

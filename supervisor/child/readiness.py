@@ -15,6 +15,7 @@ from ..web.images import process_image
 from .process import Child
 
 MIN_POLL_GAP_S = 0.003
+WARMUP_TEXT = "Describe."
 
 
 class NotReady(Exception):
@@ -71,7 +72,7 @@ def warmup_image(policy: ImagePolicy) -> bytes:
     ImageDraw.Draw(img).rectangle((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(30, 90, 160))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=policy.jpeg_quality)
-    data, _, _ = process_image(buf.getvalue(), policy, "warmup")
+    data, _, _, _ = process_image(buf.getvalue(), policy, "warmup")
     return data
 
 
@@ -83,7 +84,7 @@ async def warmup(client: httpx.AsyncClient, base_url: str, *, image: ImagePolicy
     if image is not None:
         jpeg = await asyncio.to_thread(warmup_image, image)
         url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
-        content = [{"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": {"url": url}}]
+        content = [{"type": "text", "text": WARMUP_TEXT}, {"type": "image_url", "image_url": {"url": url}}]
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0}
     t0 = time.monotonic()
     try:
@@ -93,4 +94,9 @@ async def warmup(client: httpx.AsyncClient, base_url: str, *, image: ImagePolicy
     if r.status_code != 200:
         raise NotReady(f"warmup answered {r.status_code}: {r.text[:300]}")
     size = f"{image.max_long_side}x{image.max_short_side}" if image is not None else None
-    return {"seconds": round(time.monotonic() - t0, 4), "image": image is not None, "image_size": size}
+    try:  # what the warmup cost in context: the context guard learns the full-size image's cost from it
+        prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    except (ValueError, KeyError, TypeError):
+        prompt_tokens = None
+    return {"seconds": round(time.monotonic() - t0, 4), "image": image is not None, "image_size": size,
+            "prompt_tokens": prompt_tokens}

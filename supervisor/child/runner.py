@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -90,6 +91,9 @@ class Runner:
         self._ready = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: set[asyncio.TimerHandle] = set()  # pending only: a timer removes itself when it fires
+        # Awaited after a child's warmup, before it is reported ready (generation, warmup info): the proxy's
+        # context guard learns the child's figures there. A hook handles its own errors.
+        self.after_warmup: list[Callable[[int, dict[str, Any]], Awaitable[None]]] = []
         # Probes and warmup keep no idle connection: it would pin one of llama-server's HTTP threads (see proxy.py).
         self.http = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0))
 
@@ -298,7 +302,7 @@ class Runner:
         p = self.loaded.profile
         if not p.warmup:
             self.warmup = {"skipped": True}
-            self.dispatch(WarmedUp(time.monotonic(), gen))
+            await self._warmed(gen)
             return
         try:
             info = await warmup(self.http, self.child_url or "", image=p.images if p.mmproj is not None else None,
@@ -311,6 +315,11 @@ class Runner:
         eff = self.machine.effective
         self.metrics.gpu_layers.set(eff.n_gpu_layers if isinstance(eff.n_gpu_layers, int) else -1)
         self.metrics.ctx_size.set(eff.ctx_size)
+        await self._warmed(gen)
+
+    async def _warmed(self, gen: int) -> None:
+        for hook in self.after_warmup:
+            await hook(gen, self.warmup or {})
         self.dispatch(WarmedUp(time.monotonic(), gen))
 
     async def _kill(self, gen: int, reason: str) -> None:

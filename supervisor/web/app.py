@@ -94,7 +94,7 @@ class App:
                             headers={"Retry-After": "5"})
 
     async def status(self, request: Request) -> Response:
-        return JSONResponse(await status.build(self.runner))
+        return JSONResponse({**await status.build(self.runner), "context": self.proxy.context.status()})
 
     async def metrics(self, request: Request) -> Response:
         # Collecting reads /proc and NVML: keep it off the event loop.

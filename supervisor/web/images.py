@@ -12,7 +12,7 @@ import binascii
 import copy
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +38,8 @@ class Stats:
     bytes_in: int = 0
     bytes_out: int = 0
     dropped: int = 0  # messages and image parts removed by the context policy
+    # (width, height) of each image left in the request, in order (None: a remote URL, size unknown)
+    sizes: list[tuple[int, int] | None] = field(default_factory=list)
 
 
 def target_size(w: int, h: int, policy: ImagePolicy) -> tuple[int, int]:
@@ -45,8 +47,8 @@ def target_size(w: int, h: int, policy: ImagePolicy) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def process_image(data: bytes, policy: ImagePolicy, where: str) -> tuple[bytes, str, bool]:
-    """Returns (bytes, mime type, changed). Images already within limits and upright are left untouched."""
+def process_image(data: bytes, policy: ImagePolicy, where: str) -> tuple[bytes, str, bool, tuple[int, int]]:
+    """Returns (bytes, mime type, changed, size). Images already within limits and upright are left untouched."""
     # Imported here: Pillow costs memory and start time that a text-only box never needs.
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -66,7 +68,7 @@ def process_image(data: bytes, policy: ImagePolicy, where: str) -> tuple[bytes, 
         tw, th = target_size(w, h, policy)
         if (tw, th) == (w, h) and orientation == 1:
             img.verify()  # cheap integrity check without decoding every pixel into memory twice
-            return data, SUPPORTED[fmt], False
+            return data, SUPPORTED[fmt], False, (w, h)
         if fmt in ("JPEG", "MPO"):
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that is still large enough: much faster.
             img.draft("RGB", (tw, th) if orientation in (1, 2, 3, 4) else (th, tw))
@@ -86,7 +88,7 @@ def process_image(data: bytes, policy: ImagePolicy, where: str) -> tuple[bytes, 
     else:
         img.convert("RGB").save(out, format="JPEG", quality=policy.jpeg_quality)
         mime = "image/jpeg"
-    return out.getvalue(), mime, True
+    return out.getvalue(), mime, True, img.size
 
 
 def decode_image_url(url: str, where: str, remote_hosts: frozenset[str]) -> bytes | None:
@@ -152,8 +154,10 @@ def rewrite_chat(doc: dict[str, Any], policy: ImagePolicy, remote_hosts: frozens
             raise ImageError(400, f"{where}: image_url must be a string or an object with a 'url' string")
         data = decode_image_url(url, where, remote_hosts)
         if data is None:
+            stats.sizes.append(None)
             continue
-        out, mime, resized = process_image(data, policy, where)
+        out, mime, resized, size = process_image(data, policy, where)
+        stats.sizes.append(size)
         stats.images += 1
         stats.bytes_in += len(data)
         stats.bytes_out += len(out)

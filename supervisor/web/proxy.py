@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpcore
@@ -18,6 +19,7 @@ import structlog
 from ..child.runner import Runner
 from ..core.lifecycle import Machine
 from ..profile import ImagePolicy, Profile
+from .context import ContextGuard, ContextRejected, CountError
 from .errors import Receive, Scope, Send, error_doc, json_error, send_simple
 from .images import ImageError, Stats, rewrite_chat
 from .predict import chat_to_predict, predict_to_chat
@@ -41,11 +43,22 @@ RETRYABLE = (httpcore.ConnectError, httpcore.RemoteProtocolError, httpcore.ReadE
 UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 TIMEOUTS = {"connect": 5.0, "read": None, "write": 60.0, "pool": None}
 KEEPALIVE_IDLE = 4  # within llama-server's "+4" spare HTTP threads
+TRIMMED_HEADER = b"x-context-trimmed"  # what the context guard left out: images=N; turns=N; messages=N; tokens=N
 
 
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def ctx_words(profile: Profile, m: Machine) -> str:
+    """The context in force, in words: the out-of-memory ladder may have lowered it, slots share it."""
+    ctx = f"ctx_size {m.effective.ctx_size}"
+    if m.effective.ctx_size != m.base.ctx_size:
+        ctx += f" (lowered from {m.base.ctx_size}: {m.adjustment})"
+    if profile.parallel and profile.parallel > 1:
+        ctx += f" shared by {profile.parallel} parallel slots"
+    return ctx
 
 
 def context_hint(data: bytes, profile: Profile, m: Machine) -> bytes:
@@ -54,11 +67,7 @@ def context_hint(data: bytes, profile: Profile, m: Machine) -> bytes:
     try:
         doc = json.loads(data)
         err = doc["error"]
-        ctx = f"ctx_size {m.effective.ctx_size}"
-        if m.effective.ctx_size != m.base.ctx_size:
-            ctx += f" (lowered from {m.base.ctx_size}: {m.adjustment})"
-        if profile.parallel and profile.parallel > 1:
-            ctx += f" shared by {profile.parallel} parallel slots"
+        ctx = ctx_words(profile, m)
         policy = profile.images
         kept = [f"the last {policy.keep_last_images} images"] if policy.keep_last_images is not None else []
         kept += [f"the last {policy.keep_last_turns} turns"] if policy.keep_last_turns else []
@@ -72,12 +81,13 @@ def context_hint(data: bytes, profile: Profile, m: Machine) -> bytes:
 
 
 def _rewrite(doc: dict[str, Any], policy: ImagePolicy, hosts: frozenset[str], force: bool
-             ) -> tuple[bytes | None, Stats]:
-    """Image policy and serialisation together, in a worker thread: both are CPU work on big bodies."""
+             ) -> tuple[bytes | None, dict[str, Any], Stats]:
+    """Image policy and serialisation together, in a worker thread: both are CPU work on big bodies.
+    Returns (new body or None if unchanged, the document as it will be sent, stats)."""
     new, stats = rewrite_chat(doc, policy, hosts)
     if new is None and not force:
-        return None, stats
-    return json.dumps(new if new is not None else doc).encode(), stats
+        return None, doc, stats
+    return json.dumps(new if new is not None else doc).encode(), new if new is not None else doc, stats
 
 
 def _has_image(doc: dict[str, Any]) -> bool:
@@ -105,6 +115,8 @@ class Proxy:
         # The network layer is our asyncio one (see upstream.py): cheaper per streamed token.
         self.pool = httpcore.AsyncConnectionPool(max_connections=512, max_keepalive_connections=KEEPALIVE_IDLE,
                                                  keepalive_expiry=4.0, network_backend=AsyncioBackend())
+        self.context = ContextGuard(runner, self.pool)
+        runner.after_warmup.append(self.context.after_warmup)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -148,9 +160,10 @@ class Proxy:
             if status[0] == 499:  # nothing was sent yet: the client still gets an answer
                 await send_simple(send, *json_error(500, f"supervisor error: {type(exc).__name__}", "server_error"))
 
-    async def _check_body(self, path: str, body: bytes) -> bytes:
+    async def _check_body(self, path: str, body: bytes) -> tuple[bytes, Chat | None]:
         """Malformed JSON gets a 400 that says what is wrong (llama-server would answer 500); chat requests
-        with images get the image policy; /predict becomes a chat completion."""
+        with images get the image policy; /predict becomes a chat completion. Returns the body to send and,
+        for the context guard, the chat request (document and image sizes) when the guard is on."""
         try:
             if not body:
                 doc = None
@@ -165,7 +178,7 @@ class Proxy:
         if doc is None:
             if path == PREDICT:
                 raise RequestRejected(400, "predict: expected a JSON body with 'prompt' and 'images'")
-            return body
+            return body, None
         try:
             if path == PREDICT:
                 doc = predict_to_chat(doc)
@@ -175,18 +188,18 @@ class Proxy:
                 # llama-server would answer 500 ("image input is not supported"): it is the client's request.
                 raise RequestRejected(400, f"profile '{profile.name}' has no vision projector (mmproj): "
                                            "this model does not take images")
+            guard = chat and self.context.enabled(profile)
             if path == PREDICT or (path in CHAT_ROUTES and (b"image_url" in body or profile.images.keep_last_turns)):
                 policy = profile.images
-                new, stats = await asyncio.to_thread(_rewrite, doc, policy, self.remote_hosts, path == PREDICT)
+                new, sent, stats = await asyncio.to_thread(_rewrite, doc, policy, self.remote_hosts, path == PREDICT)
                 if stats.images:
                     self.metrics.images.inc(stats.images)
                     self.metrics.image_bytes.labels("in").inc(stats.bytes_in)
                     self.metrics.image_bytes.labels("out").inc(stats.bytes_out)
-                if new is not None:
-                    return new
+                return (body if new is None else new), (Chat(sent, stats.sizes) if guard else None)
         except ImageError as exc:
             raise RequestRejected(exc.status, exc.message) from None
-        return body
+        return body, Chat(doc, []) if guard else None
 
     async def _wait_ready(self) -> tuple[bool, str]:
         r = self.runner
@@ -234,9 +247,10 @@ class Proxy:
 
     async def _forward(self, scope: Scope, body: bytes, send: Send, status: list[int]) -> None:
         path = scope["path"]
+        chat: Chat | None = None
         try:
             if scope["method"] == "POST" and (path in KNOWN_ROUTES or path == PREDICT):
-                body = await self._check_body(path, body)
+                body, chat = await self._check_body(path, body)
         except RequestRejected as exc:
             status[0] = exc.status
             await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
@@ -244,17 +258,27 @@ class Proxy:
         headers = self._headers(scope)
         query = scope.get("query_string", b"")
         target = ("/v1/chat/completions" if path == PREDICT else path) + ("?" + query.decode("latin-1") if query else "")
-        headers.append((b"content-length", str(len(body)).encode()))
         upstream: httpcore.Response | None = None
+        extra: list[tuple[bytes, bytes]] = []
+        fitted_gen = -1
         for attempt in (1, 2):
             ok, why = await self._wait_ready()
             if not ok:
                 status[0] = 503
                 await send_simple(send, *json_error(503, why, "unavailable_error", [(b"retry-after", b"5")]))
                 return
+            if chat is not None and fitted_gen != self.runner.machine.gen:
+                fitted_gen = self.runner.machine.gen
+                try:
+                    body, extra = await self._fit_context(chat, body, fitted_gen)
+                except RequestRejected as exc:
+                    status[0] = exc.status
+                    await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
+                    return
             base = self.runner.child_url or ""
             req = httpcore.Request(scope["method"], base + target, content=body, extensions={"timeout": TIMEOUTS},
-                                   headers=[(b"host", base.removeprefix("http://").encode()), *headers])
+                                   headers=[(b"host", base.removeprefix("http://").encode()), *headers,
+                                            (b"content-length", str(len(body)).encode())])
             gen = self.runner.machine.gen
             try:
                 upstream = await self.pool.handle_async_request(req)
@@ -269,13 +293,31 @@ class Proxy:
                 await self._settle(gen)
         assert upstream is not None
         try:
-            await self._relay(upstream, send, status, predict=path == PREDICT)
+            await self._relay(upstream, send, status, predict=path == PREDICT, extra=extra)
         finally:
             await upstream.aclose()
 
-    async def _relay(self, upstream: httpcore.Response, send: Send, status: list[int], predict: bool = False) -> None:
+    async def _fit_context(self, chat: Chat, body: bytes, gen: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The context guard (web/context.py): the body to send and the header that says what was dropped.
+        If llama-server cannot count, the request goes as it came (and llama-server's own 400 applies)."""
+        r = self.runner
+        try:
+            fit = await self.context.fit(chat.doc, chat.sizes, gen, r.loaded.profile,
+                                         ctx_words(r.loaded.profile, r.machine))
+        except ContextRejected as exc:
+            raise RequestRejected(400, f"context guard: {exc.message}") from None
+        except CountError as exc:
+            self.metrics.context_checks.labels("error").inc()
+            log.warning("context_count_failed", error=str(exc))
+            return body, []
+        if fit.body is None:
+            return body, []
+        return fit.body, [(TRIMMED_HEADER, fit.header or b"")]
+
+    async def _relay(self, upstream: httpcore.Response, send: Send, status: list[int], predict: bool = False,
+                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
         code = status[0] = upstream.status
-        headers = [(k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP]
+        headers = [(k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP] + (extra or [])
         sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
         stream: Any = upstream.stream
         if not sse:
@@ -333,6 +375,14 @@ class Proxy:
             if isinstance(completion, int):
                 self.metrics.tokens.labels("completion").inc(completion)
             return
+
+
+@dataclass
+class Chat:
+    """A chat request as it will be sent, for the context guard: the document and its images' sizes."""
+
+    doc: dict[str, Any]
+    sizes: list[tuple[int, int] | None]
 
 
 class RequestRejected(Exception):
