@@ -63,9 +63,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.config:
         os.environ["LLAMA_SUPERVISOR_CONFIG"] = args.config
+    overrides = {"host": args.host, "port": args.port, "profile": args.profile, "state_dir": args.state_dir,
+                 "log_format": args.log_format, "log_level": args.log_level}
     try:
-        cfg = load_config(host=args.host, port=args.port, profile=args.profile, state_dir=args.state_dir,
-                          log_format=args.log_format, log_level=args.log_level)
+        cfg = load_config(**overrides)
         profile_path = cfg.resolved_profile()
     except ConfigError as exc:
         print(f"llama-supervisor: invalid settings:\n{exc}", file=sys.stderr)
@@ -74,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     settings_file = Path(os.environ["LLAMA_SUPERVISOR_CONFIG"]) if os.environ.get("LLAMA_SUPERVISOR_CONFIG") else None
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(serve(cfg, profile_path, settings_file))
+            return runner.run(serve(cfg, profile_path, settings_file, overrides))
     except ProfileError as exc:
         print(f"llama-supervisor: invalid profile:\n{exc}", file=sys.stderr)
         return EXIT_INVALID

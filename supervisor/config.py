@@ -65,10 +65,19 @@ class Config(BaseSettings):
     backoff_base_s: float = Field(0.1, gt=0)
     backoff_cap_s: float = Field(30.0, gt=0)
     stable_s: float = Field(60.0, gt=0)
-    breaker_failures: int = Field(5, ge=1)
+    breaker_failures: int = Field(5, ge=1)  # this many quick failures within breaker_window_s → crash loop
     breaker_window_s: float = Field(300.0, gt=0)
+    crash_loop_cap_s: float = Field(300.0, gt=0)  # a crash loop retries at a backoff growing up to this, for ever
+    healthy_uptime_s: float = Field(10.0, ge=0)  # a child ready this long before it died: the count starts again
     vram_release_wait_s: float = Field(10.0, ge=0)
     estimate_vram: bool = True  # start with the layers that fit (GGUF sizes + NVML) when the profile asks for more
+    # climbing back after the out-of-memory ladder: at start, and every climb_interval_s while idle on reduced settings
+    climb: str = Field("auto", pattern="^(auto|off)$")
+    climb_interval_s: float = Field(60.0, gt=0)
+    climb_retry_s: float = Field(3600.0, ge=0)  # a climb that ran out of memory is not tried again for this long
+    # poison requests: in flight at two crashes within the window → refused for quarantine_s
+    quarantine_window_s: float = Field(600.0, ge=0)
+    quarantine_s: float = Field(3600.0, ge=0)
     # liveness
     liveness_interval_s: float = Field(5.0, gt=0)
     liveness_timeout_s: float = Field(2.0, gt=0)
@@ -76,6 +85,9 @@ class Config(BaseSettings):
     # requests while not ready
     queue_max: int = Field(64, ge=0)
     queue_wait_s: float = Field(120.0, ge=0)
+    # requests sent to llama-server at once; the rest wait here (queue_wait_s). None: the profile's parallel + 2,
+    # so llama-server's HTTP threads (parallel + 4 at least) always keep one free for the liveness probe
+    upstream_max: int | None = Field(None, ge=1)
     drain_s: float = Field(30.0, ge=0)
     # several models (every profile in profiles_dir): residency
     memory_budget_mib: int | None = Field(None, gt=0)  # host RAM all children together may use (None: no budget)

@@ -35,6 +35,7 @@ def base_settings(p: Profile) -> RunSettings:
 def policy_for(cfg: Config, p: Profile) -> Policy:
     return Policy(backoff_base_s=cfg.backoff_base_s, backoff_cap_s=cfg.backoff_cap_s, stable_s=cfg.stable_s,
                   breaker_failures=cfg.breaker_failures, breaker_window_s=cfg.breaker_window_s,
+                  crash_loop_cap_s=cfg.crash_loop_cap_s, healthy_uptime_s=cfg.healthy_uptime_s,
                   min_ctx=min(p.min_ctx_size, p.ctx_size), has_mmproj=p.mmproj is not None)
 
 

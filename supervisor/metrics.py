@@ -56,6 +56,15 @@ class Metrics:
         self.restarts = Counter(f"{NS}_restarts_total", "Child exits that led to a restart or failure, by cause",
                                 ["cause"], registry=r)
         self.child_up = Gauge(f"{NS}_child_up", "1 when llama-server is ready", registry=r)
+        self.crash_loop = Gauge(f"{NS}_crash_loop", "1 while restarts are in crash-loop backoff", registry=r)
+        self.quarantined = Gauge(f"{NS}_quarantined_requests", "Requests refused as poison (crashed llama-server "
+                                 "twice)", registry=r)
+        self.quarantine_hits = Counter(f"{NS}_quarantine_refusals_total", "Copies of quarantined requests refused",
+                                       registry=r)
+        self.upstream_limit = Gauge(f"{NS}_upstream_limit", "Requests sent to llama-server at once, at most",
+                                    registry=r)
+        self.upstream_waiting = Gauge(f"{NS}_upstream_waiting", "Requests waiting for an upstream slot", registry=r)
+        self.climbs = Counter(f"{NS}_climbs_total", "Restarts to higher settings after the VRAM estimate", registry=r)
         self.load_seconds = Gauge(f"{NS}_load_seconds", "Seconds from spawn to /health 200, last start", registry=r)
         self.warmup_seconds = Gauge(f"{NS}_warmup_seconds", "Seconds of the warmup request, last start", registry=r)
         self.gpu_layers = Gauge(f"{NS}_effective_gpu_layers", "GPU layers the child runs with (-1: auto/all)",
@@ -87,7 +96,8 @@ class Metrics:
     def attach_sampler(self, sample: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_Sampled(sample))
 
-    def set_state(self, state: State) -> None:
+    def set_state(self, state: State, crash_loop: bool = False) -> None:
         for s in State:
             self.state.labels(s.value).set(1 if s is state else 0)
         self.child_up.set(1 if state is State.READY else 0)
+        self.crash_loop.set(1 if crash_loop else 0)

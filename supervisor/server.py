@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import structlog
 import uvicorn
@@ -45,8 +46,9 @@ class Daemon:
     """One supervisor: runner, proxy, HTTP server and background tasks, started and stopped as a unit."""
 
     def __init__(self, cfg: Config, profile_path: Path, settings_file: Path | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, overrides: dict[str, Any] | None = None) -> None:
         self.cfg, self.profile_path, self.settings_file = cfg, profile_path, settings_file
+        self.overrides = overrides or {}  # command-line values: they win on every reload too
         self.notifier = notifier or Notifier()
         self.url = ""
         self._serving: asyncio.Task[None] | None = None
@@ -58,8 +60,9 @@ class Daemon:
         loaded = await asyncio.to_thread(load_checked, self.profile_path)
         self.runner = runner = Runner(cfg, loaded, notifier=self.notifier)
         runner.metrics.attach_sampler(lambda: status.sample(runner))
-        self.proxy = Proxy(runner)
-        self.reloader = Reloader(runner, self.profile_path, self.settings_file)
+        self.proxy = proxy = Proxy(runner)
+        self.reloader = Reloader(runner, self.profile_path, self.settings_file, overrides=self.overrides,
+                                 in_flight=lambda: proxy.in_flight, on_applied=proxy.sync_profile)
         sock = bind(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -77,8 +80,13 @@ class Daemon:
             await asyncio.sleep(0.01)
 
     def request_stop(self) -> None:
+        self.runner.shutting_down()
         self.notifier.send("STOPPING=1")
         self.server.should_exit = True
+
+    def track(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """A background job that stop() waits for (bounded by its cancellation)."""
+        self._background.append(asyncio.ensure_future(coro))
 
     async def wait(self) -> None:
         if self._serving is not None:
@@ -100,8 +108,9 @@ class Daemon:
             log.info("stopped")
 
 
-async def serve(cfg: Config, profile_path: Path, settings_file: Path | None = None) -> int:
-    daemon = Daemon(cfg, profile_path, settings_file)
+async def serve(cfg: Config, profile_path: Path, settings_file: Path | None = None,
+                overrides: dict[str, Any] | None = None) -> int:
+    daemon = Daemon(cfg, profile_path, settings_file, overrides=overrides)
     await daemon.start()
     loop = asyncio.get_running_loop()
 
@@ -111,7 +120,14 @@ async def serve(cfg: Config, profile_path: Path, settings_file: Path | None = No
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(daemon.reloader.reload("SIGHUP")))
+    def on_hup() -> None:
+        if daemon.runner.closing:
+            log.info("signal", signal="SIGHUP", action="ignored: shutting down")
+            return
+        log.info("signal", signal="SIGHUP", action="reload")
+        daemon.track(daemon.reloader.reload("SIGHUP"))
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await daemon.wait()
     await daemon.stop()
     return 0

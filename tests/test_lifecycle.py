@@ -13,6 +13,8 @@ from supervisor.core.ladder import Evidence, RunSettings
 from supervisor.core.lifecycle import (
     BackoffElapsed,
     ChildExited,
+    ChildGone,
+    Climb,
     Finished,
     Healthy,
     Kill,
@@ -20,6 +22,7 @@ from supervisor.core.lifecycle import (
     Policy,
     Remember,
     RestartRequested,
+    Retry,
     SetTimer,
     Spawn,
     StableElapsed,
@@ -46,8 +49,24 @@ def at(state: State, **kw: object) -> Machine:
     return replace(initial(BASE), state=state, gen=1, **kw)  # type: ignore[arg-type]
 
 
-def exited(v: Verdict = CRASH, gen: int = 1, now: float = 10.0) -> ChildExited:
-    return ChildExited(now, gen, v, 1, Evidence(model_layers=8), jitter=1.0)
+def exited(v: Verdict = CRASH, gen: int = 1, now: float = 10.0, rc: int | None = 1) -> ChildExited:
+    return ChildExited(now, gen, v, rc, Evidence(model_layers=8), jitter=1.0)
+
+
+class Exit:
+    """Both events of a child's end, as the runner sends them: ChildGone, then the classified ChildExited."""
+
+    def __init__(self, v: Verdict = CRASH, gen: int = 1, now: float = 10.0) -> None:
+        self.events = (ChildGone(now, gen), exited(v, gen, now))
+
+
+def apply(m: Machine, event: object) -> tuple[Machine, list[object]]:
+    """One event, or an Exit's two; the actions of all of them."""
+    acts: list[object] = []
+    for ev in event.events if isinstance(event, Exit) else (event,):
+        m, a = transition(m, ev, P)  # type: ignore[arg-type]
+        acts += a
+    return m, acts
 
 
 @pytest.mark.parametrize(
@@ -57,14 +76,25 @@ def exited(v: Verdict = CRASH, gen: int = 1, now: float = 10.0) -> ChildExited:
         (at(State.STARTING), Healthy(1, 1), State.WARMING, [Warmup(1)]),
         (at(State.STARTING), Healthy(1, 0), State.STARTING, []),  # stale generation
         (at(State.WARMING), WarmedUp(1, 1), State.READY, [Remember(BASE), SetTimer("stable", 1, 60)]),
-        (at(State.READY), exited(), State.BACKOFF, [SetTimer("backoff", 1, 1.0)]),
-        (at(State.STARTING), exited(), State.BACKOFF, [SetTimer("backoff", 1, 1.0)]),
+        (at(State.READY), Exit(), State.BACKOFF, [SetTimer("backoff", 1, 1.0)]),
+        (at(State.STARTING), Exit(), State.BACKOFF, [SetTimer("backoff", 1, 1.0)]),
+        # The instant the child is gone it is no longer ready; nothing is decided until it is classified.
+        (at(State.READY), ChildGone(10, 1), State.BACKOFF, []),
+        (at(State.WARMING), ChildGone(10, 1), State.BACKOFF, []),
+        (at(State.READY), ChildGone(10, 0), State.READY, []),  # stale generation
+        (at(State.BACKOFF, child_alive=False, exiting=1), BackoffElapsed(5, 1), State.BACKOFF, []),
+        (at(State.BACKOFF, child_alive=False, exiting=1), exited(), State.BACKOFF, [SetTimer("backoff", 1, 1.0)]),
+        (at(State.BACKOFF, child_alive=False), exited(), State.BACKOFF, []),  # no exit awaited: ignored
+        (at(State.STOPPING, pending=Cause.STOPPED), ChildGone(10, 1), State.STOPPED, [Finished()]),
+        (at(State.BACKOFF, child_alive=False, exiting=1), StopRequested(11), State.STOPPED, [Finished()]),
+        (at(State.STOPPED, child_alive=False, exiting=1), exited(), State.STOPPED, []),  # recorded only
+        (at(State.BACKOFF, child_alive=False, exiting=1), RestartRequested(11, "op"), State.STARTING, [Spawn(2, BASE)]),
         (at(State.BACKOFF, child_alive=False), BackoffElapsed(5, 1), State.STARTING, [Spawn(2, BASE)]),
         (at(State.BACKOFF, child_alive=False), BackoffElapsed(5, 0), State.BACKOFF, []),
         (at(State.READY), Unresponsive(1, 1, "liveness"), State.BACKOFF, [Kill(1, "liveness")]),
         (at(State.STARTING), Unresponsive(1, 1, "load: stalled"), State.BACKOFF, [Kill(1, "load: stalled")]),
         (at(State.READY), StopRequested(1), State.STOPPING, [Kill(1, "shutdown")]),
-        (at(State.STOPPING, pending=Cause.STOPPED), exited(Verdict(Cause.STOPPED, "")), State.STOPPED, [Finished()]),
+        (at(State.STOPPING, pending=Cause.STOPPED), Exit(Verdict(Cause.STOPPED, "")), State.STOPPED, [Finished()]),
         (at(State.BACKOFF, child_alive=False), StopRequested(1), State.STOPPED, [Finished()]),
         (at(State.FAILED, child_alive=False), StopRequested(1), State.STOPPED, [Finished()]),
         (at(State.FAILED, child_alive=False), RestartRequested(1, "operator"), State.STARTING, [Spawn(2, BASE)]),
@@ -72,14 +102,23 @@ def exited(v: Verdict = CRASH, gen: int = 1, now: float = 10.0) -> ChildExited:
         (at(State.READY), RestartRequested(1, "operator"), State.STARTING, [Kill(1, "operator")]),
         (at(State.READY), Start(1), State.READY, []),
         (at(State.STOPPING), RestartRequested(1, "operator"), State.STOPPING, []),
-        (at(State.READY), exited(Verdict(Cause.BAD_ARGS, "error: invalid argument: --metal")), State.FAILED, []),
-        (at(State.STARTING), exited(Verdict(Cause.MODEL_ERROR, "mismatch between text model")), State.FAILED, []),
-        (at(State.STARTING), exited(Verdict(Cause.SPAWN_FAILED, "no such file")), State.FAILED, []),
+        (at(State.STOPPED, child_alive=False), RestartRequested(1, "late SIGHUP"), State.STOPPED, []),
+        (at(State.READY), Exit(Verdict(Cause.BAD_ARGS, "error: invalid argument: --metal")), State.FAILED, []),
+        (at(State.STARTING), Exit(Verdict(Cause.MODEL_ERROR, "mismatch between text model")), State.FAILED, []),
+        (at(State.STARTING), Exit(Verdict(Cause.SPAWN_FAILED, "no such file")), State.FAILED, []),
+        (at(State.STARTING), Exit(Verdict(Cause.INTERNAL, "ValueError")), State.BACKOFF, [SetTimer("backoff", 1, 1.0)]),
         (at(State.READY), StableElapsed(1, 1), State.READY, []),
+        # A failed start is tried again when a file it depends on changes; nothing else is.
+        (at(State.FAILED, child_alive=False), Retry(1, "model changed"), State.STARTING, [Spawn(2, BASE)]),
+        (at(State.READY), Retry(1, "model changed"), State.READY, []),
+        (at(State.BACKOFF, child_alive=False), Retry(1, "model changed"), State.BACKOFF, []),
+        (at(State.READY), Climb(1, 1, RunSettings(16, 2048), "climb"), State.STARTING, [Kill(1, "climb")]),
+        (at(State.READY), Climb(1, 0, RunSettings(16, 2048), "climb"), State.READY, []),  # stale generation
+        (at(State.STARTING), Climb(1, 1, RunSettings(16, 2048), "climb"), State.STARTING, []),
     ],
 )
 def test_transition_table(machine: Machine, event: object, state: State, actions: list[object]) -> None:
-    m, acts = transition(machine, event, P)  # type: ignore[arg-type]
+    m, acts = apply(machine, event)
     assert m.state is state
     assert acts == actions
 
@@ -89,13 +128,14 @@ def test_restart_of_a_live_child_spawns_after_exit() -> None:
     assert m.restart_after_exit and m.state is State.STARTING
     m, acts = transition(m, Healthy(2, 1), P)  # the old child's late health answer is ignored
     assert acts == [] and m.state is State.STARTING
-    m, acts = transition(m, exited(Verdict(Cause.STOPPED, "")), P)
+    m, acts = apply(m, Exit(Verdict(Cause.STOPPED, "")))
     assert acts == [Spawn(2, BASE)] and m.restarts == 1 and m.failures == ()
+    assert m.last_exit is not None and m.last_exit.cause is Cause.STOPPED  # the old child's exit is still recorded
 
 
 def test_oom_walks_the_ladder_without_counting_failures() -> None:
     m = at(State.STARTING)
-    m, acts = transition(m, exited(OOM), P)
+    m, acts = apply(m, Exit(OOM))
     assert m.state is State.BACKOFF and m.failures == () and m.effective.n_gpu_layers == 4
     assert "gpu_layers" in (m.adjustment or "")
     m, acts = transition(m, BackoffElapsed(11, 1), P)
@@ -104,36 +144,102 @@ def test_oom_walks_the_ladder_without_counting_failures() -> None:
 
 def test_wedged_kill_is_classified_wedged() -> None:
     m, _ = transition(at(State.READY), Unresponsive(1, 1, "liveness: 3 failed probes"), P)
-    m, acts = transition(m, exited(Verdict(Cause.STOPPED, "stopped by the supervisor")), P)
+    m, _ = apply(m, Exit(Verdict(Cause.STOPPED, "stopped by the supervisor")))
     assert m.last_exit is not None and m.last_exit.cause is Cause.WEDGED
     assert m.last_exit.detail == "liveness: 3 failed probes"
     assert m.state is State.BACKOFF and len(m.failures) == 1
 
 
-def test_breaker_trips_after_n_failures_in_window() -> None:
-    m = at(State.STARTING)
-    for i in range(2):
-        m, _ = transition(m, exited(gen=m.gen, now=10.0 + i), P)
-        assert m.state is State.BACKOFF
-        m, _ = transition(m, BackoffElapsed(10.5 + i, m.gen), P)
-    m, acts = transition(m, exited(gen=m.gen, now=12.0), P)
-    assert m.state is State.FAILED and acts == [] and "crash loop: 3 failures" in m.reason
+def crash_n(m: Machine, n: int, t0: float = 10.0, served: float = 0.0) -> Machine:
+    """n crashes in a row, each child ready for `served` seconds before it died."""
+    for i in range(n):
+        t = t0 + i * (served + 1)
+        if m.state is State.BACKOFF:
+            m, _ = transition(m, BackoffElapsed(t, m.gen), P)
+        m, _ = transition(m, Healthy(t, m.gen), P)
+        m, _ = transition(m, WarmedUp(t, m.gen), P)
+        m, _ = apply(m, Exit(gen=m.gen, now=t + served))
+    return m
+
+
+def test_crash_loop_is_never_terminal() -> None:
+    m = crash_n(at(State.STARTING), 2)
+    assert m.state is State.BACKOFF and not m.crash_loop
+    m = crash_n(m, 1, t0=20)
+    # The third quick failure in the window: a crash loop, with its own reason and a long backoff, not failed.
+    assert m.state is State.BACKOFF and m.crash_loop and m.reason.startswith("crash loop: 3 failures")
+    assert m.history[-1].cause == "crash_loop"
+    assert m.retry_at == pytest.approx(20 + P.backoff_cap_s, abs=0.01)  # jitter 1.0: the nominal delay
+    m, acts = transition(m, BackoffElapsed(50, m.gen), P)
+    assert m.state is State.STARTING and acts == [Spawn(m.gen, BASE)]
+    m = crash_n(m, 6, t0=60)
+    assert m.state is State.BACKOFF and m.crash_loop
+    assert m.retry_at is not None and m.retry_at - m.history[-1].at == P.crash_loop_cap_s  # doubling, capped
+
+
+def test_crash_after_serving_a_while_starts_a_new_count() -> None:
+    """Killed every 15 s while serving (issue 11, seen 1): never a crash loop."""
+    m = crash_n(at(State.STARTING), 10, served=15.0)
+    assert m.state is State.BACKOFF and not m.crash_loop and len(m.failures) == 1 and m.attempt == 1
+
+
+def test_crash_loop_ends_when_a_child_stays_up() -> None:
+    m = crash_n(at(State.STARTING), 4)
+    assert m.crash_loop
+    m, _ = transition(m, BackoffElapsed(100, m.gen), P)
+    m, _ = transition(m, Healthy(101, m.gen), P)
+    m, _ = transition(m, WarmedUp(101, m.gen), P)
+    m, _ = transition(m, StableElapsed(161, m.gen), P)
+    assert not m.crash_loop and m.failures == () and m.attempt == 0
 
 
 def test_failures_outside_the_window_do_not_count() -> None:
     m = at(State.STARTING, failures=(1.0, 2.0))
-    m, _ = transition(m, exited(now=500.0), P)
+    m, _ = apply(m, Exit(now=500.0))
     assert m.state is State.BACKOFF and m.failures == (500.0,)
 
 
 def test_backoff_grows_and_is_capped() -> None:
     assert [backoff_delay(a, 1.0, P) for a in (1, 2, 3, 4, 5, 9)] == [1, 2, 4, 8, 8, 8]
     assert backoff_delay(3, 0.0, P) == 2.0  # equal jitter: never below half
+    # In a crash loop: from backoff_cap_s at the breaker_failures-th failure, doubling up to crash_loop_cap_s.
+    assert [backoff_delay(a, 1.0, P, loop=True) for a in (3, 4, 5, 8, 20)] == [8, 16, 32, 256, 300]
+
+
+def test_exit_during_classification_of_a_restart_is_recorded_only() -> None:
+    m, _ = transition(at(State.READY), RestartRequested(1, "operator"), P)
+    m, _ = transition(m, ChildGone(2, 1), P)
+    assert m.state is State.STARTING and m.gen == 2 and m.exiting == 1
+    m, acts = transition(m, exited(Verdict(Cause.STOPPED, "stopped"), gen=1, now=3), P)
+    assert acts == [] and m.state is State.STARTING and m.exiting is None and m.child_alive
+
+
+def test_climb_that_runs_out_of_memory_goes_back_and_is_remembered() -> None:
+    low = RunSettings(4, 2048)
+    m = at(State.READY, effective=low, adjustment="gpu_layers: ...")
+    m, acts = transition(m, Climb(1, 1, BASE, "climb: more fits"), P)
+    assert acts == [Kill(1, "climb: more fits")] and m.effective == BASE and m.climb_from == low
+    m, acts = apply(m, Exit(Verdict(Cause.STOPPED, "stopped"), now=2))
+    assert acts == [Spawn(2, BASE)]
+    m, acts = apply(m, Exit(OOM, gen=2, now=3))
+    assert m.state is State.BACKOFF and m.effective == low and m.climb_failed == (BASE, 3)
+    assert "climb" in (m.adjustment or "") and m.failures == ()
+    m, acts = transition(m, BackoffElapsed(4, 2), P)
+    assert acts == [Spawn(3, low)]
+
+
+def test_climb_that_reaches_ready_is_kept() -> None:
+    m = at(State.READY, effective=RunSettings(4, 2048))
+    m, _ = transition(m, Climb(1, 1, BASE, "climb"), P)
+    m, _ = apply(m, Exit(Verdict(Cause.STOPPED, "stopped"), now=2))
+    m, _ = transition(m, Healthy(3, 2), P)
+    m, acts = transition(m, WarmedUp(3, 2), P)
+    assert m.state is State.READY and m.climb_from is None and m.adjustment is None and Remember(BASE) in acts
 
 
 def test_stable_period_resets_attempts() -> None:
-    m, _ = transition(at(State.READY, attempt=3), StableElapsed(70, 1), P)
-    assert m.attempt == 0
+    m, _ = transition(at(State.READY, attempt=3, failures=(1.0,), crash_loop=True), StableElapsed(70, 1), P)
+    assert m.attempt == 0 and m.failures == () and not m.crash_loop
 
 
 def test_reset_goes_back_to_profile_settings() -> None:
@@ -164,8 +270,11 @@ times = st.floats(min_value=0, max_value=1e4, allow_nan=False)
 events = st.one_of(
     st.builds(Start, times), st.builds(Healthy, times, gens), st.builds(WarmedUp, times, gens),
     st.builds(Unresponsive, times, gens, st.just("x")),
+    st.builds(ChildGone, times, gens),
     st.builds(ChildExited, times, gens, verdicts, st.just(1), st.just(Evidence(model_layers=4)),
               st.floats(0, 0.999)),
+    st.builds(Retry, times, st.just("file")),
+    st.builds(Climb, times, gens, st.just(RunSettings(6, 2048)), st.just("climb")),
     st.builds(BackoffElapsed, times, gens), st.builds(StableElapsed, times, gens),
     st.builds(RestartRequested, times, st.just("op"), st.none() | st.just(RunSettings("all", 4096)), st.booleans()),
     st.builds(StopRequested, times),
@@ -185,6 +294,10 @@ def test_no_sequence_reaches_an_impossible_state(seq: list[object]) -> None:
             assert m.child_alive and m.pending is None
         if m.state is State.FAILED:
             assert not m.child_alive or m.pending is not None
+        if m.child_alive:
+            assert m.exiting != m.gen  # a live child's exit is never awaited
+        if m.state is State.BACKOFF and not m.child_alive and m.exiting is None:
+            assert m.retry_at is not None  # waiting for a timer that was set, never for nothing
         spawns = [a for a in actions if isinstance(a, Spawn)]
         assert len(spawns) <= 1
         if spawns:
@@ -193,4 +306,4 @@ def test_no_sequence_reaches_an_impossible_state(seq: list[object]) -> None:
         assert m.effective.ctx_size >= min(P.min_ctx, BASE.ctx_size)
         for a in actions:
             if isinstance(a, SetTimer):
-                assert 0 < a.delay_s <= max(P.backoff_cap_s, P.stable_s)
+                assert 0 < a.delay_s <= max(P.crash_loop_cap_s, P.stable_s)

@@ -71,7 +71,7 @@ async def test_reload_bad_edit_keeps_serving_good_edit_restarts(tmp_path: Path, 
 
         # A broken edit: the child keeps serving, /status says what is wrong.
         profile.write_text(yaml.safe_dump({**data, "ctx_size": -1}))
-        await wait_for(lambda: d.runner.last_reload_error is not None, what="reload error")
+        await wait_for(lambda: d.reloader.last_error is not None, what="reload error")
         st = (await c.get("/status")).json()
         assert st["last_reload_error"]["file"] == str(profile)
         assert st["last_reload_error"]["errors"][0]["field"] == "ctx_size"
@@ -80,7 +80,7 @@ async def test_reload_bad_edit_keeps_serving_good_edit_restarts(tmp_path: Path, 
 
         # An edit that does not touch the child (image policy): no restart, the error clears.
         profile.write_text(yaml.safe_dump({**data, "images": {"keep_last_images": 1}}))
-        await wait_for(lambda: d.runner.last_reload_error is None, what="error cleared")
+        await wait_for(lambda: d.reloader.last_error is None, what="error cleared")
         assert d.runner.child.pid == pid and d.runner.loaded.profile.images.keep_last_images == 1
 
         # An atomic save (temp file renamed over) that changes the argv: one drain-and-restart.

@@ -90,7 +90,7 @@ async def test_request_cut_before_response_is_retried(tmp_path: Path, write_prof
         pid = d.runner.child.pid
         long = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4000, "ignore_eos": True})
         task = asyncio.ensure_future(long)
-        await wait_for(lambda: d.runner.in_flight == 1, what="request in flight")
+        await wait_for(lambda: d.proxy.in_flight == 1, what="request in flight")
         await asyncio.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
         r = await task
@@ -127,22 +127,28 @@ async def test_binary_missing_fails_with_path(tmp_path: Path, write_profile, lla
         assert st["last_exit"]["cause"] == "spawn_failed"
 
 
-async def test_crash_loop_breaker(tmp_path: Path, write_profile, llama_server: str) -> None:
-    """A child that keeps dying goes to failed after N tries, and an operator restart gets it out."""
+async def test_crash_loop_backs_off_and_never_gives_up(tmp_path: Path, write_profile, llama_server: str) -> None:
+    """A child that keeps dying puts the supervisor in a crash loop (its own reason, a growing backoff),
+    never in failed: once the cause goes away it serves again by itself, with nobody calling /admin/restart."""
     flaky = tmp_path / "flaky.sh"
     flag = tmp_path / "healthy"
     flaky.write_text(f"#!/bin/sh\n[ -e {flag} ] && exec {llama_server} \"$@\"\n"
                      f"case \"$1\" in --help|--version) exec {llama_server} \"$1\";; esac\n"
                      "echo 'segfault soon' >&2; kill -SEGV $$\n")
     flaky.chmod(0o755)
-    async with running(tmp_path, write_profile(binary=str(flaky)), breaker_failures=3, backoff_base_s=0.02) as d, \
+    async with running(tmp_path, write_profile(binary=str(flaky)), breaker_failures=3, backoff_base_s=0.02,
+                       backoff_cap_s=0.2, crash_loop_cap_s=0.8) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.machine.state.value == "failed", what="breaker")
+        await wait_for(lambda: d.runner.machine.crash_loop and d.runner.machine.attempt >= 5, what="crash loop")
         st = (await c.get("/status")).json()
-        assert "crash loop: 3 failures" in st["reason"] and st["last_exit"]["cause"] == "crashed"
+        assert st["state"] == "backoff" and st["crash_loop"] is True
+        assert st["reason"].startswith("crash loop: ") and st["last_exit"]["cause"] == "crashed"
+        assert "llama_supervisor_crash_loop 1.0" in (await c.get("/metrics")).text
+        h = await c.get("/health")
+        assert h.status_code == 503 and h.json()["reason"].startswith("crash loop")
         flag.touch()
-        assert (await c.post("/admin/restart")).status_code == 202
-        await wait_for(lambda: d.runner.ready, what="ready after operator restart")
+        await wait_for(lambda: d.runner.ready, what="ready again without an operator")
+        assert d.runner.machine.history[-1].dst.value == "ready"
 
 
 @pytest.mark.parametrize("mode", ["load", "compute"])
@@ -191,7 +197,7 @@ async def test_restart_while_the_next_child_is_being_spawned(tmp_path: Path, wri
         d.runner._perform = perform_and_interrupt  # type: ignore[method-assign]
         d.runner.restart("first")
         await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 3, what="ready after two restarts")
-        assert d.runner.child_gen == 3
+        assert d.runner._child_gen == 3  # the child that runs is the last one spawned
 
 
 async def test_no_tasks_or_connections_leak(tmp_path: Path, write_profile) -> None:
@@ -213,7 +219,7 @@ async def test_no_tasks_or_connections_leak(tmp_path: Path, write_profile) -> No
             if round_ == 1:
                 d.runner.restart("leak check")
                 await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 2, what="restart")
-        await wait_for(lambda: d.runner.in_flight == 0, what="requests finished")
+        await wait_for(lambda: d.proxy.in_flight == 0, what="requests finished")
         # A request's server-side task ends a moment after its last byte, later on a loaded box; a leak never does.
         try:
             await wait_for(lambda: len(asyncio.all_tasks()) <= len(baseline), timeout=10, what="task count")

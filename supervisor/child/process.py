@@ -19,13 +19,24 @@ PR_SET_PDEATHSIG = 1
 LOG_TAIL_LINES = 200
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: the kernel kills it if the supervisor dies (Linux)."""
+def _resolve_prctl() -> Callable[..., int] | None:
+    """Looked up once, in the parent: a dlopen between fork and exec of a multi-threaded process can deadlock."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
     except (OSError, AttributeError):
-        pass  # best effort: other systems rely on the process group being stopped
+        return None  # best effort: the process group is still stopped with the supervisor
+
+
+_PRCTL = _resolve_prctl()
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: the kernel kills it if the supervisor dies (Linux). Only the
+    call itself happens here; the symbol was resolved before the fork."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class Child:
@@ -87,6 +98,11 @@ class Child:
         except PermissionError:
             self.proc.send_signal(sig)
 
+    def kill_now(self) -> None:
+        """SIGKILL the process group at once (no waiting): for when the supervisor cannot wait."""
+        self.signalled = True
+        self._signal_group(signal.SIGKILL)
+
     async def stop(self, timeout_s: float = 10.0) -> int:
         """SIGTERM the process group, SIGKILL it after `timeout_s`. Returns the exit code."""
         if self.proc.returncode is None:
@@ -139,7 +155,7 @@ async def spawn(argv: Sequence[str], env: dict[str, str], on_line: Callable[[str
         stderr=asyncio.subprocess.PIPE,
         env=env,
         start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        preexec_fn=_die_with_parent if _PRCTL is not None else None,
         limit=1 << 20,
     )
     return Child(proc, on_line, echo)

@@ -1,7 +1,14 @@
 """The runner: owns the one lifecycle Machine and carries out its actions (processes, probes, timers).
 
 Everything that happens is turned into an event and passed to `dispatch`, which applies the pure
-transition function and then performs the returned actions. Nothing else changes lifecycle state.
+transition function and then performs the returned actions. Nothing else changes lifecycle state, and
+nothing outside the runner writes to it: the web side and /status read `view()` and the read-only
+properties, and tell the runner things only through its methods.
+
+One owner of the truth about the child: the instant a child's wait() returns, `ChildGone` takes the
+machine out of `ready` and the upstream address goes with it, in one step; the classification and the
+out-of-memory evidence follow as `ChildExited`. Every task that runs a child ends with both events,
+whatever was raised inside it.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -19,7 +27,6 @@ import httpx
 import structlog
 
 from ..config import Config
-from ..core import estimate
 from ..core.command import CommandError, build_argv, child_env, redact
 from ..core.crash import FATAL_WHILE_RUNNING, OOM_CAUSES, Cause, Exit, Verdict, classify
 from ..core.ladder import Evidence, RunSettings
@@ -27,13 +34,16 @@ from ..core.lifecycle import (
     Action,
     BackoffElapsed,
     ChildExited,
+    ChildGone,
     Event,
     Finished,
     Healthy,
     Kill,
     Machine,
+    Policy,
     Remember,
     RestartRequested,
+    Retry,
     SetTimer,
     Spawn,
     StableElapsed,
@@ -46,15 +56,20 @@ from ..core.lifecycle import (
     initial,
     transition,
 )
-from ..host import gpu, memory
-from ..host.gguf import block_count, footprint
+from ..host import memory
+from ..host.gguf import block_count
 from ..loading import Loaded, base_settings, policy_for
 from ..metrics import Metrics
 from ..sdnotify import Notifier
+from . import vram
+from .climber import Climber
+from .liveness import liveness
 from .process import Child, oom_kill_count, spawn
 from .readiness import NotReady, wait_healthy, warmup
 
 log = structlog.get_logger("supervisor")
+SETTLED = (State.READY, State.FAILED, State.STOPPING, State.STOPPED)
+ExitListener = Callable[[int, Verdict, "int | None"], None]
 
 
 def free_port() -> int:
@@ -63,47 +78,144 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class RunnerView:
+    """A read-only snapshot of the runner for /status and metrics."""
+
+    machine: Machine
+    loaded: Loaded
+    child_pid: int | None
+    child_started_at: float | None  # wall clock
+    child_url: str | None
+    argv: tuple[str, ...]
+    log_tail: tuple[str, ...]
+    load_s: float | None
+    warmup: dict[str, Any] | None
+    model_layers: int | None
+    vram_estimate: dict[str, Any] | None
+    climb: dict[str, Any] | None
+    started_mono: float
+
+
 class Runner:
     def __init__(self, cfg: Config, loaded: Loaded, *, metrics: Metrics | None = None,
                  notifier: Notifier | None = None) -> None:
         self.cfg = cfg
-        self.loaded = loaded
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier({})
-        self.memory = memory.SettingsMemory(cfg.state_dir)
-        self.policy = policy_for(cfg, loaded.profile)
-        self.machine: Machine = initial(base_settings(loaded.profile))
-        self.child: Child | None = None
-        self.child_gen = 0  # the generation `child` belongs to
-        self.child_url: str | None = None
-        self.argv: list[str] = []
-        self.last_tail: list[str] = []  # the last child's output, kept after it is gone
-        self.model_layers: int | None = None
-        self.last_estimate: dict[str, Any] | None = None
-        self.load_s: float | None = None
-        self.warmup: dict[str, Any] | None = None
-        self.started_mono = time.monotonic()
-        self.in_flight = 0
-        self.waiting = 0
-        self.last_success = 0.0  # monotonic time of the last proxied 2xx, proof of life for liveness
-        self.last_reload_error: dict[str, Any] | None = None
+        self._loaded = loaded
+        self._memory = memory.SettingsMemory(cfg.state_dir)
+        self._policy = policy_for(cfg, loaded.profile)
+        self._machine: Machine = initial(base_settings(loaded.profile))
+        self._child: Child | None = None
+        self._child_gen = 0  # the generation `_child` belongs to
+        self._child_url: str | None = None
+        self._argv: list[str] = []
+        self._last_tail: list[str] = []  # the last child's output, kept after it is gone
+        self._model_layers: int | None = None
+        self._last_estimate: dict[str, Any] | None = None
+        self._load_s: float | None = None
+        self._warmup: dict[str, Any] | None = None
+        self._started_mono = time.monotonic()
+        self._last_progress = 0.0  # monotonic time of the last sign of life from the child (traffic, probes)
+        self._closing = False
+        self._traffic: Callable[[], int] = lambda: 0  # requests in flight or waiting (the proxy counts them)
+        self._exit_listeners: list[ExitListener] = []
         self.finished = asyncio.Event()
-        self._ready = asyncio.Event()
+        self._settled = asyncio.Event()  # replaced on every state change: wakes everyone waiting for one
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._timers: set[asyncio.TimerHandle] = set()  # pending only: a timer removes itself when it fires
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # one per kind: a new one replaces (cancels) the old
         # Awaited after a child's warmup, before it is reported ready (generation, warmup info): the proxy's
         # context guard learns the child's figures there. A hook handles its own errors.
-        self.after_warmup: list[Callable[[int, dict[str, Any]], Awaitable[None]]] = []
+        self._after_warmup: list[Callable[[int, dict[str, Any]], Awaitable[None]]] = []
         # Probes and warmup keep no idle connection: it would pin one of llama-server's HTTP threads (see proxy.py).
-        self.http = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0))
+        self._http = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0))
+        self.climber = Climber(self)
+
+    # ---- the read-only surface ---------------------------------------------------------------
+
+    @property
+    def machine(self) -> Machine:
+        return self._machine
+
+    @property
+    def loaded(self) -> Loaded:
+        return self._loaded
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def child(self) -> Child | None:
+        return self._child
+
+    @property
+    def child_url(self) -> str | None:
+        return self._child_url
+
+    @property
+    def argv(self) -> list[str]:
+        return list(self._argv)
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self._http
+
+    @property
+    def warmup(self) -> dict[str, Any] | None:
+        return self._warmup
+
+    @property
+    def model_layers(self) -> int | None:
+        return self._model_layers
+
+    @property
+    def ready(self) -> bool:
+        return self._machine.state is State.READY
+
+    @property
+    def last_progress(self) -> float:
+        return self._last_progress
+
+    def view(self) -> RunnerView:
+        child = self._child
+        return RunnerView(
+            machine=self._machine, loaded=self._loaded, child_pid=child.pid if child else None,
+            child_started_at=child.started_at if child else None, child_url=self._child_url,
+            argv=tuple(self._argv), log_tail=tuple(child.tail if child else self._last_tail),
+            load_s=self._load_s, warmup=self._warmup, model_layers=self._model_layers,
+            vram_estimate=self._last_estimate, climb=self.climber.status(), started_mono=self._started_mono)
+
+    # ---- what the web side and the reloader tell the runner -----------------------------------
+
+    def note_progress(self) -> None:
+        """Bytes came from the child, or a request completed: proof of life for liveness."""
+        self._last_progress = time.monotonic()
+
+    def set_traffic(self, count: Callable[[], int]) -> None:
+        """How many requests are in flight or waiting (climbing back waits for none)."""
+        self._traffic = count
+
+    def traffic(self) -> int:
+        return self._traffic()
+
+    def on_warmed(self, hook: Callable[[int, dict[str, Any]], Awaitable[None]]) -> None:
+        """Awaited with (generation, warmup info) after a child's warmup, before it is reported ready."""
+        self._after_warmup.append(hook)
+
+    def on_exit(self, listener: ExitListener) -> None:
+        """Called with (generation, verdict, returncode) for every classified exit."""
+        self._exit_listeners.append(listener)
 
     # ---- the one place where lifecycle state changes ----------------------------------------
 
     def dispatch(self, ev: Event) -> None:
-        old = self.machine
-        self.machine, actions = transition(old, ev, self.policy)
-        if self.machine.state is not old.state:
-            self._on_state_change(old, self.machine)
+        old = self._machine
+        self._machine, actions = transition(old, ev, self._policy)
+        new = self._machine
+        if new.state is not old.state or new.history[-1:] != old.history[-1:]:
+            self._on_state_change(old, new)
         for action in actions:
             self._perform(action)
 
@@ -111,11 +223,10 @@ class Runner:
         t = new.history[-1]
         log.info("state", **{"from": t.src.value, "to": t.dst.value}, cause=t.cause, detail=t.detail,
                  gen=new.gen)
-        self.metrics.set_state(new.state)
-        if new.state is State.READY:
-            self._ready.set()
-        else:
-            self._ready.clear()
+        self.metrics.set_state(new.state, crash_loop=new.crash_loop)
+        # Everyone waiting for a state (held requests, stop) looks again.
+        self._settled.set()
+        self._settled = asyncio.Event()
         self.notifier.send(*self._notify_fields(new))
 
     def _notify_fields(self, m: Machine) -> list[str]:
@@ -139,24 +250,22 @@ class Runner:
             case Kill(gen=gen, reason=reason):
                 self._task(self._kill(gen, reason))
             case Warmup(gen=gen):
-                self._task(self._warmup(gen))
+                self._task(self._warmup_child(gen))
             case SetTimer(kind=kind, gen=gen, delay_s=delay):
                 event = BackoffElapsed if kind == "backoff" else StableElapsed
                 if kind == "backoff":
-                    log.info("backoff", seconds=round(delay, 3), cause=self.machine.reason)
-
-                def fire() -> None:
-                    self._timers.discard(handle)
-                    self.dispatch(event(time.monotonic(), gen))
-
-                handle = asyncio.get_running_loop().call_later(delay, fire)
-                self._timers.add(handle)
+                    log.info("backoff", seconds=round(delay, 3), cause=self._machine.reason,
+                             crash_loop=self._machine.crash_loop)
+                if (old := self._timers.pop(kind, None)) is not None:
+                    old.cancel()
+                self._timers[kind] = asyncio.get_running_loop().call_later(
+                    delay, lambda: self.dispatch(event(time.monotonic(), gen)))
             case Remember(settings=settings):
                 self._task(asyncio.to_thread(self._remember, settings))
             case Finished():
                 self.finished.set()
 
-    def _task(self, coro: Any) -> None:
+    def _task(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -166,232 +275,247 @@ class Runner:
         if not task.cancelled() and task.exception() is not None:
             log.error("internal_error", error=repr(task.exception()), exc_info=task.exception())
 
-    # ---- effects ----------------------------------------------------------------------------
+    # ---- learned settings ---------------------------------------------------------------------
 
     def memory_key(self) -> str:
-        """Blocking (stats the model and binary files): call from a worker thread."""
-        p = self.loaded.profile
-        return memory.key_for(p.name, p.model, self.loaded.caps.binary)
+        """Blocking (stats the model and binary files): call from a worker thread. The key is the command
+        line the profile asks for (port aside), so an edited profile never meets settings learned for another."""
+        loaded = self._loaded
+        identity = build_argv(loaded.profile, loaded.caps, base_settings(loaded.profile), 0)
+        return memory.key_for(identity, loaded.profile.model, loaded.caps.binary)
 
     def _remember(self, settings: RunSettings) -> None:
-        self.memory.save(self.memory_key(), settings, self.loaded.profile.name)
+        self._memory.save(self.memory_key(), settings, self._loaded.profile.name)
 
     def _recall(self) -> RunSettings | None:
-        return self.memory.load(self.memory_key())
+        return self._memory.load(self.memory_key())
 
     def _forget(self) -> None:
-        self.memory.forget(self.memory_key())
+        self._memory.forget(self.memory_key())
+
+    # ---- starting ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        p = self.loaded.profile
+        p = self._loaded.profile
         learned = await asyncio.to_thread(self._recall)
-        self.model_layers = await asyncio.to_thread(block_count, p.model)
+        self._model_layers = await asyncio.to_thread(block_count, p.model)
         base = base_settings(p)
         first, why = learned, None
         if learned is not None and learned != base:
             log.info("learned_settings", settings=learned.as_dict(), profile=p.name)
+            climbed = await self.climber.at_start(base, learned)
+            if climbed is not None:
+                first, why = climbed
         elif learned is None and self.cfg.estimate_vram:
-            first, why = await self._pre_launch_estimate(base)
-        self.machine = initial(base, first, why)
-        self._task(self._liveness())
+            first, why, self._last_estimate = await vram.pre_launch(p, base, self._model_layers)
+        self._machine = initial(base, first, why)
+        self._task(liveness(self))
+        self._task(self.climber.run())
         self.dispatch(Start(time.monotonic()))
 
-    async def _footprint(self, ctx_size: int) -> estimate.Footprint | None:
-        p = self.loaded.profile
-        try:
-            return await asyncio.to_thread(footprint, p.model, ctx_size, p.cache_type_k, p.cache_type_v,
-                                           p.mmproj)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("footprint_unavailable", error=repr(exc))
-            return None
-
-    async def _pre_launch_estimate(self, base: RunSettings) -> tuple[RunSettings | None, str | None]:
-        """An explicit layer count that clearly does not fit free VRAM starts at the estimate instead."""
-        if self.model_layers is None or base.n_gpu_layers == "auto":
-            return None, None
-        asked = estimate.requested_offload(base.n_gpu_layers, self.model_layers)
-        if not asked:
-            return None, None
-        gpus = await asyncio.to_thread(gpu.snapshot)
-        fp = await self._footprint(base.ctx_size) if gpus else None
-        if not gpus or fp is None:
-            return None, None
-        est = estimate.fit_layers(fp, gpus[0].memory_free_mib)
-        self.last_estimate = {"asked": asked, "layers": est.layers, "free_mib": round(est.free_mib),
-                              "describe": est.describe()}
-        log.info("vram_estimate", asked=asked, fits=est.layers, detail=est.describe())
-        if est.layers >= asked:
-            return None, None
-        why = f"pre-launch estimate: {est.describe()}; the profile asks for {asked}"
-        return RunSettings(est.layers, base.ctx_size), why
-
     async def _run_child(self, gen: int, settings: RunSettings) -> None:
-        p = self.loaded.profile
+        """Start child `gen`, watch it, and end with ChildGone + ChildExited whatever happens in between."""
+        child: Child | None = None
+        verdict: Verdict | None = None
+        rc: int | None = None
+        evidence = Evidence(model_layers=self._model_layers)
+        try:
+            t0 = time.monotonic()
+            oom_before = await asyncio.to_thread(oom_kill_count)
+            child, verdict = await self._spawn_child(gen, settings)
+            if child is not None:
+                rc, verdict, evidence = await self._watch_child(gen, child, oom_before, t0)
+        except asyncio.CancelledError:
+            verdict = verdict or Verdict(Cause.STOPPED, "the supervisor is shutting down")
+            raise
+        except Exception as exc:  # whatever it was, the machine must hear that this child is over
+            log.error("child_task_error", gen=gen, error=repr(exc), exc_info=exc)
+            verdict = Verdict(Cause.INTERNAL, f"supervisor error while running llama-server: {exc!r}"[:500])
+        finally:
+            if child is not None and child.returncode is None:
+                child.kill_now()  # never leave it behind: the kernel reaps it, the group goes with it
+            self._gone(gen, child)
+            self.dispatch(ChildExited(time.monotonic(), gen, verdict or Verdict(Cause.INTERNAL, "unknown exit"),
+                                      rc, evidence, random.random()))
+            for listener in self._exit_listeners:
+                listener(gen, verdict or Verdict(Cause.INTERNAL, ""), rc)
+
+    async def _spawn_child(self, gen: int, settings: RunSettings) -> tuple[Child | None, Verdict | None]:
+        p = self._loaded.profile
         port = p.port or free_port()
         try:
-            argv = build_argv(p, self.loaded.caps, settings, port)
+            argv = build_argv(p, self._loaded.caps, settings, port)
         except CommandError as exc:
-            self.dispatch(ChildExited(time.monotonic(), gen, Verdict(Cause.BAD_ARGS, str(exc))))
-            return
-        cause = self.machine.history[-1].cause if self.machine.history else "start"
+            return None, Verdict(Cause.BAD_ARGS, str(exc))
+        cause = self._machine.history[-1].cause if self._machine.history else "start"
         log.info("child_spawn", gen=gen, cause=cause, settings=settings.as_dict(),
-                 adjustment=self.machine.adjustment, argv=redact(argv))
-        oom_before = await asyncio.to_thread(oom_kill_count)
-        t0 = time.monotonic()
+                 adjustment=self._machine.adjustment, argv=redact(argv))
         try:
             child = await spawn(argv, child_env(os.environ, p), on_line=partial(self._on_line, gen),
                                 echo=self.cfg.log_child_output)
         except OSError as exc:
-            detail = f"cannot start {argv[0]}: {exc.strerror or exc}"
-            self.dispatch(ChildExited(time.monotonic(), gen, Verdict(Cause.SPAWN_FAILED, detail)))
-            return
-        self.child, self.child_gen, self.argv, self.child_url = child, gen, argv, f"http://127.0.0.1:{port}"
-        self.load_s = None
-        if self.machine.gen == gen and self.machine.pending is not None:
+            return None, Verdict(Cause.SPAWN_FAILED, f"cannot start {argv[0]}: {exc.strerror or exc}")
+        except (ValueError, TypeError) as exc:  # e.g. a NUL byte in an environment value
+            return None, Verdict(Cause.BAD_ARGS, f"cannot start {argv[0]}: {exc}")
+        self._child, self._child_gen, self._argv = child, gen, argv
+        self._child_url, self._load_s = f"http://127.0.0.1:{port}", None
+        if self._machine.gen == gen and self._machine.pending is not None:
             # A stop or restart was asked for while this child was being spawned: carry it out now.
-            self._task(self._kill(gen, self.machine.reason))
+            self._task(self._kill(gen, self._machine.kill_reason))
+        return child, None
+
+    async def _watch_child(self, gen: int, child: Child, oom_before: int | None, t0: float
+                           ) -> tuple[int, Verdict, Evidence]:
         health = asyncio.create_task(self._await_health(gen, child, t0))
-        rc = await child.wait()
-        health.cancel()
+        try:
+            rc = await child.wait()
+        finally:
+            health.cancel()
+        self._gone(gen, child)  # from this instant nothing is sent to it; the examination follows
         oom_after = await asyncio.to_thread(oom_kill_count)
         oom_killed = None if oom_before is None or oom_after is None else oom_after > oom_before
         verdict = classify(Exit(rc, tuple(child.tail)[-80:], child.signalled, oom_killed))
         free, fp = None, None
         if verdict.cause in OOM_CAUSES:
-            free = await self._vram_after_exit(child.pid)
+            free = await vram.free_after_exit(child.pid, self.cfg.vram_release_wait_s)
             if free is not None:
-                fp = await self._footprint(self.machine.effective.ctx_size)
-        self.last_tail = list(child.tail)
-        if self.child is child:
-            self.child, self.child_url = None, None
+                fp = await vram.model_footprint(self._loaded.profile, self._machine.effective.ctx_size)
         if verdict.cause is not Cause.STOPPED:
             self.metrics.restarts.labels(verdict.cause.value).inc()
             log.warning("child_exit", gen=gen, pid=child.pid, returncode=rc, cause=verdict.cause.value,
                         detail=verdict.detail)
         else:
             log.info("child_exit", gen=gen, pid=child.pid, returncode=rc, cause=verdict.cause.value)
-        ev = Evidence(alloc_mib=verdict.alloc_mib, free_vram_mib=free, model_layers=self.model_layers, footprint=fp,
+        ev = Evidence(alloc_mib=verdict.alloc_mib, free_vram_mib=free, model_layers=self._model_layers, footprint=fp,
                       compute=verdict.cause is Cause.OOM_COMPUTE)
-        self.dispatch(ChildExited(time.monotonic(), gen, verdict, rc, ev, random.random()))
+        return rc, verdict, ev
 
-    async def _vram_after_exit(self, pid: int) -> float | None:
-        """Drivers release VRAM a little after the process is gone: wait for it (bounded), then read free VRAM."""
-        deadline = time.monotonic() + self.cfg.vram_release_wait_s
-        while True:
-            gpus = await asyncio.to_thread(gpu.snapshot)
-            if not gpus:
-                return None
-            still = any(proc_pid == pid for g in gpus for proc_pid, _ in g.processes)
-            if not still or time.monotonic() > deadline:
-                return gpus[0].memory_free_mib
-            await asyncio.sleep(0.2)
+    def _gone(self, gen: int, child: Child | None) -> None:
+        """The child of `gen` is gone: drop its address and tell the machine, in one step (no await)."""
+        if child is not None and self._child is child:
+            self._last_tail = list(child.tail)
+            self._child, self._child_url = None, None
+        if self._machine.gen == gen and self._machine.child_alive:
+            self.dispatch(ChildGone(time.monotonic(), gen))
 
     async def _await_health(self, gen: int, child: Child, t0: float) -> None:
         try:
-            await wait_healthy(self.http, self.child_url or "", child, stall_s=self.cfg.load_stall_s,
+            await wait_healthy(self._http, self._child_url or "", child, stall_s=self.cfg.load_stall_s,
                                max_s=self.cfg.load_max_s)
         except NotReady as exc:
             if child.returncode is None:
                 self.dispatch(Unresponsive(time.monotonic(), gen, f"load: {exc}"))
             return
-        self.load_s = time.monotonic() - t0
-        self.metrics.load_seconds.set(self.load_s)
+        self._load_s = time.monotonic() - t0
+        self.metrics.load_seconds.set(self._load_s)
         self.dispatch(Healthy(time.monotonic(), gen))
 
-    async def _warmup(self, gen: int) -> None:
-        p = self.loaded.profile
+    async def _warmup_child(self, gen: int) -> None:
+        p = self._loaded.profile
         if not p.warmup:
-            self.warmup = {"skipped": True}
+            self._warmup = {"skipped": True}
             await self._warmed(gen)
             return
         try:
-            info = await warmup(self.http, self.child_url or "", image=p.images if p.mmproj is not None else None,
+            info = await warmup(self._http, self._child_url or "", image=p.images if p.mmproj is not None else None,
                                 timeout_s=self.cfg.warmup_timeout_s)
         except NotReady as exc:
             self.dispatch(Unresponsive(time.monotonic(), gen, f"warmup: {exc}"))
             return
-        self.warmup = info
+        self._warmup = info
         self.metrics.warmup_seconds.set(float(info["seconds"]))  # type: ignore[arg-type]
-        eff = self.machine.effective
+        eff = self._machine.effective
         self.metrics.gpu_layers.set(eff.n_gpu_layers if isinstance(eff.n_gpu_layers, int) else -1)
         self.metrics.ctx_size.set(eff.ctx_size)
+        self.note_progress()
         await self._warmed(gen)
 
     async def _warmed(self, gen: int) -> None:
-        for hook in self.after_warmup:
-            await hook(gen, self.warmup or {})
+        for hook in self._after_warmup:
+            await hook(gen, self._warmup or {})
         self.dispatch(WarmedUp(time.monotonic(), gen))
 
     async def _kill(self, gen: int, reason: str) -> None:
-        child = self.child
-        if child is None or self.child_gen != gen:
-            return  # not spawned yet: _run_child sees machine.pending and comes back here
+        child = self._child
+        if child is None or self._child_gen != gen:
+            return  # not spawned yet: _spawn_child sees machine.pending and comes back here
         log.info("child_stop", gen=gen, pid=child.pid, reason=reason)
-        timeout = 2.0 if self.machine.pending is Cause.WEDGED else self.cfg.stop_timeout_s
+        timeout = 2.0 if self._machine.pending is Cause.WEDGED else self.cfg.stop_timeout_s
         await child.stop(timeout)
 
     def _on_line(self, gen: int, line: str) -> None:
-        if FATAL_WHILE_RUNNING.search(line) and self.machine.gen == gen:
+        if FATAL_WHILE_RUNNING.search(line) and self._machine.gen == gen:
             self.dispatch(Unresponsive(time.monotonic(), gen, f"fatal log line: {line.strip()[:300]}"))
 
-    async def _liveness(self) -> None:
-        failures, gen = 0, -1
-        while True:
-            await asyncio.sleep(self.cfg.liveness_interval_s)
-            m = self.machine
-            if m.state is not State.READY or self.child_url is None:
-                failures = 0
-                continue
-            if m.gen != gen:
-                failures, gen = 0, m.gen
-            if time.monotonic() - self.last_success < self.cfg.liveness_interval_s:
-                failures = 0  # real traffic just succeeded: it is alive
-                continue
-            try:
-                r = await self.http.get(f"{self.child_url}/health", timeout=self.cfg.liveness_timeout_s)
-                ok = r.status_code == 200
-                why = f"/health answered {r.status_code}"
-            except httpx.HTTPError as exc:
-                ok, why = False, f"/health: {type(exc).__name__}"
-            failures = 0 if ok else failures + 1
-            if failures >= self.cfg.liveness_failures and self.machine.gen == gen:
-                self.dispatch(Unresponsive(time.monotonic(), gen, f"liveness: {failures} failed probes ({why})"))
-                failures = 0
-
-    # ---- used by the API and the proxy --------------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self.machine.state is State.READY
+    # ---- used by the API, the proxy and the reloader ---------------------------------------------
 
     async def wait_ready(self, timeout: float) -> bool:
-        if self.ready:
-            return True
-        if self.machine.state in (State.FAILED, State.STOPPING, State.STOPPED):
-            return False
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            return False
-        return self.ready
+        """Wait (bounded) for ready; False at once when the state settles elsewhere (failed, stopping)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self._machine.state
+            if state is State.READY:
+                return True
+            if state in SETTLED:
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._settled.wait(), left)
+            except TimeoutError:
+                return False
 
     def restart(self, reason: str, *, reset: bool = False, base: RunSettings | None = None) -> None:
+        if self._closing:
+            log.info("restart_ignored", reason=reason, why="shutting down")
+            return
         if reset:
             self._task(asyncio.to_thread(self._forget))
         self.dispatch(RestartRequested(time.monotonic(), reason, base=base, reset=reset))
 
+    def retry_failed(self, reason: str) -> bool:
+        """A file the failed start depended on changed: try again (only from `failed`)."""
+        if self._closing or self._machine.state is not State.FAILED:
+            return False
+        self.dispatch(Retry(time.monotonic(), reason))
+        return True
+
+    def apply_profile(self, loaded: Loaded) -> None:
+        """A valid profile whose command line is unchanged: supervisor-side settings (images, warmup, the
+        ladder's floor) apply at once, without a restart."""
+        self._loaded = loaded
+        self._policy = policy_for(self.cfg, loaded.profile)
+
     def replace_profile(self, loaded: Loaded) -> None:
         """Switch to a new (validated) profile; the caller decided that the child must restart."""
-        self.loaded = loaded
-        self.policy = policy_for(self.cfg, loaded.profile)
+        if self._closing:
+            log.info("reload_ignored", file=str(loaded.path), why="shutting down")
+            return
+        self.apply_profile(loaded)
         self.restart(f"profile changed: {loaded.path}", base=base_settings(loaded.profile))
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def shutting_down(self) -> None:
+        """From now on no reload, restart or retry starts a child (a late SIGHUP included)."""
+        self._closing = True
+
     async def stop(self) -> None:
+        """Stop the child (SIGTERM, then SIGKILL after stop_timeout_s) and every task; bounded."""
+        self._closing = True
         self.dispatch(StopRequested(time.monotonic()))
-        await self.finished.wait()
-        for t in self._timers:
+        try:
+            await asyncio.wait_for(self.finished.wait(), self.cfg.stop_timeout_s + 5.0)
+        except TimeoutError:
+            log.error("stop_timeout", state=self._machine.state.value, pid=self._child.pid if self._child else None)
+            if self._child is not None:
+                self._child.kill_now()
+        for t in self._timers.values():
             t.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.http.aclose()
+        await self._http.aclose()

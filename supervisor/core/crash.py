@@ -21,6 +21,7 @@ class Cause(StrEnum):
     WEDGED = "wedged"  # alive but useless; we killed it
     EXITED = "exited"  # exited by itself, code 0 or an error we cannot place
     STOPPED = "stopped"  # we asked it to stop (shutdown, restart, reload)
+    INTERNAL = "internal_error"  # the supervisor itself failed while running the child (retried)
 
 
 OOM_CAUSES = frozenset({Cause.OOM_LOAD, Cause.OOM_COMPUTE})

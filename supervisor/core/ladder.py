@@ -31,6 +31,11 @@ class RunSettings:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        if self.cpu_only:
+            return f"CPU only, ctx {self.ctx_size}"
+        return f"{self.n_gpu_layers} GPU layers, ctx {self.ctx_size}" + ("" if self.mmproj_offload else ", projector on CPU")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSettings:
         return cls(

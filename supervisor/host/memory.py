@@ -1,7 +1,9 @@
-"""Learned settings: the last run settings that reached ready, per (profile, model file, binary).
+"""Learned settings: the last run settings that reached ready, per (settings asked for, model file, binary).
 
 Kept in a small JSON file in the state directory so the next start, after a reboot too, begins
-with what worked instead of walking the out-of-memory ladder again.
+with what worked instead of walking the out-of-memory ladder again. The key is the command line the
+profile asks for (its GPU layers, context, cache types, ...), so an edited profile never starts with
+settings learned for another one; a replaced model or binary (size, mtime) changes it too.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.ladder import RunSettings
@@ -17,9 +20,9 @@ from ..core.ladder import RunSettings
 FILE_NAME = "learned-settings.json"
 
 
-def key_for(profile_name: str, model: Path, binary: str) -> str:
-    """Changes when the model file or the binary is replaced, so stale learning is not reused."""
-    parts = [profile_name]
+def key_for(identity: Sequence[str], model: Path, binary: str) -> str:
+    """`identity`: the profile's own command line. Changes when it, the model file or the binary changes."""
+    parts = ["\0".join(identity)]
     for p in (Path(model), Path(binary)):
         try:
             st = p.stat()

@@ -94,7 +94,12 @@ class App:
                             headers={"Retry-After": "5"})
 
     async def status(self, request: Request) -> Response:
-        return JSONResponse({**await status.build(self.runner), "context": self.proxy.context.status()})
+        extra = {"requests": {"in_flight": self.proxy.in_flight, "waiting": self.proxy.waiting,
+                              "upstream": {"active": self.proxy.gate.active, "limit": self.proxy.gate.limit,
+                                           "waiting": self.proxy.gate.waiting}},
+                 "quarantine": self.proxy.poison.status(),
+                 "last_reload_error": self.reload.last_error if self.reload is not None else None}
+        return JSONResponse({**await status.build(self.runner, extra), "context": self.proxy.context.status()})
 
     async def metrics(self, request: Request) -> Response:
         # Collecting reads /proc and NVML: keep it off the event loop.

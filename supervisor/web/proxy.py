@@ -17,11 +17,14 @@ import httpcore
 import structlog
 
 from ..child.runner import Runner
+from ..core import quarantine
 from ..core.lifecycle import Machine
 from ..profile import ImagePolicy, Profile
 from .context import ContextGuard, ContextRejected, CountError
 from .errors import Receive, Scope, Send, error_doc, json_error, send_simple
+from .gate import Gate, upstream_limit
 from .images import ImageError, Stats, rewrite_chat
+from .poison import PoisonGuard
 from .predict import chat_to_predict, predict_to_chat
 from .upstream import AsyncioBackend
 
@@ -102,11 +105,20 @@ def route_label(path: str) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
 
+
+
 class Proxy:
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self.metrics = runner.metrics
         self.remote_hosts = frozenset(runner.cfg.remote_image_hosts)
+        self.in_flight = 0  # requests inside the proxy (any stage)
+        self.waiting = 0  # ... of which waiting for the child to be ready
+        self.gate = Gate(upstream_limit(runner.cfg, runner.loaded.profile), self.metrics)
+        self.poison = PoisonGuard(self.metrics, quarantine.Policy(window_s=runner.cfg.quarantine_window_s,
+                                                                  duration_s=runner.cfg.quarantine_s))
+        runner.on_exit(self.poison.on_exit)
+        runner.set_traffic(lambda: self.in_flight)
         # httpcore directly, not httpx: on this hot path httpx's request/response models cost a third of the
         # proxy's CPU per request, and nothing here needs them (no redirects, cookies, auth or decoding).
         # Keep few idle connections, and not for long: every idle keep-alive connection pins one of
@@ -116,7 +128,7 @@ class Proxy:
         self.pool = httpcore.AsyncConnectionPool(max_connections=512, max_keepalive_connections=KEEPALIVE_IDLE,
                                                  keepalive_expiry=4.0, network_backend=AsyncioBackend())
         self.context = ContextGuard(runner, self.pool)
-        runner.after_warmup.append(self.context.after_warmup)
+        runner.on_warmed(self.context.after_warmup)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -140,7 +152,7 @@ class Proxy:
         body = b"".join(chunks)
         route = route_label(scope["path"])
         t0 = time.perf_counter()
-        self.runner.in_flight += 1
+        self.in_flight += 1
         self.metrics.in_flight.inc()
         status = [499]  # what the client got; stays 499 if it left first
         work = asyncio.ensure_future(self._forward(scope, body, send, status))
@@ -151,7 +163,7 @@ class Proxy:
             for task in (work, watch):
                 task.cancel()
             await asyncio.gather(work, watch, return_exceptions=True)
-            self.runner.in_flight -= 1
+            self.in_flight -= 1
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
@@ -201,19 +213,23 @@ class Proxy:
             raise RequestRejected(exc.status, exc.message) from None
         return body, Chat(doc, []) if guard else None
 
+    def sync_profile(self) -> None:
+        """The profile changed (reload): follow its parallel slots."""
+        self.gate.set_limit(upstream_limit(self.runner.cfg, self.runner.loaded.profile))
+
     async def _wait_ready(self) -> tuple[bool, str]:
         r = self.runner
         if r.ready:
             return True, ""
-        if r.waiting >= r.cfg.queue_max:
-            return False, f"llama-server is {r.machine.state.value} and {r.waiting} requests are already waiting"
-        r.waiting += 1
+        if self.waiting >= r.cfg.queue_max:
+            return False, f"llama-server is {r.machine.state.value} and {self.waiting} requests are already waiting"
+        self.waiting += 1
         self.metrics.queued.inc()
         t0 = time.perf_counter()
         try:
             ok = await r.wait_ready(r.cfg.queue_wait_s)
         finally:
-            r.waiting -= 1
+            self.waiting -= 1
             self.metrics.queued.dec()
             self.metrics.queue_wait.observe(time.perf_counter() - t0)
         if ok:
@@ -248,6 +264,12 @@ class Proxy:
     async def _forward(self, scope: Scope, body: bytes, send: Send, status: list[int]) -> None:
         path = scope["path"]
         chat: Chat | None = None
+        digest = await self.poison.digest(scope["method"], path, body)
+        if (refusal := self.poison.refusal(digest)) is not None:
+            status[0] = 422
+            await send_simple(send, *json_error(422, refusal, "invalid_request_error"))
+            return
+        what = f"{scope['method']} {path} ({len(body)} bytes)"
         try:
             if scope["method"] == "POST" and (path in KNOWN_ROUTES or path == PREDICT):
                 body, chat = await self._check_body(path, body)
@@ -258,42 +280,61 @@ class Proxy:
         headers = self._headers(scope)
         query = scope.get("query_string", b"")
         target = ("/v1/chat/completions" if path == PREDICT else path) + ("?" + query.decode("latin-1") if query else "")
-        upstream: httpcore.Response | None = None
         extra: list[tuple[bytes, bytes]] = []
         fitted_gen = -1
         for attempt in (1, 2):
             ok, why = await self._wait_ready()
+            if ok and not await self.gate.acquire(self.runner.cfg.queue_wait_s):
+                ok, why = False, (f"llama-server is busy: {self.gate.active} requests in progress, "
+                                  f"{self.gate.waiting} waiting")
             if not ok:
                 status[0] = 503
                 await send_simple(send, *json_error(503, why, "unavailable_error", [(b"retry-after", b"5")]))
                 return
-            if chat is not None and fitted_gen != self.runner.machine.gen:
-                fitted_gen = self.runner.machine.gen
-                try:
-                    body, extra = await self._fit_context(chat, body, fitted_gen)
-                except RequestRejected as exc:
-                    status[0] = exc.status
-                    await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
-                    return
-            base = self.runner.child_url or ""
-            req = httpcore.Request(scope["method"], base + target, content=body, extensions={"timeout": TIMEOUTS},
-                                   headers=[(b"host", base.removeprefix("http://").encode()), *headers,
-                                            (b"content-length", str(len(body)).encode())])
             gen = self.runner.machine.gen
+            answered: bool | None = False
+            sent = False
             try:
-                upstream = await self.pool.handle_async_request(req)
-                break
-            except RETRYABLE as exc:
-                if attempt == 2:
-                    status[0] = 502
-                    msg = f"llama-server did not answer: {type(exc).__name__}"
-                    await send_simple(send, *json_error(502, msg, "server_error"))
-                    return
-                log.info("proxy_retry", path=scope["path"], error=type(exc).__name__)
-                await self._settle(gen)
-        assert upstream is not None
+                if chat is not None and fitted_gen != gen:
+                    fitted_gen = gen
+                    try:
+                        body, extra = await self._fit_context(chat, body, gen)
+                    except RequestRejected as exc:
+                        status[0] = exc.status
+                        await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
+                        return
+                self.poison.sent(gen, digest, what)
+                sent = True
+                answered = await self._exchange(scope["method"], target, body, headers, send, status, attempt,
+                                                predict=path == PREDICT, extra=extra)
+            finally:
+                self.gate.release()
+                if sent:
+                    self.poison.finished(gen, digest, bool(answered))
+            if answered is not None:
+                return
+            await self._settle(gen)
+
+    async def _exchange(self, method: str, target: str, body: bytes, headers: list[tuple[bytes, bytes]], send: Send,
+                        status: list[int], attempt: int, predict: bool, extra: list[tuple[bytes, bytes]]) -> bool | None:
+        """One exchange with the child. Returns whether it answered in full, or None when the request never
+        reached a live llama-server and may be sent again."""
+        base = self.runner.child_url or ""
+        req = httpcore.Request(method, base + target, content=body, extensions={"timeout": TIMEOUTS},
+                               headers=[(b"host", base.removeprefix("http://").encode()), *headers,
+                                        (b"content-length", str(len(body)).encode())])
         try:
-            await self._relay(upstream, send, status, predict=path == PREDICT, extra=extra)
+            upstream = await self.pool.handle_async_request(req)
+        except RETRYABLE as exc:
+            if attempt == 2:
+                status[0] = 502
+                msg = f"llama-server did not answer: {type(exc).__name__}"
+                await send_simple(send, *json_error(502, msg, "server_error"))
+                return False
+            log.info("proxy_retry", path=target, error=type(exc).__name__)
+            return None
+        try:
+            return await self._relay(upstream, send, status, predict=predict, extra=extra)
         finally:
             await upstream.aclose()
 
@@ -315,7 +356,8 @@ class Proxy:
         return fit.body, [(TRIMMED_HEADER, fit.header or b"")]
 
     async def _relay(self, upstream: httpcore.Response, send: Send, status: list[int], predict: bool = False,
-                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
+                     extra: list[tuple[bytes, bytes]] | None = None) -> bool:
+        """Pass the answer on; True when the child's answer came in full."""
         code = status[0] = upstream.status
         headers = [(k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP] + (extra or [])
         sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
@@ -326,9 +368,9 @@ class Proxy:
             except UPSTREAM_ERRORS as exc:
                 status[0] = 502
                 await send_simple(send, *json_error(502, f"llama-server failed mid-response: {exc!r}", "server_error"))
-                return
+                return False
+            self.runner.note_progress()  # it answered: alive, whatever the status
             if 200 <= code < 300:
-                self.runner.last_success = time.monotonic()
                 if b'"usage"' in data:
                     self._count_tokens(data)
                 if predict:
@@ -338,16 +380,18 @@ class Proxy:
             elif code == 400 and b"exceed_context_size_error" in data:
                 data = context_hint(data, self.runner.loaded.profile, self.runner.machine)
             await send_simple(send, code, headers + [(b"content-length", str(len(data)).encode())], data)
-            return
+            return True
         await send({"type": "http.response.start", "status": code, "headers": headers})
         runner = self.runner
+        whole = True
         try:
             async for chunk in stream:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                runner.last_success = time.monotonic()  # a flowing stream is proof of life for liveness
+                runner.note_progress()  # a flowing stream is proof of life for liveness
                 if b'"timings"' in chunk:
                     self._count_tokens(chunk)
         except UPSTREAM_ERRORS as exc:
+            whole = False
             m = self.runner.machine
             err = error_doc(502, f"llama-server stream was cut ({type(exc).__name__}); state: {m.state.value}",
                             "server_error")
@@ -355,6 +399,7 @@ class Proxy:
                         "more_body": True})
             status[0] = 502
         await send({"type": "http.response.body", "body": b""})
+        return whole
 
     def _count_tokens(self, data: bytes) -> None:
         """Token counts from llama-server's own usage/timings, parsed only from the chunk that has them."""
