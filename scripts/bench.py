@@ -46,7 +46,7 @@ CHAT8 = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "i
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 class Supervisor:

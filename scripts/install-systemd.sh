@@ -13,9 +13,10 @@ id llama-supervisor >/dev/null 2>&1 || useradd --system --home-dir /var/lib/llam
     --shell /usr/sbin/nologin --groups "$(getent group video >/dev/null && echo video || echo users)" llama-supervisor
 
 mkdir -p "$PREFIX" "$ETC/profiles"
-cp -r pyproject.toml README.md supervisor scripts configs systemd "$PREFIX/"
+cp -r pyproject.toml constraints.txt README.md supervisor scripts configs systemd "$PREFIX/"
 python3 -m venv "$PREFIX/.venv"
-"$PREFIX/.venv/bin/pip" install --quiet "$PREFIX"
+# The versions the test suite ran with (constraints.txt; scripts/refresh-constraints.sh regenerates it).
+"$PREFIX/.venv/bin/pip" install --quiet -c "$PREFIX/constraints.txt" "$PREFIX"
 
 if [ -z "${LLAMA_SERVER_BIN:-}" ]; then
     # Build into a cache the service user can read.

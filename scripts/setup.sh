@@ -12,9 +12,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 if ! .venv/bin/python -c 'import supervisor, pytest, respx, hypothesis' 2>/dev/null \
-        || [ pyproject.toml -nt .venv/.installed ]; then
+        || [ pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
     echo "[setup] installing llama-supervisor and its test dependencies" >&2
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    # constraints.txt pins every package to what was tested (scripts/refresh-constraints.sh regenerates it).
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
     touch .venv/.installed
 fi
 # The tests verify the systemd unit with systemd-analyze (Debian's systemd package).

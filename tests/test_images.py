@@ -108,7 +108,7 @@ def test_keep_last_images() -> None:
 
 
 def test_keep_last_turns_keeps_system() -> None:
-    new, stats = rewrite_chat(_chat(0, turns=4), ImagePolicy(keep_last_turns=2))
+    new, _ = rewrite_chat(_chat(0, turns=4), ImagePolicy(keep_last_turns=2))
     assert new is not None and [m["role"] for m in new["messages"]] == ["system", "user", "assistant", "user",
                                                                           "assistant"]
     assert new["messages"][1]["content"][0]["text"] == "turn 2"

@@ -256,7 +256,7 @@ def test_new_profile_replaces_base() -> None:
 
 def test_learned_settings_start_first() -> None:
     learned = RunSettings(3, 2048)
-    m, acts = transition(initial(BASE, learned), Start(0), P)
+    _, acts = transition(initial(BASE, learned), Start(0), P)
     assert acts == [Spawn(1, learned)]
 
 
