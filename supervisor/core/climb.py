@@ -33,7 +33,7 @@ def is_reduced(base: RunSettings, eff: RunSettings, model_layers: int | None) ->
     """Does `eff` run below what the profile asks for (fewer layers, smaller context, projector or all on CPU)?"""
     if eff == base:
         return False
-    if eff.cpu_only and not base.cpu_only or eff.ctx_size < base.ctx_size or base.mmproj_offload > eff.mmproj_offload:
+    if (eff.cpu_only and not base.cpu_only) or eff.ctx_size < base.ctx_size or base.mmproj_offload > eff.mmproj_offload:
         return True
     asked, cur = requested_offload(base.n_gpu_layers, model_layers or 0), offloadable(eff.n_gpu_layers, model_layers)
     if asked is None:  # 'auto': llama.cpp fits it; an explicit count came from the ladder
