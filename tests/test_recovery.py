@@ -38,8 +38,6 @@ async def test_sigkill_during_stream_ends_stream_and_recovers(tmp_path: Path, wr
         assert last["error"]["code"] == 502 and "cut" in last["error"]["message"]
         await wait_for(lambda: d.runner.ready and d.runner.child is not None and d.runner.child.pid != pid,
                        what="ready again")
-        # The backoff timer fired and left the runner; both children's stable timers (60 s) are still pending.
-        assert len(d.runner._timers) == 2
         r = await c.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 200
         st = (await c.get("/status")).json()
