@@ -23,5 +23,10 @@ if ! command -v systemd-analyze >/dev/null && command -v apt-get >/dev/null && [
     echo "[setup] installing systemd (for systemd-analyze)" >&2
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd) >/dev/null
 fi
+# The fleet test puts three supervisors behind a real HAProxy (Debian's haproxy package).
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing haproxy (for the fleet test)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy) >/dev/null
+fi
 echo "[setup] llama-server: $(.venv/bin/python scripts/build_llama_server.py ${LLAMA_BACKEND:+--backend "$LLAMA_BACKEND"})" >&2
 echo "[setup] demo models:  $(.venv/bin/python scripts/tiny_gguf.py --vision)" >&2

@@ -18,6 +18,7 @@ import structlog
 import watchfiles
 
 from .child.runner import Runner
+from .drain import Drain
 from .loading import child_identity, load_checked
 from .profile import ProfileError
 
@@ -27,7 +28,8 @@ log = structlog.get_logger("reload")
 class Reloader:
     def __init__(self, runner: Runner, profile_path: Path, settings_file: Path | None = None,
                  debounce_ms: int = 300, *, overrides: dict[str, Any] | None = None,
-                 in_flight: Callable[[], int] = lambda: 0, on_applied: Callable[[], None] = lambda: None) -> None:
+                 in_flight: Callable[[], int] = lambda: 0, on_applied: Callable[[], None] = lambda: None,
+                 drain: Drain | None = None) -> None:
         self.runner = runner
         self.path = profile_path
         self.settings_file = settings_file
@@ -35,6 +37,7 @@ class Reloader:
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # command-line values
         self.in_flight = in_flight
         self.on_applied = on_applied  # the proxy follows the profile (its upstream limit)
+        self.drain = drain or Drain()  # a balancer is told to stop sending here before the child restarts
         self.last_error: dict[str, Any] | None = None  # the last rejected reload, until a good one
         self._lock = asyncio.Lock()
 
@@ -86,12 +89,18 @@ class Reloader:
             log.info("reload_no_restart", source=source, file=str(path), retry_after_failed=retried)
             return {"ok": True, "restarted": retried}
         self.path = path
-        await self._drain()
-        if r.closing:
-            return self._refused()
-        r.metrics.reloads.labels("restart").inc()
-        log.info("reload_restart", source=source, file=str(path), profile=loaded.profile.name)
-        r.replace_profile(loaded)
+        why = "profile change"
+        self.drain.begin(why)  # /health 503 and agent `drain`: the balancer stops sending here ...
+        try:
+            await asyncio.sleep(r.cfg.drain_notice_s)  # ... once it has looked
+            await self._drain()
+            if r.closing:
+                return self._refused()
+            r.metrics.reloads.labels("restart").inc()
+            log.info("reload_restart", source=source, file=str(path), profile=loaded.profile.name)
+            r.replace_profile(loaded)
+        finally:
+            self.drain.end(why)  # the restart itself keeps the box out (agent `maint`) until it is ready
         self.on_applied()
         return {"ok": True, "restarted": True}
 

@@ -16,9 +16,11 @@ import uvicorn
 from . import status
 from .child.runner import Runner
 from .config import Config
+from .drain import Drain
 from .loading import load_checked
 from .reload import Reloader
 from .sdnotify import Notifier
+from .web.agent import AgentListener
 from .web.app import App
 from .web.proxy import Proxy
 
@@ -53,6 +55,10 @@ class Daemon:
         self.url = ""
         self._serving: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
+        self.drain = Drain()
+        self.agent: AgentListener | None = None
+        self._notice: asyncio.TimerHandle | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Raises ProfileError for a bad profile and OSError when the address is taken."""
@@ -62,15 +68,24 @@ class Daemon:
         runner.metrics.attach_sampler(lambda: status.sample(runner))
         self.proxy = proxy = Proxy(runner)
         self.reloader = Reloader(runner, self.profile_path, self.settings_file, overrides=self.overrides,
-                                 in_flight=lambda: proxy.in_flight, on_applied=proxy.sync_profile)
+                                 in_flight=lambda: proxy.in_flight, on_applied=proxy.sync_profile,
+                                 drain=self.drain)
         sock = bind(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        self.server = _Server(uvicorn.Config(App(runner, self.proxy, self.reloader), lifespan="off", log_config=None,
+        self.server = _Server(uvicorn.Config(App(runner, self.proxy, self.reloader, self.drain), lifespan="off", log_config=None,
                                              access_log=False, http="httptools", server_header=False,
                                              timeout_graceful_shutdown=max(1, int(cfg.drain_s))))
         log.info("listening", url=self.url, profile=str(self.profile_path), binary=loaded.caps.binary,
                  llama_server_version=loaded.caps.version)
+        if cfg.agent_port is not None:
+            self.agent = AgentListener(runner, self.drain, lambda: proxy.in_flight, cfg.agent_host or cfg.host,
+                                       cfg.agent_port)
+            try:
+                await self.agent.start()
+            except OSError:
+                sock.close()
+                raise
         self._background.append(asyncio.ensure_future(self.reloader.watch()))
         if self.notifier.watchdog_s:
             self._background.append(asyncio.ensure_future(_watchdog(self.notifier)))
@@ -80,8 +95,23 @@ class Daemon:
             await asyncio.sleep(0.01)
 
     def request_stop(self) -> None:
+        """Leave the balancer's pool first (/health 503, agent `drain`), then, `drain_notice_s` later, stop
+        accepting and drain the requests in flight. A second request skips what is left of the notice."""
+        again, self._stopping = self._stopping, True
         self.runner.shutting_down()
-        self.notifier.send("STOPPING=1")
+        self.drain.reason = "shutdown"  # whatever drain was on (a profile change), this one wins
+        if not again:
+            self.notifier.send("STOPPING=1")
+            if self.cfg.drain_notice_s > 0:
+                log.info("drain_notice", seconds=self.cfg.drain_notice_s, in_flight=self.proxy.in_flight)
+                self._notice = asyncio.get_running_loop().call_later(self.cfg.drain_notice_s, self._stop_accepting)
+                return
+        self._stop_accepting()
+
+    def _stop_accepting(self) -> None:
+        if self._notice is not None:
+            self._notice.cancel()
+        log.info("drain", in_flight=self.proxy.in_flight)
         self.server.should_exit = True
 
     def track(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -104,6 +134,8 @@ class Daemon:
             await asyncio.gather(*self._background, return_exceptions=True)
             await self.runner.stop()
             await self.proxy.aclose()
+            if self.agent is not None:  # last: it says `drain` until the very end
+                await self.agent.close()
             self.notifier.close()
             log.info("stopped")
 

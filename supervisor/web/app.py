@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from .. import status
 from ..child.runner import Runner
+from ..drain import Drain
 from .errors import Receive, Scope, Send, error_doc, error_response, json_error, send_simple
 from .proxy import Proxy
 
@@ -52,8 +53,9 @@ def _key_ok(scope: Scope, expected: str) -> bool:
 class App:
     """Top-level ASGI app: a path check picks the supervisor's routes or the proxy, with auth in front."""
 
-    def __init__(self, runner: Runner, proxy: Proxy, reload: Any = None) -> None:
+    def __init__(self, runner: Runner, proxy: Proxy, reload: Any = None, drain: Drain | None = None) -> None:
         self.runner, self.proxy, self.reload = runner, proxy, reload
+        self.drain = drain or Drain()
         cfg = runner.cfg
         self.api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
         self.admin_key = cfg.admin_key.get_secret_value() if cfg.admin_key else None
@@ -85,8 +87,13 @@ class App:
 
     async def health(self, request: Request) -> Response:
         m = self.runner.machine
-        if self.runner.ready:
+        draining = self.drain.reason
+        if self.runner.ready and draining is None:
             return JSONResponse({"status": "ok"})
+        if draining is not None:  # leaving a balancer's pool: it must stop sending here first
+            doc = error_doc(503, f"draining: {draining}", "unavailable_error")
+            return JSONResponse({"status": "draining", "reason": draining, **doc}, status_code=503,
+                                headers={"Retry-After": "5"})
         # Load balancers read the status code; "status" and "reason" are for people and scripts.
         doc = error_doc(503, f"llama-server is {m.state.value}" + (f": {m.reason}" if m.reason else ""),
                         "unavailable_error")
@@ -98,7 +105,8 @@ class App:
                               "upstream": {"active": self.proxy.gate.active, "limit": self.proxy.gate.limit,
                                            "waiting": self.proxy.gate.waiting}},
                  "quarantine": self.proxy.poison.status(),
-                 "last_reload_error": self.reload.last_error if self.reload is not None else None}
+                 "last_reload_error": self.reload.last_error if self.reload is not None else None,
+                 "draining": self.drain.reason}
         return JSONResponse({**await status.build(self.runner, extra), "context": self.proxy.context.status()})
 
     async def metrics(self, request: Request) -> Response:
