@@ -112,7 +112,9 @@ async def test_shutdown_leaves_the_pool_before_it_stops_accepting(tmp_path: Path
             t0 = time.monotonic()
             d.request_stop()
             health = await c.get(f"{d.url}/health")
-            assert health.status_code == 503 and health.json() == {"status": "draining", "reason": "shutdown"}
+            assert health.status_code == 503
+            assert health.json()["status"] == "draining" and health.json()["reason"] == "shutdown"
+            assert health.json()["error"]["type"] == "unavailable_error"
             assert health.headers["retry-after"] == "5"
             assert await _ask(d.agent) == "drain #shutdown\n"
             # Still accepting during the notice: a balancer that has not looked yet loses nothing.
