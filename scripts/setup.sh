@@ -23,10 +23,15 @@ if ! command -v systemd-analyze >/dev/null && command -v apt-get >/dev/null && [
     echo "[setup] installing systemd (for systemd-analyze)" >&2
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd) >/dev/null
 fi
-# The fleet test puts three supervisors behind a real HAProxy (Debian's haproxy package).
-if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "[setup] installing haproxy (for the fleet test)" >&2
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy) >/dev/null
+# The fleet tests: three supervisors behind a real HAProxy (Debian's haproxy package), and the Prometheus
+# files checked with promtool (Debian's prometheus package; its service is not started here).
+fleet_pkgs=""
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then fleet_pkgs="haproxy"; fi
+if ! command -v promtool >/dev/null; then fleet_pkgs="$fleet_pkgs prometheus"; fi
+if [ -n "$fleet_pkgs" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing$fleet_pkgs (for the fleet tests)" >&2
+    # shellcheck disable=SC2086
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $fleet_pkgs) >/dev/null
 fi
 echo "[setup] llama-server: $(.venv/bin/python scripts/build_llama_server.py ${LLAMA_BACKEND:+--backend "$LLAMA_BACKEND"})" >&2
 echo "[setup] demo models:  $(.venv/bin/python scripts/tiny_gguf.py --vision)" >&2
