@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv" >&2
     "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import supervisor, pytest, respx, hypothesis' 2>/dev/null \
+if ! .venv/bin/python -c 'import supervisor, pytest, respx, hypothesis, selenium' 2>/dev/null \
         || [ pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
     echo "[setup] installing llama-supervisor and its test dependencies" >&2
     # constraints.txt pins every package to what was tested (scripts/refresh-constraints.sh regenerates it).
@@ -32,6 +32,12 @@ if [ -n "$fleet_pkgs" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; 
     echo "[setup] installing$fleet_pkgs (for the fleet tests)" >&2
     # shellcheck disable=SC2086
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $fleet_pkgs) >/dev/null
+fi
+# The ops page's browser test drives Debian's Chromium through chromedriver (selenium is in the test extra).
+if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } \
+        && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing chromium and chromium-driver (for the ops page's browser test)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null
 fi
 echo "[setup] llama-server: $(.venv/bin/python scripts/build_llama_server.py ${LLAMA_BACKEND:+--backend "$LLAMA_BACKEND"})" >&2
 echo "[setup] demo models:  $(.venv/bin/python scripts/tiny_gguf.py --vision)" >&2

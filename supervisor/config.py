@@ -108,6 +108,9 @@ class Config(BaseSettings):
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
     log_child_output: bool = True
+    # the ops page (/ui): seconds between chart samples (an hour of them is kept, then one a minute for a day);
+    # 0 turns the sampler off
+    sample_interval_s: float = Field(2.0, ge=0, le=60)
 
     @model_validator(mode="after")
     def _keys_from_files(self) -> Config:

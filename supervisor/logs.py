@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from .telemetry.logring import capture
+
 
 def setup(fmt: str = "auto", level: str = "info") -> None:
     json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -19,6 +21,7 @@ def setup(fmt: str = "auto", level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            capture,  # a copy of each line for the ops page's live log (/logs/stream)
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),

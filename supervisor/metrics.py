@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -91,6 +91,8 @@ class Metrics:
                                             "Prompt tokens the context guard's trimming saved", registry=r)
         self.context_checks = Counter(f"{NS}_context_checks_total", "Chat requests the context guard looked at, "
                                       "by how it decided", ["outcome"], registry=r)
+        # The supervisor's own RSS and CPU (llama_supervisor_process_*), as the ops page charts them.
+        ProcessCollector(namespace=NS, registry=r)
         self.reloads = Counter(f"{NS}_reloads_total", "Profile reloads by outcome", ["outcome"], registry=r)
 
     def attach_sampler(self, sample: Callable[[], dict[str, Any]]) -> None:

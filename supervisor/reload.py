@@ -40,6 +40,7 @@ class Reloader:
         self.drain = drain or Drain()  # a balancer is told to stop sending here before the child restarts
         self.last_error: dict[str, Any] | None = None  # the last rejected reload, until a good one
         self._lock = asyncio.Lock()
+        self.observers: list[Callable[[str, dict[str, Any]], None]] = []  # (source, outcome), e.g. the timeline
 
     def _active_path(self) -> Path:
         """The settings file may name another active profile: read it again on every reload, with the
@@ -61,7 +62,10 @@ class Reloader:
         async with self._lock:  # a burst of triggers is handled one at a time
             if self.runner.closing:
                 return self._refused()
-            return await self._reload(source)
+            outcome = await self._reload(source)
+        for obs in self.observers:
+            obs(source, outcome)
+        return outcome
 
     def _refused(self) -> dict[str, Any]:
         return {"ok": False, "restarted": False,

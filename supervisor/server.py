@@ -20,9 +20,11 @@ from .drain import Drain
 from .loading import load_checked
 from .reload import Reloader
 from .sdnotify import Notifier
+from .telemetry.logring import RING
 from .web.agent import AgentListener
-from .web.app import App
+from .web.app import App, key_checker
 from .web.proxy import Proxy
+from .web.ui import Ops
 
 log = structlog.get_logger("server")
 
@@ -70,10 +72,14 @@ class Daemon:
         self.reloader = Reloader(runner, self.profile_path, self.settings_file, overrides=self.overrides,
                                  in_flight=lambda: proxy.in_flight, on_applied=proxy.sync_profile,
                                  drain=self.drain)
+        self.ops = Ops(lambda: [runner], RING, has_admin_key=cfg.admin_key is not None,
+                       key_ok=key_checker(cfg.admin_key), sample_interval_s=cfg.sample_interval_s)
+        self.ops.watch(runner)
+        self.reloader.observers.append(self.ops.reloaded)
         sock = bind(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        self.server = _Server(uvicorn.Config(App(runner, self.proxy, self.reloader, self.drain), lifespan="off", log_config=None,
+        self.server = _Server(uvicorn.Config(App(runner, self.proxy, self.reloader, self.drain, self.ops), lifespan="off", log_config=None,
                                              access_log=False, http="httptools", server_header=False,
                                              timeout_graceful_shutdown=max(1, int(cfg.drain_s))))
         log.info("listening", url=self.url, profile=str(self.profile_path), binary=loaded.caps.binary,
@@ -89,6 +95,8 @@ class Daemon:
         self._background.append(asyncio.ensure_future(self.reloader.watch()))
         if self.notifier.watchdog_s:
             self._background.append(asyncio.ensure_future(_watchdog(self.notifier)))
+        if self.ops.sampling:
+            self._background.append(asyncio.ensure_future(self.ops.sampler.run()))
         await runner.start()
         self._serving = asyncio.ensure_future(self.server.serve(sockets=[sock]))
         while not self.server.started and not self._serving.done():
@@ -113,6 +121,7 @@ class Daemon:
             self._notice.cancel()
         log.info("drain", in_flight=self.proxy.in_flight)
         self.server.should_exit = True
+        self.ops.stream.close()  # open log streams end, or the server would wait for them
 
     def track(self, coro: Coroutine[Any, Any, Any]) -> None:
         """A background job that stop() waits for (bounded by its cancellation)."""

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -97,6 +97,14 @@ class RunnerView:
     started_mono: float
 
 
+class Observer(Protocol):
+    """Sees what happened, decides nothing (the ops page's timeline and log ring)."""
+
+    def machine_changed(self, runner: Runner, old: Machine, new: Machine) -> None: ...
+
+    def child_line(self, runner: Runner, gen: int, line: str) -> None: ...
+
+
 class Runner:
     def __init__(self, cfg: Config, loaded: Loaded, *, metrics: Metrics | None = None,
                  notifier: Notifier | None = None) -> None:
@@ -123,6 +131,7 @@ class Runner:
         self._exit_listeners: list[ExitListener] = []
         self.finished = asyncio.Event()
         self._settled = asyncio.Event()  # replaced on every state change: wakes everyone waiting for one
+        self._observers: list[Observer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}  # one per kind: a new one replaces (cancels) the old
         # Awaited after a child's warmup, before it is reported ready (generation, warmup info): the proxy's
@@ -208,6 +217,10 @@ class Runner:
         """Called with (generation, verdict, returncode) for every classified exit."""
         self._exit_listeners.append(listener)
 
+    def observe(self, observer: Observer) -> None:
+        """Told of every Machine change and every child log line (the ops page's timeline and log ring)."""
+        self._observers.append(observer)
+
     # ---- the one place where lifecycle state changes ----------------------------------------
 
     def dispatch(self, ev: Event) -> None:
@@ -216,6 +229,9 @@ class Runner:
         new = self._machine
         if new.state is not old.state or new.history[-1:] != old.history[-1:]:
             self._on_state_change(old, new)
+        if new is not old:
+            for obs in self._observers:
+                obs.machine_changed(self, old, new)
         for action in actions:
             self._perform(action)
 
@@ -444,6 +460,8 @@ class Runner:
         await child.stop(timeout)
 
     def _on_line(self, gen: int, line: str) -> None:
+        for obs in self._observers:
+            obs.child_line(self, gen, line)
         if FATAL_WHILE_RUNNING.search(line) and self._machine.gen == gen:
             self.dispatch(Unresponsive(time.monotonic(), gen, f"fatal log line: {line.strip()[:300]}"))
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -17,23 +18,12 @@ from starlette.routing import Route
 from .. import status
 from ..child.runner import Runner
 from ..drain import Drain
-from .errors import Receive, Scope, Send, error_doc, error_response, json_error, send_simple
+from . import ui
+from .errors import EXCEPTION_HANDLERS, Receive, Scope, Send, error_doc, error_response, json_error, send_simple
 from .proxy import Proxy
 
 OWN_PATHS = frozenset({"/health", "/status", "/metrics", "/child/metrics", "/admin/restart", "/admin/reload"})
 ADMIN_PATHS = frozenset({"/status", "/metrics", "/child/metrics", "/admin/restart", "/admin/reload"})
-
-
-async def _json_http_error(request: Request, exc: Exception) -> Response:
-    """404/405 on the supervisor's own routes as JSON, like every other error it returns."""
-    assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                          "invalid_request_error", exc.headers)
-
-
-async def _json_server_error(request: Request, exc: Exception) -> Response:
-    """A bug in one of the supervisor's own routes: still JSON (Starlette then logs the exception)."""
-    return error_response(500, f"supervisor error: {type(exc).__name__}", "server_error")
 
 
 def _presented_key(scope: Scope) -> bytes | None:
@@ -50,16 +40,25 @@ def _key_ok(scope: Scope, expected: str) -> bool:
     return got is not None and hmac.compare_digest(got, expected.encode())
 
 
+def key_checker(secret: SecretStr | None) -> Callable[[Scope], bool]:
+    """Does a request present this key (always true when no key is set)?"""
+    expected = secret.get_secret_value() if secret else None
+    return lambda scope: expected is None or _key_ok(scope, expected)
+
+
 class App:
     """Top-level ASGI app: a path check picks the supervisor's routes or the proxy, with auth in front."""
 
-    def __init__(self, runner: Runner, proxy: Proxy, reload: Any = None, drain: Drain | None = None) -> None:
-        self.runner, self.proxy, self.reload = runner, proxy, reload
+    def __init__(self, runner: Runner, proxy: Proxy, reload: Any = None, drain: Drain | None = None,
+                 ops: ui.Ops | None = None) -> None:
+        self.runner, self.proxy, self.reload, self.ops = runner, proxy, reload, ops
         self.drain = drain or Drain()
+        if ops is not None:
+            ops.status_of = self.status_doc
         cfg = runner.cfg
         self.api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
         self.admin_key = cfg.admin_key.get_secret_value() if cfg.admin_key else None
-        self.own = Starlette(exception_handlers={HTTPException: _json_http_error, Exception: _json_server_error}, routes=[
+        self.own = Starlette(exception_handlers=EXCEPTION_HANDLERS, routes=[
             Route("/health", self.health), Route("/status", self.status), Route("/metrics", self.metrics),
             Route("/child/metrics", self.child_metrics), Route("/admin/restart", self.restart, methods=["POST"]),
             Route("/admin/reload", self.do_reload, methods=["POST"]),
@@ -69,14 +68,15 @@ class App:
         if scope["type"] != "http":
             return  # no websockets; lifespan is handled by the server module itself
         path = scope["path"]
-        if path in OWN_PATHS:
-            key = self.admin_key if path in ADMIN_PATHS else None
+        page = self.ops is not None and ui.owns(path)
+        if path in OWN_PATHS or page:
+            key = self.admin_key if path in ADMIN_PATHS or (page and ui.needs_admin(path)) else None
             if key is not None and not _key_ok(scope, key):
                 await send_simple(send, *json_error(
                     401, "admin key required: send 'Authorization: Bearer <admin key>' or 'x-api-key'",
                     "authentication_error", [(b"www-authenticate", b"Bearer")]))
                 return
-            await self.own(scope, receive, send)
+            await (self.ops if page and self.ops is not None else self.own)(scope, receive, send)
             return
         if self.api_key is not None and not _key_ok(scope, self.api_key):
             await send_simple(send, *json_error(
@@ -101,13 +101,17 @@ class App:
                             headers={"Retry-After": "5"})
 
     async def status(self, request: Request) -> Response:
+        return JSONResponse(await self.status_doc(self.runner))
+
+    async def status_doc(self, runner: Runner) -> dict[str, Any]:
+        """/status's body (the ops page shows the same per model)."""
         extra = {"requests": {"in_flight": self.proxy.in_flight, "waiting": self.proxy.waiting,
                               "upstream": {"active": self.proxy.gate.active, "limit": self.proxy.gate.limit,
                                            "waiting": self.proxy.gate.waiting}},
                  "quarantine": self.proxy.poison.status(),
                  "last_reload_error": self.reload.last_error if self.reload is not None else None,
                  "draining": self.drain.reason}
-        return JSONResponse({**await status.build(self.runner, extra), "context": self.proxy.context.status()})
+        return {**await status.build(runner, extra), "context": self.proxy.context.status()}
 
     async def metrics(self, request: Request) -> Response:
         # Collecting reads /proc and NVML: keep it off the event loop.

@@ -7,6 +7,8 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 Scope = MutableMapping[str, Any]
@@ -35,3 +37,19 @@ def error_response(status: int, message: str, kind: str, headers: Mapping[str, s
 async def send_simple(send: Send, status: int, headers: Headers, body: bytes) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _json_http_error(request: Request, exc: Exception) -> Response:
+    """404/405 on the supervisor's own routes as JSON, like every other error it returns."""
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                          "invalid_request_error", exc.headers)
+
+
+async def _json_server_error(request: Request, exc: Exception) -> Response:
+    """A bug in one of the supervisor's own routes: still JSON (Starlette then logs the exception)."""
+    return error_response(500, f"supervisor error: {type(exc).__name__}", "server_error")
+
+
+# For the supervisor's Starlette apps (its own routes, the ops page).
+EXCEPTION_HANDLERS: dict[Any, Any] = {HTTPException: _json_http_error, Exception: _json_server_error}

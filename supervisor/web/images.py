@@ -20,7 +20,7 @@ from ..profile import ImagePolicy
 
 SUPPORTED = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
              "BMP": "image/bmp", "MPO": "image/jpeg", "TIFF": "image/tiff"}
-_DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*);base64,", re.I)
+_DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*);base64,", re.IGNORECASE)
 OMITTED = "[an earlier image was removed to keep the conversation within the context]"
 # Pillow refuses images over twice this many pixels (decompression bombs) and warns above it.
 MAX_IMAGE_PIXELS = 64_000_000

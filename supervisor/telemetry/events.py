@@ -1,0 +1,108 @@
+"""The timeline: a bounded ring of what happened to each model (state changes, exits, ladder steps,
+reloads), longer than the Machine's own 20-transition history, and the child's log lines for the log ring.
+
+It is fed from the runner's one dispatch point (old and new Machine) and from reload outcomes, so it
+never decides anything: it only writes down what the state machine did.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ..core.crash import signal_name
+from .logring import LogRing
+
+if TYPE_CHECKING:
+    from ..child.runner import Runner
+    from ..core.lifecycle import Machine
+
+log = structlog.get_logger("telemetry")
+EVENTS_MAX = 1000
+# llama-server's own prefix (with timestamps on): "0.01.793.723 W slot ..."
+_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([DIWE]) ")
+_PREFIX_LEVELS = {"D": "debug", "I": "info", "W": "warning", "E": "error"}
+_ERROR = re.compile(r"\b(error|failed|fatal|abort|out of memory|exception)\b", re.IGNORECASE)
+_WARN = re.compile(r"\b(warn|warning)\b", re.IGNORECASE)
+
+
+def wall(mono: float) -> float:
+    """Monotonic seconds (the state machine's clock) → Unix time."""
+    return time.time() - (time.monotonic() - mono)
+
+
+def child_level(line: str) -> str:
+    """llama-server's level letter when the line has one, else a guess from the words."""
+    if m := _PREFIX.match(line):
+        return _PREFIX_LEVELS[m.group(1)]
+    if _ERROR.search(line):
+        return "error"
+    if _WARN.search(line):
+        return "warning"
+    return "info"
+
+
+class Timeline:
+    """Events as dicts: id (increasing), t (Unix seconds), model, kind, title, detail and kind's fields."""
+
+    def __init__(self, logs: LogRing, maxlen: int = EVENTS_MAX) -> None:
+        self.events: deque[dict[str, Any]] = deque(maxlen=maxlen)
+        self.exits: dict[str, Counter[str]] = {}
+        self.logs = logs
+        self._ids = itertools.count(1)
+
+    def add(self, model: str, kind: str, title: str, detail: str = "", t: float | None = None,
+            **fields: Any) -> None:
+        self.events.append({"id": next(self._ids), "t": round(time.time() if t is None else t, 3), "model": model,
+                            "kind": kind, "title": title, "detail": detail, **fields})
+
+    def after(self, after_id: int, limit: int = EVENTS_MAX) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["id"] > after_id][-limit:]
+
+    # ---- observer of the runner (see Runner.observers) --------------------------------------------
+
+    def machine_changed(self, runner: Runner, old: Machine, new: Machine) -> None:
+        try:  # called inside the runner's dispatch: a bug here must not stop the supervisor
+            self._record(runner.loaded.profile.name, old, new)
+        except Exception as exc:  # noqa: BLE001
+            log.error("timeline_error", error=repr(exc))
+
+    def _record(self, model: str, old: Machine, new: Machine) -> None:
+        ex = new.last_exit
+        if ex is not None and ex is not old.last_exit:
+            self.exits.setdefault(model, Counter())[ex.cause.value] += 1
+            sig = signal_name(ex.returncode)
+            how = sig or (f"code {ex.returncode}" if ex.returncode is not None else "")
+            self.add(model, "exit", f"exit: {ex.cause.value}" + (f" ({how})" if how else ""), ex.detail,
+                     t=wall(ex.at), cause=ex.cause.value, returncode=ex.returncode, signal=sig, gen=old.gen)
+        t = new.history[-1] if new.history else None
+        if t is not None and (not old.history or t is not old.history[-1]):
+            self.add(model, "state", f"{t.src.value} → {t.dst.value}", t.detail, t=wall(t.at), cause=t.cause,
+                     src=t.src.value, dst=t.dst.value, gen=new.gen)
+        if new.effective != old.effective or new.adjustment != old.adjustment:
+            changed = {k: [v, new.effective.as_dict()[k]] for k, v in old.effective.as_dict().items()
+                       if new.effective.as_dict()[k] != v}
+            title = "ladder step" if new.adjustment and new.adjustment != old.adjustment else "settings"
+            if not new.adjustment and old.adjustment:
+                title = "back to profile settings"
+            self.add(model, "ladder", title, new.adjustment or "", changed=changed)
+
+    def child_line(self, runner: Runner, gen: int, line: str) -> None:
+        self.logs.append("child", child_level(line), line, model=runner.loaded.profile.name)
+
+    # ---- reload outcomes (see Reloader.observers) ---------------------------------------------------
+
+    def reloaded(self, model: str, source: str, outcome: dict[str, Any]) -> None:
+        if not outcome.get("ok"):
+            err = outcome.get("error") or {}
+            problems = "; ".join(f"{p.get('field', '')}: {p.get('message', '')}" for p in err.get("errors", [])
+                                 if isinstance(p, dict)) or str(err)
+            self.add(model, "reload", "reload rejected", problems, source=source, ok=False)
+        else:
+            title = "reload: restart" if outcome.get("restarted") else "reload: applied, no restart"
+            self.add(model, "reload", title, "", source=source, ok=True, restarted=bool(outcome.get("restarted")))

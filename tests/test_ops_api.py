@@ -1,0 +1,116 @@
+"""The ops page's HTTP surface against the real daemon and llama-server: files, auth, samples, events, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import httpx
+from support import running, wait_for
+
+KEY = {"Authorization": "Bearer sesame"}
+
+
+async def _sse(c: httpx.AsyncClient, headers: dict[str, str], until: str, params: str = "") -> list[dict]:
+    """Read /logs/stream until a line containing `until` arrives; returns the log events seen."""
+    seen: list[dict] = []
+    async with c.stream("GET", "/logs/stream" + params, headers=headers) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        event, ident = None, None
+        async for line in r.aiter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("id: "):
+                ident = int(line[4:])
+            elif line.startswith("data: ") and event == "log":
+                d = json.loads(line[6:])
+                assert d["id"] == ident
+                seen.append(d)
+                if until in d["text"]:
+                    return seen
+    return seen
+
+
+async def test_page_files_auth_and_live_data(tmp_path: Path, write_profile) -> None:
+    async with running(tmp_path, write_profile(), admin_key="sesame", sample_interval_s=0.5) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        page = await c.get("/ui")
+        assert page.status_code == 200 and "<title>llama-supervisor</title>" in page.text
+        for asset in ("/ui/static/app.js", "/ui/static/app.css", "/ui/static/vendor/uPlot.iife.min.js"):
+            assert (await c.get(asset)).status_code == 200, asset
+        assert (await c.get("/ui/static/nope.js")).status_code == 404
+        assert (await c.get("/ui/api/auth")).json() == {"required": True, "valid": False}
+        assert (await c.get("/ui/api/auth", headers=KEY)).json() == {"required": True, "valid": True}
+        for path in ("/ui/api/overview", "/ui/api/events", "/ui/api/samples", "/logs/stream"):
+            r = await c.get(path)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", path
+        assert (await c.get("/ui/api/samples?window=abc", headers=KEY)).status_code == 400
+
+        tokens = 0
+        for _ in range(3):
+            r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                             "max_tokens": 16, "ignore_eos": True})
+            tokens += r.json()["usage"]["completion_tokens"]
+
+        async def completion_rows() -> list[float]:
+            s = (await c.get("/ui/api/samples?window=300", headers=KEY)).json()
+            return [v for v in s["series"].get("completion_tps@test", []) if v]
+
+        for _ in range(100):
+            if await completion_rows():
+                break
+            await asyncio.sleep(0.1)
+        s = (await c.get("/ui/api/samples?window=300", headers=KEY)).json()
+        assert s["interval_s"] == 0.5 and s["t"] == sorted(s["t"])
+        rows = dict(zip(s["t"], s["series"]["completion_tps@test"], strict=True))
+        # Rates times the interval add up to the counter /metrics shows (rows are ~0.5 s apart).
+        assert sum(v for v in rows.values() if v) * 0.5 == __import__("pytest").approx(tokens, rel=0.35)
+        metrics = (await c.get("/metrics", headers=KEY)).text
+        assert f'llama_supervisor_tokens_total{{kind="completion"}} {float(tokens)}' in metrics
+        assert "llama_supervisor_process_resident_memory_bytes" in metrics
+        assert s["series"]["sup_rss_mb"][-1] > 10 and s["series"]["child_rss_mb@test"][-1] > 1
+        later = (await c.get(f"/ui/api/samples?window=300&since={s['t'][-1]}", headers=KEY)).json()
+        assert all(t > s["t"][-1] for t in later["t"])
+
+        ov = (await c.get("/ui/api/overview", headers=KEY)).json()
+        (m,) = ov["models"]
+        assert m["state"] == "ready" and m["profile"]["name"] == "test" and "log_tail" not in m
+        assert ov["telemetry"]["sample_bytes"] > 0
+
+        # The child is killed: the timeline gets the exit with its cause, then the way back to ready.
+        pid = d.runner.child.pid
+        os.kill(pid, signal.SIGKILL)
+        await wait_for(lambda: d.runner.ready and d.runner.child is not None and d.runner.child.pid != pid,
+                       what="back to ready")
+        ev = (await c.get("/ui/api/events", headers=KEY)).json()["events"]
+        exits = [e for e in ev if e["kind"] == "exit"]
+        assert exits and exits[-1]["signal"] == "SIGKILL" and exits[-1]["cause"] == d.runner.machine.last_exit.cause
+        after_exit = [e["title"] for e in ev if e["id"] > exits[-1]["id"]]
+        assert after_exit[-1] == "warming → ready", after_exit
+        assert (await c.get("/ui/api/overview", headers=KEY)).json()["models"][0]["exits_by_cause"] == {
+            exits[-1]["cause"]: 1}
+        assert (await c.get(f"/ui/api/events?after={exits[-1]['id']}", headers=KEY)).json()["events"][0]["id"] > \
+            exits[-1]["id"]
+
+
+async def test_log_stream_through_the_daemon_resumes_with_last_event_id(tmp_path: Path, write_profile) -> None:
+    async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        # llama-server's own startup lines are in the ring: the stream's first lines include them.
+        first = await _sse(c, {}, "listening", "?n=1000")
+        assert any(ln["source"] == "child" and "listening" in ln["text"] for ln in first)
+        assert [ln["id"] for ln in first] == sorted(ln["id"] for ln in first)
+        last = first[-1]["id"]
+        r = await c.post("/admin/restart")  # the new child prints its lines while no stream is open
+        assert r.status_code == 202
+        await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 2, what="restarted")
+        resumed = await _sse(c, {"Last-Event-ID": str(last)}, "listening")
+        assert resumed[0]["id"] == last + 1, "a resumed stream starts right after the last id it saw"
+        assert any("listening" in ln["text"] for ln in resumed)
+        only_child = await _sse(c, {"Last-Event-ID": str(last)}, "listening", "?source=child&level=info")
+        assert {ln["source"] for ln in only_child} == {"child"}

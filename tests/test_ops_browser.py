@@ -1,0 +1,207 @@
+"""The ops page in a real browser (Debian's Chromium through chromedriver and selenium), against the real
+daemon (`llama-supervisor run` in its own process) and the real llama-server.
+
+A missing browser fails this test, never skips it: scripts/setup.sh installs chromium and chromium-driver.
+Screenshots go to tmp/artifacts/ (or $OPS_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("OPS_ARTIFACTS", ROOT / "tmp" / "artifacts"))
+KEY = "sesame"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+pytestmark = pytest.mark.timeout(240)
+
+
+def _browser_paths() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.fail("the browser test needs Debian's chromium and chromium-driver: run scripts/setup.sh as root "
+                    f"(found chromium={chromium}, chromedriver={driver})")
+    return chromium, driver
+
+
+@contextlib.contextmanager
+def _daemon(profile: Path, tmp: Path) -> Iterator[tuple[str, list[str]]]:
+    """`llama-supervisor run` as its own process; yields its URL and its (JSON) log lines as they come."""
+    env = {**os.environ, "LLAMA_SUPERVISOR_ADMIN_KEY": KEY, "LLAMA_SUPERVISOR_SAMPLE_INTERVAL_S": "1",
+           "LLAMA_SUPERVISOR_BACKOFF_BASE_S": "0.05", "LLAMA_SUPERVISOR_CONFIG": str(tmp / "none.yaml")}
+    (tmp / "none.yaml").write_text("{}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--profile", str(profile), "--port", "0",
+                             "--state-dir", str(tmp / "state"), "--log-format", "json"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            text=True, cwd=ROOT)
+    lines: list[str] = []
+    assert proc.stderr is not None
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None:
+            assert proc.poll() is None, f"the daemon exited: {lines[-20:]}"
+            assert time.monotonic() < deadline, f"no 'listening' line: {lines[-20:]}"
+            for ln in lines:
+                with contextlib.suppress(ValueError):
+                    rec = json.loads(ln)
+                    if rec.get("event") == "listening":
+                        url = rec["url"]
+            time.sleep(0.05)
+        yield url, lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def _chrome(tmp: Path) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = _browser_paths()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                f"--user-data-dir={tmp / 'chrome-profile'}", "--window-size=1400,1900", "--hide-scrollbars"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(options=opts, service=Service(driver_path))
+    drv.set_page_load_timeout(30)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def _until(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            last = check()
+            if last:
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def _errors(drv: Any) -> list[str]:
+    return [e["message"] for e in drv.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _shot(drv: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    drv.save_screenshot(str(ARTIFACTS / name))
+
+
+def test_ops_page_in_a_real_browser(tmp_path: Path, write_profile) -> None:
+    from selenium.webdriver.common.by import By
+
+    profile = write_profile()
+    with _daemon(profile, tmp_path) as (url, daemon_log), _chrome(tmp_path) as drv, \
+            httpx.Client(base_url=url, timeout=30) as http:
+        def status() -> dict[str, Any]:
+            return http.get("/status", headers=AUTH).json()
+
+        def text(css: str) -> str:
+            return str(drv.find_element(By.CSS_SELECTOR, css).text)
+
+        drv.get(url + "/ui")
+        # The supervisor has an admin key: the page asks for it before it shows anything.
+        _until("the key form", lambda: drv.find_element(By.ID, "key-form").is_displayed())
+        drv.find_element(By.ID, "key-input").send_keys(KEY)
+        drv.find_element(By.ID, "key-save").click()
+        _until("state ready", lambda: text("#state-test") == "ready")
+        drv.execute_script("window.__sameDocument = true")  # gone if the page reloads
+        assert _errors(drv) == [], "console errors on load"
+
+        for _ in range(6):
+            r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                        "max_tokens": 24, "ignore_eos": True})
+            assert r.status_code == 200
+        _until("points in the tokens/s chart",
+               lambda: int(drv.find_element(By.ID, "chart-tokens").get_attribute("data-points") or 0) > 0)
+
+        # A line llama-server printed, in the live log view.
+        _until("a llama-server line in the log view", lambda: any(
+            "llama-server" in el.text and "listening" in el.text
+            for el in drv.find_elements(By.CSS_SELECTOR, "#logs .src-child")))
+
+        # SIGKILL the child: the timeline shows the exit with its cause, the state comes back to ready.
+        before = status()
+        os.kill(before["child"]["pid"], signal.SIGKILL)
+        after = _until("a new child", lambda: (s := status())["state"] == "ready" and s["child"]["pid"] !=
+                       before["child"]["pid"] and s)
+        cause = after["last_exit"]["cause"]
+        exit_item = _until("the exit in the timeline", lambda: drv.find_element(
+            By.CSS_SELECTOR, f'#timeline li[data-kind="exit"][data-cause="{cause}"]'))
+        assert cause in exit_item.text and "SIGKILL" in exit_item.text
+        exit_item.find_element(By.TAG_NAME, "summary").click()  # click: the detail opens
+        assert exit_item.find_element(By.CLASS_NAME, "detail").is_displayed()
+        _until("state ready again", lambda: text("#state-test") == "ready")
+        _until("the card's last exit", lambda: cause in text('[data-model="test"] [data-role="last-exit"]'))
+        assert drv.execute_script("return window.__sameDocument") is True, "the page was reloaded"
+        for _ in range(4):  # a little more traffic, so the charts show the restart and the requests
+            http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}],
+                                                    "max_tokens": 32, "ignore_eos": True})
+        time.sleep(2.5)
+        drv.set_window_size(1400, 2300)  # the whole page, logs included, for the README
+        time.sleep(1.0)
+        _shot(drv, "ops-page.png")
+        drv.set_window_size(1400, 1900)
+        assert _errors(drv) == [], "console errors while live"
+
+        # Restart from the page, with the key.
+        gen_before, pid_before = len(status()["transitions"]), status()["child"]["pid"]
+        drv.find_element(By.CSS_SELECTOR, '[data-model="test"] [data-act="restart"]').click()
+        drv.switch_to.alert.accept()
+        _until("the toast", lambda: "Restart requested" in text("#toast"))
+        _until("a restarted child", lambda: (s := status())["state"] == "ready" and s["child"]["pid"] != pid_before)
+        assert len(status()["transitions"]) > gen_before
+        assert any('"operator request"' in ln or "operator request" in ln for ln in daemon_log)
+
+        # Without the key the same button is refused by the supervisor, and nothing restarts.
+        drv.find_element(By.ID, "key-forget").click()
+        pid_now, restarts_now = status()["child"]["pid"], status()["restarts"]
+        drv.find_element(By.CSS_SELECTOR, '[data-model="test"] [data-act="restart"]').click()
+        drv.switch_to.alert.accept()
+        _until("the refusal", lambda: "Refused (401)" in text("#toast"))
+        _shot(drv, "ops-page-refused.png")
+        time.sleep(1.0)
+        s = status()
+        assert (s["child"]["pid"], s["restarts"]) == (pid_now, restarts_now)
+        assert drv.find_element(By.ID, "key-form").is_displayed()
+        unexpected = [e for e in _errors(drv) if "401" not in e]
+        assert unexpected == [], "console errors other than the refused action"
+
+        # Readable on a phone: the page lays out in one column without sideways scrolling.
+        drv.set_window_size(390, 1600)
+        time.sleep(0.5)
+        wide = drv.execute_script(
+            "return [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > "
+            "window.innerWidth + 1).slice(0, 5).map(e => e.tagName + '.' + e.className + '#' + e.id)")
+        assert drv.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1"), wide
+        _shot(drv, "ops-page-phone.png")
