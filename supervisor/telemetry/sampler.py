@@ -161,15 +161,15 @@ class Sampler:
 
     async def sample_once(self) -> None:
         sources = self.sources()
-        now_m, row = time.monotonic(), {}
+        # The row's time is when the counters were read (the rates' interval ends there), not after the thread.
+        now_m, t, row = time.monotonic(), round(time.time(), 3), {}
         for src in sources:
             cur = read_counters(src.metrics)
             prev = self._prev.get(src.model)
             row.update(rates(src.model, prev[1] if prev else None, cur, now_m - prev[0] if prev else 0.0))
             self._prev[src.model] = (now_m, cur)
         row.update(await asyncio.to_thread(self._slow, {s.model: s.child_pid for s in sources}))
-        t = round(time.time(), 3)  # as exported: a client's `since` then matches exactly
-        self.fine.append(t, row)
+        self.fine.append(t, row)  # t is rounded as exported: a client's `since` then matches exactly
         self._n += 1
         if self._n % self.coarse_every == 0:
             self.coarse.append(t, self.fine.summary_of_last(self.coarse_every))
