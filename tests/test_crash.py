@@ -65,7 +65,8 @@ ABRT, KILL, SEGV = -signal.SIGABRT, -signal.SIGKILL, -signal.SIGSEGV
         (1, HOST_ALLOC, Cause.OOM_HOST),
         (ABRT, ("terminate called after throwing an instance of 'std::bad_alloc'", "  what():  std::bad_alloc"),
          Cause.OOM_HOST),
-        (KILL, ("slot update_slots: id 0 | task 3 | prompt processing",), Cause.OOM_HOST),
+        # A SIGKILL we did not send, and no cgroup counter to say who did: not guessed to be the OOM killer.
+        (KILL, ("slot update_slots: id 0 | task 3 | prompt processing",), Cause.CRASHED),
         (1, MISMATCH, Cause.MODEL_ERROR),
         (1, MISSING, Cause.MODEL_ERROR),
         (1, PORT, Cause.PORT_IN_USE),
@@ -102,6 +103,8 @@ def test_cgroup_confirms_or_rules_out_host_oom() -> None:
     assert v.cause is Cause.OOM_HOST and "confirmed" in v.detail
     v = classify(Exit(KILL, (), cgroup_oom_kill=False))
     assert v.cause is Cause.CRASHED and "not the OOM killer" in v.detail
+    v = classify(Exit(KILL, (), cgroup_oom_kill=None))
+    assert v.cause is Cause.CRASHED and "sender unknown" in v.detail and "cannot be read" in v.detail
 
 
 @pytest.mark.parametrize(

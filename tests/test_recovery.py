@@ -42,7 +42,7 @@ async def test_sigkill_during_stream_ends_stream_and_recovers(tmp_path: Path, wr
         assert r.status_code == 200
         st = (await c.get("/status")).json()
         assert st["last_exit"]["signal"] == "SIGKILL"
-        assert st["last_exit"]["cause"] in ("crashed", "oom_host")  # oom_host only where the cgroup is unreadable
+        assert st["last_exit"]["cause"] == "crashed"  # a SIGKILL from outside is never guessed to be oom_host
         assert st["restarts"] == 1
 
 

@@ -12,7 +12,7 @@ from enum import StrEnum
 class Cause(StrEnum):
     OOM_LOAD = "oom_load"  # device memory ran out while loading (exit 1 with allocation failures)
     OOM_COMPUTE = "oom_compute"  # device memory ran out while computing (abort)
-    OOM_HOST = "oom_host"  # the kernel OOM killer (SIGKILL we did not send)
+    OOM_HOST = "oom_host"  # the kernel OOM killer (confirmed by the cgroup) or a failed host allocation
     MODEL_ERROR = "model_error"  # bad or mismatched model / projector
     PORT_IN_USE = "port_in_use"
     BAD_ARGS = "bad_args"
@@ -95,11 +95,14 @@ def classify(ex: Exit) -> Verdict:
     if ex.signalled_by_us and alloc_line is None:
         return Verdict(Cause.STOPPED, f"stopped by the supervisor ({sig or f'exit {rc}'})")
     if rc == -signal.SIGKILL and not ex.signalled_by_us:
+        if ex.cgroup_oom_kill:
+            return Verdict(Cause.OOM_HOST, "killed by SIGKILL (kernel OOM killer, confirmed by the cgroup)")
         if ex.cgroup_oom_kill is False:
             return Verdict(Cause.CRASHED, "killed by SIGKILL from outside (not the OOM killer: the cgroup's "
                                           "oom_kill count did not change)")
-        detail = "killed by SIGKILL (kernel OOM killer" + (", confirmed by the cgroup)" if ex.cgroup_oom_kill else "?)")
-        return Verdict(Cause.OOM_HOST, detail)
+        # No readable counter (no memory controller for this cgroup): a SIGKILL alone does not say who sent it.
+        return Verdict(Cause.CRASHED, "killed by SIGKILL from outside, sender unknown (the kernel OOM killer or "
+                                      "another process: the cgroup's oom_kill count cannot be read here)")
     if ex.cgroup_oom_kill:
         return Verdict(Cause.OOM_HOST, f"cgroup OOM kill ({sig or f'exit {rc}'})")
     # Evidence in the log beats the exit code: cleanup after a failed load can itself abort.
