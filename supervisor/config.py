@@ -40,8 +40,13 @@ class _YamlSource(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise ConfigError(str(self.path), [("", "expected a mapping of settings")])
         base = self.path.parent
+        # `profile: NAME` (no slash) is a name in profiles_dir: left alone here, resolved_profile() looks it up.
+        # Without a profiles_dir it stays relative to this file, like the other paths.
+        has_dir = bool(data.get("profiles_dir") or os.environ.get("LLAMA_SUPERVISOR_PROFILES_DIR"))
         for key in ("profile", "profiles_dir", "state_dir", "api_key_file", "admin_key_file"):
             v = data.get(key)
+            if key == "profile" and has_dir and isinstance(v, str) and "/" not in v:
+                continue
             if isinstance(v, str) and v and not os.path.isabs(os.path.expanduser(v)):
                 data[key] = str(base / v)
         return data
@@ -131,7 +136,7 @@ class Config(BaseSettings):
             raise ConfigError("settings", [("profile", "no profile given (--profile, LLAMA_SUPERVISOR_PROFILE or the settings file)")])
         p = Path(os.path.expanduser(str(self.profile)))
         if self.profiles_dir is not None and "/" not in str(self.profile):
-            p = Path(self.profiles_dir) / (p.name if p.suffix else p.name + ".yaml")
+            p = Path(self.profiles_dir) / (p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml")
         return p
 
     @classmethod
