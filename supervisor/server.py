@@ -93,8 +93,8 @@ class Daemon:
                 sock.close()
                 raise
         self._background.append(asyncio.ensure_future(self.reloader.watch()))
-        if self.notifier.watchdog_s:
-            self._background.append(asyncio.ensure_future(_watchdog(self.notifier)))
+        if self.notifier.enabled:
+            self._background.append(asyncio.ensure_future(_keepalive(self.notifier, runner)))
         if self.ops.sampling:
             self._background.append(asyncio.ensure_future(self.ops.sampler.run()))
         await runner.start()
@@ -174,9 +174,11 @@ async def serve(cfg: Config, profile_path: Path, settings_file: Path | None = No
     return 0
 
 
-async def _watchdog(notifier: Notifier) -> None:
-    """Pings from the event loop itself, so a hung loop stops them and systemd restarts us."""
-    assert notifier.watchdog_s is not None
+async def _keepalive(notifier: Notifier, runner: Runner) -> None:
+    """Watchdog pings and first-start extensions, from the event loop itself: a hung loop stops both, and
+    systemd kills and restarts us within WatchdogSec (or one extension, while the first start goes on)."""
     while True:
-        notifier.send("WATCHDOG=1")
-        await asyncio.sleep(notifier.watchdog_s / 3)
+        fields = notifier.keepalive_fields(runner.machine.state)
+        if fields:
+            notifier.send(*fields)
+        await asyncio.sleep(notifier.keepalive_period_s)

@@ -254,9 +254,7 @@ class Runner:
             fields.insert(0, "READY=1")
         elif m.state is State.STOPPING:
             fields.insert(0, "STOPPING=1")
-        elif m.state is State.STARTING and self.notifier.enabled:
-            # Tell systemd a model load may take a while, so the start timeout does not fire.
-            fields.append(f"EXTEND_TIMEOUT_USEC={int(self.cfg.load_stall_s * 2e6)}")
+        # EXTEND_TIMEOUT_USEC is the keepalive's (server.py): only before the first READY=1, re-sent while loading.
         return fields
 
     def _perform(self, a: Action) -> None:
