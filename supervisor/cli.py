@@ -1,7 +1,8 @@
 """Command line: run the daemon, check a profile, and talk to a running daemon (status, reload, restart).
 
-Exit codes: 0 ok; 1 the daemon answered but is not ready / the action failed; 2 invalid input
-(bad profile or settings); 3 the daemon could not be reached.
+Exit codes: 0 ok; 1 the daemon answered but is not ready / the action failed / `run` could not listen (a
+condition that may pass: systemd retries it); 2 invalid input (bad profile or settings: an edit is needed, so
+the unit's RestartPreventExitStatus=2 stops retrying); 3 the daemon could not be reached.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"llama-supervisor: invalid profile:\n{exc}", file=sys.stderr)
         return EXIT_INVALID
     except OSError as exc:
+        # The address may be taken by a process on its way out, or not configured yet at boot: worth a retry.
         print(f"llama-supervisor: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return EXIT_NOT_READY
 
 
 def _loop_factory() -> Any:
