@@ -18,10 +18,12 @@ if ! .venv/bin/python -c 'import supervisor, pytest, respx, hypothesis, selenium
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
     touch .venv/.installed
 fi
-# The tests verify the systemd unit with systemd-analyze (Debian's systemd package).
-if ! command -v systemd-analyze >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "[setup] installing systemd (for systemd-analyze)" >&2
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd) >/dev/null
+# The tests verify the systemd unit with systemd-analyze, and boot Debian's systemd in private namespaces to run
+# the installed unit for real (tests/sdbox.py: unshare, nsenter, setpriv, pivot_root from util-linux; pgrep).
+if { ! command -v systemd-analyze || ! [ -x /lib/systemd/systemd ] || ! command -v pgrep || ! command -v setpriv \
+        || ! command -v nsenter; } >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing systemd, util-linux, procps (for the systemd tests)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd util-linux procps) >/dev/null
 fi
 # The fleet tests: three supervisors behind a real HAProxy (Debian's haproxy package), and the Prometheus
 # files checked with promtool (Debian's prometheus package; its service is not started here).
