@@ -72,7 +72,9 @@ def start_daemon(write_profile, tmp_path: Path) -> Iterator[Callable[..., Daemon
     procs: list[subprocess.Popen[str]] = []
 
     def start(**fields: object) -> Daemon:
-        env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(tmp_path / "state")}
+        # drain_s well above the default 30 s: a 3500-token request on a loaded 2-core machine (the whole suite
+        # runs two at a time, the fleet test's three servers among them) can take longer than that.
+        env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(tmp_path / "state"), "LLAMA_SUPERVISOR_DRAIN_S": "120"}
         proc = subprocess.Popen([*CLI, "run", "--profile", str(write_profile(**fields)), "--port", "0",
                                  "--log-format", "json"], stderr=subprocess.PIPE, text=True, env=env)
         procs.append(proc)
