@@ -73,8 +73,8 @@ def start_daemon(write_profile, tmp_path: Path) -> Iterator[Callable[..., Daemon
 
     def start(**fields: object) -> Daemon:
         # drain_s well above the default 30 s: a 3500-token request on a loaded 2-core machine (the whole suite
-        # runs two at a time, the fleet test's three servers among them) can take longer than that.
-        env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(tmp_path / "state"), "LLAMA_SUPERVISOR_DRAIN_S": "120"}
+        # runs two at a time, the fleet test's three servers among them) took more than 60 s.
+        env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(tmp_path / "state"), "LLAMA_SUPERVISOR_DRAIN_S": "300"}
         proc = subprocess.Popen([*CLI, "run", "--profile", str(write_profile(**fields)), "--port", "0",
                                  "--log-format", "json"], stderr=subprocess.PIPE, text=True, env=env)
         procs.append(proc)
@@ -125,7 +125,7 @@ def test_sigint_drains_a_request_in_flight(start_daemon: Callable[..., Daemon]) 
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3500, "ignore_eos": True}
 
     def long_request() -> None:
-        r = httpx.post(f"{daemon.url}/v1/chat/completions", json=body, timeout=60)
+        r = httpx.post(f"{daemon.url}/v1/chat/completions", json=body, timeout=300)
         result["status"], result["tokens"] = r.status_code, r.json()["usage"]["completion_tokens"]
 
     t = threading.Thread(target=long_request)
@@ -136,7 +136,7 @@ def test_sigint_drains_a_request_in_flight(start_daemon: Callable[..., Daemon]) 
             break
         time.sleep(0.01)
     daemon.proc.send_signal(signal.SIGINT)
-    t.join(60)
+    t.join(300)
     assert result == {"status": 200, "tokens": 3500}
     assert daemon.proc.wait(20) == 0
     assert _gone(pid, 1.0)
