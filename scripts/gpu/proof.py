@@ -253,10 +253,15 @@ def main() -> None:
     for r in result["runs"]:
         lines.append(f"| {r['name']} | {' → '.join(map(str, r['layers_tried']))} | {', '.join(r['causes']) or '—'} | "
                      f"{r['outcome']} | {r['seconds_to_ready']} |")
-    md = "\n".join(lines)
-    (args.out / "proof.md").write_text(md + "\n")
-    print(md, flush=True)
+    publish(args.out / "proof.md", lines)
     save()
+
+
+def publish(path: Path, lines: list[str]) -> None:
+    """The markdown table: printed (the device run's output) and written under $OUT."""
+    md = "\n".join(lines)
+    path.write_text(md + "\n")
+    print(md, flush=True)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class Climber:
         if decision is None:
             return False
         settings, why = decision
+        r.metrics.climbs.inc()
         r.dispatch(Climb(time.monotonic(), m.gen, settings, why))
         return True
 

@@ -5,13 +5,13 @@ out-of-memory lines (captured on an H100, see shared/llama-server-notes.md) and 
 server does: exit 1 at load, or abort (SIGABRT) at the first compute. Otherwise, and for --help and
 --version, it execs the real llama-server with the same arguments, so what comes up is real.
 
-`write_double(path, real, limit, mode, record)` writes an executable copy configured for one test.
+`write_double(path, real, limit, mode, record)` writes an executable copy configured for one test; `limit` may
+be a file holding the number, read at every start (a GPU whose free memory changes between starts).
 """
 
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from pathlib import Path
 
@@ -38,8 +38,10 @@ CUDA error: out of memory
 ggml/src/ggml-cuda/ggml-cuda.cu:90: CUDA error"""
 
 
-def main(real: str, limit: int, mode: str, record: str) -> None:
+def main(real: str, limit: int | str, mode: str, record: str) -> None:
     args = sys.argv[1:]
+    if isinstance(limit, str):
+        limit = int(Path(limit).read_text().strip())
     flag = next((f for f in ("--n-gpu-layers", "-ngl", "--gpu-layers") if f in args), None)
     if flag is not None:
         value = args[args.index(flag) + 1]
@@ -57,14 +59,8 @@ def main(real: str, limit: int, mode: str, record: str) -> None:
     os.execv(real, [real, *args])
 
 
-def write_double(path: Path, real: str, limit: int, mode: str, record: Path) -> Path:
-    here = Path(__file__).resolve()
-    path.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(here.parent)!r})\n"
-        "from oom_llama_server import main\n"
-        f"main({real!r}, {limit}, {mode!r}, {str(record)!r})\n"
-    )
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
+def write_double(path: Path, real: str, limit: int | Path, mode: str, record: Path) -> Path:
+    from doubles.launcher import write_launcher  # the test side only: the double itself never needs it
+
+    limit_arg = repr(str(limit)) if isinstance(limit, Path) else str(limit)
+    return write_launcher(path, "oom_llama_server", f"main({real!r}, {limit_arg}, {mode!r}, {str(record)!r})")

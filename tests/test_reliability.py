@@ -1,0 +1,282 @@
+"""Issue 11's seen failures, each as a regression test, with the real llama-server (doubles only for faults
+this machine cannot produce: a GPU out-of-memory exit, a crash on one input)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+from doubles.oom_llama_server import write_double
+from doubles.poison_llama_server import write_poison_double
+from support import make_config, running, wait_for
+
+import supervisor.child.runner as runner_module
+from supervisor.core.lifecycle import State
+from supervisor.host import gpu
+from supervisor.server import Daemon
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def wrapper(path: Path, llama_server: str, body: str) -> Path:
+    """A shell script in front of the real llama-server: --help/--version/--list-devices go straight to it."""
+    path.write_text("#!/bin/sh\n"
+                    f"case \"$1\" in --help|--version|--list-devices) exec {llama_server} \"$1\";; esac\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+class FakeGpu:
+    """NVML as the runner sees it (host/gpu.snapshot): one GPU whose free memory the test sets."""
+
+    def __init__(self, free_mib: float) -> None:
+        self.free_mib = free_mib
+        self.processes: tuple[tuple[int, float], ...] = ()
+
+    def snapshot(self) -> list[gpu.GpuInfo]:
+        total = 81559.0
+        return [gpu.GpuInfo(0, "Fake H100", total, total - self.free_mib, self.free_mib, 0.0, 30.0, self.processes)]
+
+
+# ---- 5: an unexpected exception wedges the daemon --------------------------------------------------------------
+
+
+async def test_bad_environment_value_fails_cleanly_instead_of_wedging(tmp_path: Path, write_profile) -> None:
+    """A NUL byte in an environment value: the stdlib event loop raises ValueError from the spawn. It is a
+    classified exit (bad_args → failed, with the reason), not a machine stuck in `starting`."""
+    async with running(tmp_path, write_profile(env={"BROKEN": "a\0b"})) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.machine.state is State.FAILED, timeout=10, what="failed")
+        h = await c.get("/health")
+        assert h.status_code == 503 and "null byte" in h.json()["reason"]
+        assert (await c.get("/status")).json()["last_exit"]["cause"] == "bad_args"
+
+
+async def test_unexpected_error_while_starting_is_retried(tmp_path: Path, write_profile,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real_spawn = runner_module.spawn
+    calls: list[int] = []
+
+    async def flaky_spawn(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("something nobody expected")
+        return await real_spawn(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "spawn", flaky_spawn)
+    async with running(tmp_path, write_profile()) as d:
+        await wait_for(lambda: d.runner.ready, timeout=30, what="ready after two internal errors")
+        causes = [t.cause for t in d.runner.machine.history]
+        assert causes.count("internal_error") == 2 and len(calls) == 3
+
+
+async def test_stop_is_bounded_when_a_child_task_hangs(tmp_path: Path, write_profile,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while wedged: stop() must finish (the kill escalation is bounded), not wait for ever."""
+
+    async def hang(*_args: Any, **_kwargs: Any) -> Any:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(runner_module, "spawn", hang)
+    d = Daemon(make_config(tmp_path, stop_timeout_s=1.0), write_profile())
+    await d.start()
+    await wait_for(lambda: d.runner.machine.state is State.STARTING, what="starting")
+    t0 = time.monotonic()
+    await asyncio.wait_for(d.stop(), 30)
+    assert time.monotonic() - t0 < 15
+    assert d.runner.machine.state is State.STOPPED
+
+
+# ---- 6: held requests are not woken on failed ---------------------------------------------------------------
+
+
+async def test_held_requests_get_503_at_once_when_the_start_fails(tmp_path: Path, write_profile,
+                                                                 llama_server: str) -> None:
+    flag = tmp_path / "broken"
+    binary = wrapper(tmp_path / "llama-server", llama_server,
+                     f"[ -e {flag} ] && {{ sleep 1; echo 'error: invalid argument: --bogus' >&2; exit 1; }}\n"
+                     f"exec {llama_server} \"$@\"\n")
+    async with running(tmp_path, write_profile(binary=str(binary)), queue_wait_s=60) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=90) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        flag.touch()
+        await c.post("/admin/restart")
+        t0 = time.monotonic()
+        held = await asyncio.gather(*(c.post("/v1/chat/completions", json=CHAT) for _ in range(4)))
+        took = time.monotonic() - t0
+        assert d.runner.machine.state is State.FAILED
+        for r in held:
+            assert r.status_code == 503
+            err = r.json()["error"]
+            assert err["type"] == "unavailable_error" and "failed" in err["message"]
+            assert "invalid argument" in err["message"]
+        assert took < 20, f"held requests waited {took:.1f}s for a child that was not coming"
+
+
+# ---- 4: `ready` while the child is dead (evidence gathering after an OOM exit) -------------------------------
+
+
+async def test_health_is_503_and_requests_are_held_while_an_oom_exit_is_examined(
+        tmp_path: Path, write_profile, llama_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    trigger = tmp_path / "oom-now"
+    binary = wrapper(tmp_path / "llama-server", llama_server, f"""{llama_server} "$@" &
+pid=$!
+while [ ! -e {trigger} ]; do
+    kill -0 $pid 2>/dev/null || {{ wait $pid; exit $?; }}
+    sleep 0.05
+done
+rm -f {trigger}
+echo 'ggml_cuda_compute_forward: MUL_MAT failed' >&2
+echo 'CUDA error: out of memory' >&2
+kill -KILL $pid
+kill -ABRT $$
+""")
+    fake = FakeGpu(free_mib=40000)
+    monkeypatch.setattr(gpu, "snapshot", fake.snapshot)
+    profile = write_profile(binary=str(binary))
+    # NVML keeps listing the dead child: the evidence step waits the whole vram_release_wait_s.
+    async with running(tmp_path, profile, vram_release_wait_s=4.0, climb="off") as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        child = d.runner.child
+        assert child is not None
+        fake.processes = ((child.pid, 900.0),)
+        trigger.touch()
+        await wait_for(lambda: child.returncode is not None, what="the child's exit")
+        await asyncio.sleep(0.5)  # well inside the evidence wait
+        h = await c.get("/health")
+        assert h.status_code == 503, h.text
+        assert d.runner.child_url is None and not d.runner.ready
+        r = await c.post("/v1/chat/completions", json=CHAT)  # held until the next child, not sent to a closed port
+        assert r.status_code == 200, r.text
+        st = (await c.get("/status")).json()
+        assert st["last_exit"]["cause"] == "oom_compute"
+        assert st["settings"]["effective"]["ctx_size"] == 512  # the ladder's next step
+
+
+# ---- 3: learned settings override the profile --------------------------------------------------------------
+
+
+async def test_settings_learned_for_another_profile_are_not_used(tmp_path: Path, write_profile,
+                                                                 llama_server: str) -> None:
+    record = tmp_path / "layers.txt"
+    double = write_double(tmp_path / "llama-server", llama_server, limit=1, mode="load", record=record)
+    profile = write_profile(binary=str(double), n_gpu_layers=99, ctx_size=1024)
+    async with running(tmp_path, profile, estimate_vram=False) as d:
+        await wait_for(lambda: d.runner.ready, what="ready after the ladder")
+        assert d.runner.machine.effective.n_gpu_layers == 1
+    # Edited while stopped: another context size. The next start is the profile's, not what was learned for 1024.
+    data = yaml.safe_load(profile.read_text())
+    profile.write_text(yaml.safe_dump({**data, "ctx_size": 512}))
+    record.write_text("")
+    async with running(tmp_path, profile, estimate_vram=False) as d:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        assert record.read_text().split()[0] == "99"
+        assert "--ctx-size" in d.runner.argv and d.runner.argv[d.runner.argv.index("--ctx-size") + 1] == "512"
+        assert "resumed" not in (d.runner.machine.adjustment or "")
+    # Back to the first profile: what was learned for it is used again.
+    profile.write_text(yaml.safe_dump(data))
+    record.write_text("")
+    async with running(tmp_path, profile, estimate_vram=False) as d:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        assert record.read_text().split() == ["1"]
+
+
+# ---- 8: reloads: command-line overrides, policy, late SIGHUP ------------------------------------------------
+
+
+async def test_reload_keeps_the_command_line_profile_and_recomputes_the_policy(
+        tmp_path: Path, write_profile, monkeypatch: pytest.MonkeyPatch) -> None:
+    from_file = write_profile(name="from-file")
+    from_cli = write_profile(name="from-cli", ctx_size=2048)
+    settings = tmp_path / "supervisor.yaml"
+    settings.write_text(f"profile: {from_file}\n")
+    monkeypatch.setenv("LLAMA_SUPERVISOR_CONFIG", str(settings))
+    d = Daemon(make_config(tmp_path), from_cli, settings, overrides={"profile": str(from_cli), "port": 0})
+    await d.start()
+    try:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        pid = d.runner.child.pid
+        outcome = await d.reloader.reload("SIGHUP")
+        assert outcome["ok"] and not outcome["restarted"]
+        assert d.runner.loaded.profile.name == "from-cli" and d.runner.child.pid == pid
+        # A change that does not reach llama-server's command line still reaches the policy.
+        data = yaml.safe_load(from_cli.read_text())
+        from_cli.write_text(yaml.safe_dump({**data, "min_ctx_size": 1024}))
+        outcome = await d.reloader.reload("SIGHUP")
+        assert outcome == {"ok": True, "restarted": False}
+        assert d.runner.policy.min_ctx == 1024 and d.runner.child.pid == pid
+    finally:
+        await d.stop()
+
+
+async def test_reload_after_shutdown_starts_nothing(tmp_path: Path, write_profile) -> None:
+    """A SIGHUP that arrives during or after shutdown must not spawn a child after the runner finished."""
+    profile = write_profile(name="late")
+    d = Daemon(make_config(tmp_path), profile)
+    await d.start()
+    await wait_for(lambda: d.runner.ready, what="ready")
+    data = yaml.safe_load(profile.read_text())
+    profile.write_text(yaml.safe_dump({**data, "ctx_size": 2048}))  # a change that would restart the child
+    d.request_stop()
+    assert not (await d.reloader.reload("SIGHUP"))["ok"]  # during shutdown
+    await d.stop()
+    assert not (await d.reloader.reload("SIGHUP"))["ok"]  # after it
+    d.runner.restart("late restart")
+    await asyncio.sleep(0.5)
+    assert d.runner.machine.state is State.STOPPED and d.runner.child is None
+    assert not [p for p in psutil.Process().children(recursive=True) if "llama-server" in p.name()]
+
+
+# ---- poison requests ------------------------------------------------------------------------------------------
+
+
+async def test_poison_request_is_quarantined_after_two_crashes(tmp_path: Path, write_profile,
+                                                               llama_server: str) -> None:
+    double = write_poison_double(tmp_path / "llama-server", llama_server, poison="PoIsOn")
+    poison = {"messages": [{"role": "user", "content": "PoIsOn"}], "max_tokens": 4}
+    async with running(tmp_path, write_profile(binary=str(double)), quarantine_window_s=600) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        # The first copy kills the child; the proxy sends it again once (it never got an answer): a second crash.
+        r = await c.post("/v1/chat/completions", json=poison)
+        assert r.status_code == 502 and r.json()["error"]["type"] == "server_error"
+        await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 3, what="ready after the two crashes")
+        await wait_for(lambda: len(d.proxy.poison.state.blocked) == 1, what="quarantine")
+        assert d.runner.machine.restarts == 2
+        r = await c.post("/v1/chat/completions", json=poison)
+        assert r.status_code == 422
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and "quarantined" in err["message"]
+        assert d.runner.machine.restarts == 2  # refused before it reached llama-server
+        ok = await c.post("/v1/chat/completions", json=CHAT)
+        assert ok.status_code == 200
+        st = (await c.get("/status")).json()
+        assert len(st["quarantine"]["requests"]) == 1
+        assert st["quarantine"]["requests"][0]["what"].startswith("POST /v1/chat/completions")
+        text = (await c.get("/metrics")).text
+        assert "llama_supervisor_quarantined_requests 1.0" in text
+        assert "llama_supervisor_quarantine_refusals_total 1.0" in text
+
+
+async def test_sigkill_from_outside_quarantines_nothing(tmp_path: Path, write_profile) -> None:
+    """The same request in flight at two kills from outside (SIGKILL, the OOM killer) is not an input bug."""
+    async with running(tmp_path, write_profile(parallel=1)) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        long = {**CHAT, "max_tokens": 100000, "ignore_eos": True}
+        for _ in range(2):
+            task = asyncio.ensure_future(c.post("/v1/chat/completions", json={**long, "stream": True}))
+            await wait_for(lambda: d.runner.last_progress > time.monotonic() - 0.2, what="tokens flowing")
+            old = d.runner.child.pid
+            os.kill(old, 9)
+            await task
+            await wait_for(lambda old=old: d.runner.ready and d.runner.child.pid != old, what="ready again")
+        assert d.proxy.poison.state.blocked == {}
