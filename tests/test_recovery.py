@@ -38,6 +38,8 @@ async def test_sigkill_during_stream_ends_stream_and_recovers(tmp_path: Path, wr
         assert last["error"]["code"] == 502 and "cut" in last["error"]["message"]
         await wait_for(lambda: d.runner.ready and d.runner.child is not None and d.runner.child.pid != pid,
                        what="ready again")
+        # The backoff timer fired and left the runner; the new child's stable timer (60 s) replaced the old one's.
+        assert list(d.runner._timers) == ["stable"]
         r = await c.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 200
         st = (await c.get("/status")).json()

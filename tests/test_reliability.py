@@ -280,3 +280,47 @@ async def test_sigkill_from_outside_quarantines_nothing(tmp_path: Path, write_pr
             await task
             await wait_for(lambda old=old: d.runner.ready and d.runner.child.pid != old, what="ready again")
         assert d.proxy.poison.state.blocked == {}
+
+
+# ---- failed is retried when a file it depends on changes ------------------------------------------------------
+
+
+async def test_failed_start_is_retried_when_the_binary_comes_back(tmp_path: Path, write_profile,
+                                                                 llama_server: str) -> None:
+    """An operator who puts the missing file back has nothing else to do: no /admin/restart."""
+    import shutil
+
+    binary = tmp_path / "bin" / "llama-server"
+    binary.parent.mkdir()
+    shutil.copy2(llama_server, binary)
+    async with running(tmp_path, write_profile(binary=str(binary))) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        binary.unlink()
+        await c.post("/admin/restart")
+        await wait_for(lambda: d.runner.machine.state is State.FAILED, what="failed")
+        assert d.runner.machine.last_exit is not None and d.runner.machine.last_exit.cause.value == "spawn_failed"
+        tmp = binary.with_name("llama-server.part")
+        shutil.copy2(llama_server, tmp)
+        tmp.rename(binary)
+        await wait_for(lambda: d.runner.ready, timeout=30, what="ready again by itself")
+        assert any(t.cause == "retry" for t in d.runner.machine.history)
+
+
+# ---- 9: preexec_fn without dlopen in the child -----------------------------------------------------------------
+
+
+def test_die_with_parent_does_no_dlopen_after_the_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What runs between fork and exec only calls prctl, resolved before: a dlopen there can deadlock."""
+    import ctypes
+
+    from supervisor.child import process
+
+    def no_dlopen(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("dlopen in the forked child")
+
+    calls: list[tuple[int, ...]] = []
+    monkeypatch.setattr(ctypes, "CDLL", no_dlopen)
+    monkeypatch.setattr(process, "_PRCTL", lambda *args: calls.append(args) or 0)
+    process._die_with_parent()
+    assert calls == [(process.PR_SET_PDEATHSIG, 9, 0, 0, 0)]

@@ -271,9 +271,15 @@ class Runner:
                     log.info("backoff", seconds=round(delay, 3), cause=self._machine.reason,
                              crash_loop=self._machine.crash_loop)
                 if (old := self._timers.pop(kind, None)) is not None:
-                    old.cancel()
-                self._timers[kind] = asyncio.get_running_loop().call_later(
-                    delay, lambda: self.dispatch(event(time.monotonic(), gen)))
+                    old.cancel()  # a new child's timer replaces the old child's: only one of each kind is pending
+
+                def fire() -> None:
+                    if self._timers.get(kind) is handle:
+                        del self._timers[kind]
+                    self.dispatch(event(time.monotonic(), gen))
+
+                handle = asyncio.get_running_loop().call_later(delay, fire)
+                self._timers[kind] = handle
             case Remember(settings=settings):
                 self._task(asyncio.to_thread(self._remember, settings))
             case Finished():
