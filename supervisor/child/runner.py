@@ -229,6 +229,8 @@ class Runner:
         new = self._machine
         if new.state is not old.state or new.history[-1:] != old.history[-1:]:
             self._on_state_change(old, new)
+        elif new.crash_loop != old.crash_loop:  # a child stayed up for stable_s: the loop is over
+            self.metrics.set_state(new.state, crash_loop=new.crash_loop)
         if new is not old:
             for obs in self._observers:
                 obs.machine_changed(self, old, new)
