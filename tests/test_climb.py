@@ -69,7 +69,7 @@ async def test_climbs_back_while_idle_when_vram_frees_up(tmp_path: Path, write_p
 
 async def test_a_climb_that_runs_out_of_memory_steps_back_and_waits(tmp_path: Path, write_profile,
                                                                     llama_server: str, fake_vram: FakeGpu) -> None:
-    double, record, limit = double_with_limit(tmp_path, llama_server, 2)
+    double, record, _limit = double_with_limit(tmp_path, llama_server, 2)
     async with running(tmp_path, write_profile(binary=str(double), n_gpu_layers=99), climb_interval_s=0.3) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=30) as c:
         await wait_for(lambda: d.runner.ready, what="ready on the estimate")

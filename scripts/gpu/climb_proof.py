@@ -31,7 +31,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-import proof  # the build, the model and the direct probe are proof.py's
+import proof  # noqa: E402 - the build, the model and the direct probe are proof.py's
 
 log = proof.log
 

@@ -41,7 +41,7 @@ def main(real: str, poison: str) -> None:
     inner_args[args.index("--port") + 1] = str(inner)
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     # The real server dies with this process (the supervisor stops the whole group anyway). No thread runs yet.
-    proc = subprocess.Popen([real, *inner_args], preexec_fn=lambda: prctl(1, signal.SIGKILL, 0, 0, 0))  # noqa: PLW1509
+    proc = subprocess.Popen([real, *inner_args], preexec_fn=lambda: prctl(1, signal.SIGKILL, 0, 0, 0))
     marker = poison.encode()
 
     class Handler(BaseHTTPRequestHandler):
