@@ -483,8 +483,9 @@ class Runner:
             if state in SETTLED:
                 return False
             left = deadline - time.monotonic()
-            if left <= 0:
-                return False
+            m = self._machine
+            if left <= 0 or (m.crash_loop and m.retry_at is not None and m.retry_at - time.monotonic() > left):
+                return False  # out of time, or a crash loop's next try comes later than the caller can wait
             try:
                 await asyncio.wait_for(self._settled.wait(), left)
             except TimeoutError:
