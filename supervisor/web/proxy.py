@@ -282,7 +282,8 @@ class Proxy:
         target = ("/v1/chat/completions" if path == PREDICT else path) + ("?" + query.decode("latin-1") if query else "")
         extra: list[tuple[bytes, bytes]] = []
         fitted_gen = -1
-        for attempt in (1, 2):
+        attempt = 0
+        while attempt < 2:
             ok, why = await self._wait_ready()
             if ok and not await self.gate.acquire(self.runner.cfg.queue_wait_s):
                 ok, why = False, (f"llama-server is busy: {self.gate.active} requests in progress, "
@@ -291,6 +292,10 @@ class Proxy:
                 status[0] = 503
                 await send_simple(send, *json_error(503, why, "unavailable_error", [(b"retry-after", b"5")]))
                 return
+            if not self.runner.ready:  # the child went while this request waited for a slot: wait for the next
+                self.gate.release()
+                continue
+            attempt += 1
             gen = self.runner.machine.gen
             answered: bool | None = False
             sent = False
@@ -319,11 +324,13 @@ class Proxy:
                         status: list[int], attempt: int, predict: bool, extra: list[tuple[bytes, bytes]]) -> bool | None:
         """One exchange with the child. Returns whether it answered in full, or None when the request never
         reached a live llama-server and may be sent again."""
-        base = self.runner.child_url or ""
-        req = httpcore.Request(method, base + target, content=body, extensions={"timeout": TIMEOUTS},
-                               headers=[(b"host", base.removeprefix("http://").encode()), *headers,
-                                        (b"content-length", str(len(body)).encode())])
+        base = self.runner.child_url
         try:
+            if base is None:  # gone since the last look (the context guard awaits): as good as refused
+                raise httpcore.ConnectError("llama-server is gone")
+            req = httpcore.Request(method, base + target, content=body, extensions={"timeout": TIMEOUTS},
+                                   headers=[(b"host", base.removeprefix("http://").encode()), *headers,
+                                            (b"content-length", str(len(body)).encode())])
             upstream = await self.pool.handle_async_request(req)
         except RETRYABLE as exc:
             if attempt == 2:
