@@ -324,3 +324,24 @@ def test_die_with_parent_does_no_dlopen_after_the_fork(monkeypatch: pytest.Monke
     monkeypatch.setattr(process, "_PRCTL", lambda *args: calls.append(args) or 0)
     process._die_with_parent()
     assert calls == [(process.PR_SET_PDEATHSIG, 9, 0, 0, 0)]
+
+
+# ---- 1: a busy box is given up for good --------------------------------------------------------------------
+
+
+async def test_killed_while_serving_again_and_again_is_never_given_up(tmp_path: Path, write_profile) -> None:
+    """Issue 11, seen 1, scaled down: each child serves (longer than healthy_uptime_s) and is then SIGKILLed from
+    outside, more times than breaker_failures. The old breaker went to `failed` for good; now every death starts a
+    new count and the restart is quick."""
+    async with running(tmp_path, write_profile(), breaker_failures=3, healthy_uptime_s=1.0) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        for _ in range(5):
+            await wait_for(lambda: d.runner.ready, what="ready")
+            await asyncio.sleep(1.2)  # serving
+            assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            os.kill(d.runner.child.pid, 9)
+            await wait_for(lambda: not d.runner.ready, what="noticed")
+        await wait_for(lambda: d.runner.ready, what="ready after five kills")
+        m = d.runner.machine
+        assert m.restarts == 5 and not m.crash_loop and m.attempt == 1
+        assert all(t.dst is not State.FAILED for t in m.history)
