@@ -38,6 +38,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench_context  # noqa: E402
 import build_llama_server  # noqa: E402
 import tiny_gguf  # noqa: E402
 
@@ -407,6 +408,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     text_profile = write_profile(tmp / "text.yaml", binary, model, ctx_size=16 * 160, parallel=16, threads=1)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                                "date": datetime.now().isoformat(timespec="seconds")}
+    if args.only == "context":
+        results["p7_context_guard"] = p7_context(binary, vl_model, mmproj, tmp, args.quick)
+        return results
 
     print("P3 cold start ...", file=sys.stderr)
     cold_profile = write_profile(tmp / "cold.yaml", binary, model, ctx_size=4096)
@@ -453,10 +457,35 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     no_warm = write_profile(tmp / "vl-nowarm.yaml", binary, vl_model, mmproj, ctx_size=8192, parallel=1,
                             warmup=False)
     results["p5_images"]["first_image"] = first_image_latency(vl_profile, no_warm, tmp)
+    results["p7_context_guard"] = p7_context(binary, vl_model, mmproj, tmp, args.quick)
     return results
 
 
+def p7_context(binary: str, vl_model: Path, mmproj: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    """The context guard's cost: two supervisors on the vision pair, guard on and off (bench_context.py)."""
+    print("P7 context guard ...", file=sys.stderr)
+    sups = []
+    try:
+        for name, fit in (("on", True), ("off", False)):
+            profile = write_profile(tmp / f"ctx-{name}.yaml", binary, vl_model, mmproj, ctx_size=4096, parallel=1,
+                                    threads=1, images={"fit_context": fit})
+            t0 = time.time()
+            sups.append(Supervisor(profile, tmp / f"state-ctx-{name}"))
+            sups[-1].wait_state("ready", t0)
+        on, off = sups
+        st = on.status()
+        return bench_context.p7_context_guard(on.url or "", off.url or "", st["child"]["url"],
+                                              st["context"]["n_ctx_per_slot"], 50 if quick else 200)
+    finally:
+        for sup in sups:
+            sup.stop()
+
+
 def table(r: dict[str, Any]) -> str:
+    head = ["| measure | direct llama-server | through the supervisor | difference | target |", "|---|---|---|---|---|"]
+    guard = bench_context.rows(r["p7_context_guard"]) if "p7_context_guard" in r else []
+    if "p1_latency" not in r:  # --only context
+        return "\n".join(head + [f"| {' | '.join(row)} |" for row in guard])
     p1, p2, p3, p4, p5, p6 = (r["p1_latency"], r["p2_streaming"], r["p3_cold_start"], r["p4_recovery"],
                               r["p5_images"], r["p6_footprint"])
     rows = [
@@ -499,9 +528,8 @@ def table(r: dict[str, Any]) -> str:
              f"{n2['through']['ttft_p50_ms']} ms (nginx)", f"{n2['ratio'] * 100:.1f} % / "
              f"+{n2['added_ttft_p50_ms']} ms", ""),
         ]
-    out = ["| measure | direct llama-server | through the supervisor | difference | target |",
-           "|---|---|---|---|---|"]
-    out += [f"| {' | '.join(row)} |" for row in rows]
+    rows += guard
+    out = head + [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(out)
 
 
@@ -509,11 +537,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not for the README)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    ap.add_argument("--only", choices=["all", "context"], default="all",
+                    help="context: only P7, the context guard's cost (two supervisors on the vision pair)")
     args = ap.parse_args()
     results = asyncio.run(main_async(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    md = table(results)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2))
+    md = table(results)
     (args.out / "bench.md").write_text(md + "\n")
     print(md)
 

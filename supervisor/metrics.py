@@ -13,6 +13,7 @@ from .core.lifecycle import State
 
 NS = "llama_supervisor"
 disable_created_metrics()  # the *_created series only add noise to every scrape
+GUARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -89,6 +90,8 @@ class Metrics:
                                      registry=r)
         self.context_tokens_saved = Counter(f"{NS}_context_tokens_saved_total",
                                             "Prompt tokens the context guard's trimming saved", registry=r)
+        self.context_seconds = Histogram(f"{NS}_context_seconds", "Time the context guard took per chat request "
+                                         "(counting, planning, re-serialising)", buckets=GUARD_BUCKETS, registry=r)
         self.context_checks = Counter(f"{NS}_context_checks_total", "Chat requests the context guard looked at, "
                                       "by how it decided", ["outcome"], registry=r)
         # The supervisor's own RSS and CPU (llama_supervisor_process_*), as the ops page charts them.

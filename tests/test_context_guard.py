@@ -129,6 +129,23 @@ async def test_old_turns_go_after_the_photos_and_a_last_turn_too_big_is_a_400(tm
         text = (await c.get("/metrics")).text
         assert metric(text, "turns_dropped_total") == dropped["turns"]
 
+        # Just over the limit, inside the estimate's margin: the exact count decides, and one old turn goes.
+        def near(n: int) -> list[dict[str, Any]]:  # n: one token per step ("z" merges with nothing)
+            return [{"role": "system", "content": "You are brief."}] + [
+                m for i in range(3) for m in ({"role": "user", "content": f"{i}: " + "a b c d " * 40 + "z" * n},
+                                              {"role": "assistant", "content": "e f g h " * 40})] + [
+                {"role": "user", "content": "go on"}]
+        child, lo, hi = d.runner.child_url or "", 0, 2000
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if await exact_count(child, {"messages": near(mid)}) <= CTX - 16 + 8 else (lo, mid - 1)
+        over = {"messages": near(lo), "max_tokens": 16}
+        assert CTX - 16 < await exact_count(child, over)
+        r = await c.post("/v1/chat/completions", json=over)
+        assert r.status_code == 200, r.text
+        assert trimmed(r.headers.get("x-context-trimmed"))["turns"] == 1
+        assert r.json()["usage"]["prompt_tokens"] + 16 <= CTX
+
         # Three photos in the last turn alone: nothing may be dropped from it, so the answer is a 400 with numbers.
         alone = {"messages": [{"role": "system", "content": "You are brief."},
                               {"role": "user", "content": [{"type": "text", "text": "Compare."}, photo("red"),

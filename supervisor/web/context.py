@@ -6,8 +6,10 @@ Counting is layered so most requests pay nothing or next to nothing:
    slot passes without any call;
 2. an estimate from per-message token counts (llama-server's /tokenize, one call for the messages not seen
    before, cached) plus the template's wrapping learned at warmup;
-3. near or over the limit, the exact count: llama-server's own template and tokenizer on the whole
-   conversation (/v1/chat/completions/input_tokens, one call), before trimming and again after it.
+3. within a margin of the limit (a few tokens a message), the exact count: llama-server's own template and
+   tokenizer on the whole conversation (/v1/chat/completions/input_tokens, one call);
+4. clearly over: trimmed on the estimate to the limit less that margin, with no exact count; when that
+   cannot fit, the exact count decides (trim, count again) and gives the 400's numbers.
 Images are never sent for counting (llama-server would decode and preprocess each one again, 3-30 ms
 here): their cost comes from `ImageCost`, learned at warmup (context_learn.py).
 """
@@ -24,7 +26,7 @@ import httpcore
 import structlog
 
 from ..child.runner import Runner
-from ..core.context import MessageCost, plan_fit, reply_room, upper_bound
+from ..core.context import MessageCost, Plan, plan_fit, reply_room, upper_bound
 from ..profile import Profile
 from .context_learn import TEXT_CACHE_MAX, CountError, Learned, count_messages, learn, token_counts
 from .images import OMITTED
@@ -216,15 +218,21 @@ class ContextGuard:
         text_costs = [learned.wrap_for(r) + n for r, n in zip(roles, counts, strict=True)]
         estimate = learned.fixed + sum(text_costs) + images
         # The estimate is off by a few tokens per message at most (how a template joins parts, merges across
-        # a message's edges): inside that margin the exact count decides.
-        if not templated and estimate + 2 * len(msgs) + 8 <= limit:
+        # a message's edges): inside that margin of the limit, the exact count decides.
+        margin = 2 * len(msgs) + 8
+        if not templated and estimate + margin <= limit:
             self._outcome("estimate")
             return Fitted(None)
+        costs = [MessageCost(r, t, c) for r, t, c in zip(roles, text_costs, img_costs, strict=True)]
+        if not templated and estimate - margin > limit:
+            # Clearly over: trim on the estimate to the limit less the margin, so no exact count is needed.
+            plan = plan_fit(costs, fixed=learned.fixed, limit=limit - margin, placeholder=learned.placeholder)
+            if plan.fits:
+                return await self._trimmed(doc, msgs, plan, plan.saved, plan.prompt, reserve, learned, images > 0)
         before = await self.count_exact(doc, msgs) + images
         if before <= limit:
             self._outcome("counted")
             return Fitted(None)
-        costs = [MessageCost(r, t, c) for r, t, c in zip(roles, text_costs, img_costs, strict=True)]
         fixed = before - sum(text_costs) - images  # so the per-message costs add up to the exact count
         for _ in range(3):
             plan = plan_fit(costs, fixed=fixed, limit=limit, placeholder=learned.placeholder)
@@ -242,22 +250,26 @@ class ContextGuard:
                     f"per slot ({ctx_note}); older turns and images were already left out: shorten the message, "
                     "send fewer or smaller images, lower max_tokens, or raise ctx_size")
             if after <= limit:
-                break
+                return await self._trimmed(doc, msgs, plan, before - after, after, reserve, learned, images > 0)
             fixed += after - plan.prompt  # the estimate was short: plan again with the difference
-        else:
-            self._outcome("trim_failed")
-            log.warning("context_trim_failed", prompt=after, limit=limit)
-            return Fitted(None)
-        n_images, n_turns, saved = len(plan.drop_images), plan.turns, before - after
+        self._outcome("trim_failed")
+        log.warning("context_trim_failed", prompt=after, limit=limit)
+        return Fitted(None)
+
+    async def _trimmed(self, doc: dict[str, Any], msgs: list[Any], plan: Plan, saved: int, prompt: int, reserve: int,
+                       learned: Learned, big: bool) -> Fitted:
+        """The trimmed request, told to the operator (log, metrics) and to the client (the header)."""
+        new_msgs = apply_plan(msgs, plan.drop_images, plan.drop_messages)
+        n_images, n_turns, n_msgs = len(plan.drop_images), plan.turns, len(plan.drop_messages)
         self._outcome("trimmed")
         self.metrics.images_dropped.inc(n_images)
         self.metrics.turns_dropped.inc(n_turns)
         self.metrics.context_tokens_saved.inc(saved)
-        log.info("context_trimmed", images=n_images, turns=n_turns, messages=len(plan.drop_messages),
-                 tokens_saved=saved, prompt=after, reply=reserve, n_ctx=learned.n_ctx)
+        log.info("context_trimmed", images=n_images, turns=n_turns, messages=n_msgs, tokens_saved=saved,
+                 prompt=prompt, reply=reserve, n_ctx=learned.n_ctx)
         new_doc = {**doc, "messages": new_msgs}
-        body = await asyncio.to_thread(json.dumps, new_doc) if images else json.dumps(new_doc)
-        header = f"images={n_images}; turns={n_turns}; messages={len(plan.drop_messages)}; tokens={saved}"
+        body = await asyncio.to_thread(json.dumps, new_doc) if big else json.dumps(new_doc)
+        header = f"images={n_images}; turns={n_turns}; messages={n_msgs}; tokens={saved}"
         return Fitted(body.encode(), header.encode())
 
 

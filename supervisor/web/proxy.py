@@ -349,6 +349,7 @@ class Proxy:
         """The context guard (web/context.py): the body to send and the header that says what was dropped.
         If llama-server cannot count, the request goes as it came (and llama-server's own 400 applies)."""
         r = self.runner
+        t0 = time.perf_counter()
         try:
             fit = await self.context.fit(chat.doc, chat.sizes, gen, r.loaded.profile,
                                          ctx_words(r.loaded.profile, r.machine))
@@ -358,6 +359,8 @@ class Proxy:
             self.metrics.context_checks.labels("error").inc()
             log.warning("context_count_failed", error=str(exc))
             return body, []
+        finally:
+            self.metrics.context_seconds.observe(time.perf_counter() - t0)
         if fit.body is None:
             return body, []
         return fit.body, [(TRIMMED_HEADER, fit.header or b"")]
