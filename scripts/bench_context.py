@@ -10,8 +10,9 @@ each request goes to both in turn, so machine noise hits both alike. One scenari
              of them (what every request would cost without the cache). llama-server then has to process the
              whole prompt too (no prefix to reuse), which swamps the difference: read the guard's own time;
 - counted:   inside the slot by less than the margin: llama-server's exact count (one input_tokens call);
-- trimmed:   the `counted` conversation after extra older turns that do not fit: count, plan, count again,
-             re-serialise; the guard-off side is sent what the guard sends (the `counted` conversation).
+- trimmed:   the `counted` conversation after extra older turns, clearly over the slot: planned on the (cached)
+             estimate, re-serialised; the guard-off side is sent the `counted` conversation (the guard trims to
+             the limit less its margin, so it sends a turn less: read the guard's own time here too).
 
 Used by scripts/bench.py (`--only context` runs only this).
 """
@@ -136,7 +137,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     out = []
     for key, words in (("bound", "far inside (no call)"), ("estimate", "near, cached counts (no call)"),
                        ("uncached", "near, new texts (/tokenize)"), ("counted", "at the edge (input_tokens)"),
-                       ("trimmed", "over: turns dropped (2 counts)")):
+                       ("trimmed", "over: turns dropped on the estimate")):
         s = r[key]
         tokens = r["prompt_tokens"]["estimate" if key == "uncached" else key]
         out.append((f"P7 guard, 10 turns, {words}, {tokens} tokens: p50 / p99 (guard's own time)",
