@@ -146,7 +146,8 @@ def _remote(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     url = (args.url or f"http://{host}:{cfg.port}").rstrip("/")
-    key = args.admin_key or (cfg.admin_key.get_secret_value() if cfg.admin_key else None)
+    secret = cfg.admin_key or cfg.api_key  # the admin routes take the API key when there is no admin key
+    key = args.admin_key or (secret.get_secret_value() if secret else None)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=30) as client:

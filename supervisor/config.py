@@ -6,6 +6,7 @@ settings file (default /etc/llama-supervisor/supervisor.yaml, or LLAMA_SUPERVISO
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,20 @@ class Config(BaseSettings):
     # request limits
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     remote_image_hosts: list[str] = []  # hosts llama-server may fetch image URLs from (empty: none)
+    image_max_pixels: int = Field(40_000_000, gt=0)  # pixels one image may decode to (after JPEG draft scaling)
+    image_workers: int = Field(2, ge=1)  # images decoded at once (each holds up to image_max_pixels × 4 bytes)
+    image_queue_wait_s: float = Field(10.0, gt=0)  # a turn for image work within this, else 503 + Retry-After
+    image_queue_max: int = Field(32, ge=0)  # requests with images waiting for a turn, beyond: 503 at once
+    max_header_bytes: int = Field(32 * 1024, ge=1024)  # request line + headers, beyond: 431
+    max_headers: int = Field(100, ge=8)  # header count, beyond: 431
+    client_timeout_s: float = Field(30.0, gt=0)  # a client silent this long while sending a request is cut off
     # auth
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     admin_key: SecretStr | None = None
     admin_key_file: Path | None = None
+    # Listening beyond loopback with no key is refused unless this says it is meant (a trusted, isolated network).
+    allow_network_without_key: bool = False
     # logging
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
@@ -131,6 +141,14 @@ class Config(BaseSettings):
                 setattr(self, attr, SecretStr(key))
         return self
 
+    @model_validator(mode="after")
+    def _no_open_network(self) -> Config:
+        if not (self.api_key or self.admin_key or self.allow_network_without_key or is_loopback(self.host)):
+            raise ValueError(f"host: {self.host} is reachable from the network and no api_key or admin_key is set; "
+                             "set a key (api_key_file), listen on 127.0.0.1, or set allow_network_without_key: "
+                             "true if the network is trusted")
+        return self
+
     def resolved_profile(self) -> Path:
         if self.profile is None:
             raise ConfigError("settings", [("profile", "no profile given (--profile, LLAMA_SUPERVISOR_PROFILE or the settings file)")])
@@ -144,6 +162,15 @@ class Config(BaseSettings):
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, _YamlSource(settings_cls, _config_file())
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name that resolves elsewhere, or "0.0.0.0"-like wildcards: not loopback
 
 
 def _config_file() -> Path | None:

@@ -23,6 +23,7 @@ from .sdnotify import Notifier
 from .telemetry.logring import RING
 from .web.agent import AgentListener
 from .web.app import App, key_checker
+from .web.protocol import protocol_class
 from .web.proxy import Proxy
 from .web.ui import Ops
 
@@ -73,14 +74,14 @@ class Daemon:
                                  in_flight=lambda: proxy.in_flight, on_applied=proxy.sync_profile,
                                  drain=self.drain)
         self.ops = Ops(lambda: [runner], RING, has_admin_key=cfg.admin_key is not None,
-                       key_ok=key_checker(cfg.admin_key), sample_interval_s=cfg.sample_interval_s)
+                       key_ok=key_checker(cfg.admin_key or cfg.api_key), sample_interval_s=cfg.sample_interval_s)
         self.ops.watch(runner)
         self.reloader.observers.append(self.ops.reloaded)
         sock = bind(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         self.server = _Server(uvicorn.Config(App(runner, self.proxy, self.reloader, self.drain, self.ops), lifespan="off", log_config=None,
-                                             access_log=False, http="httptools", server_header=False,
+                                             access_log=False, http=protocol_class(cfg), server_header=False,
                                              timeout_graceful_shutdown=max(1, int(cfg.drain_s))))
         log.info("listening", url=self.url, profile=str(self.profile_path), binary=loaded.caps.binary,
                  llama_server_version=loaded.caps.version)

@@ -12,7 +12,8 @@ from PIL import Image
 from supervisor.core.ladder import RunSettings
 from supervisor.core.lifecycle import initial
 from supervisor.profile import ImagePolicy, load_profile
-from supervisor.web.images import OMITTED, ImageError, decode_image_url, process_image, rewrite_chat
+from supervisor.web import media
+from supervisor.web.images import OMITTED, ImageError, decode_base64, process_image, rewrite_chat
 from supervisor.web.predict import chat_to_predict, predict_to_chat
 from supervisor.web.proxy import context_hint
 
@@ -77,15 +78,20 @@ def test_bad_images(data: bytes, status: int, fragment: str) -> None:
 
 
 def test_urls() -> None:
-    assert decode_image_url("data:image/png;base64,aGVsbG8=", "w", frozenset()) == b"hello"
-    assert decode_image_url("aGVsbG8", "w", frozenset()) == b"hello"  # raw base64, padding forgiven
-    assert decode_image_url("https://cdn.example/a.png", "w", frozenset({"cdn.example"})) is None
-    with pytest.raises(ImageError, match="remote image URLs are not allowed"):
-        decode_image_url("http://169.254.169.254/latest", "w", frozenset())
+    assert decode_base64("data:image/png;base64,aGVsbG8=", "w") == b"hello"
+    assert decode_base64("aGVsbG8", "w") == b"hello"  # raw base64, padding forgiven
+    media.check_remote("https://cdn.example/a.png", "w", frozenset({"cdn.example"}))
+    for url in ("http://169.254.169.254/latest", "https://cdn.example@evil.example/a.png",
+                "http://evil.example\\@cdn.example/", "http://cdn.example.evil.example/", "https://user@cdn.example/"):
+        with pytest.raises(ImageError, match="remote image URLs are not allowed"):
+            media.check_remote(url, "w", frozenset({"cdn.example"}))
     with pytest.raises(ImageError, match="not valid base64"):
-        decode_image_url("data:image/png;base64,@@@###", "w", frozenset())
+        decode_base64("data:image/png;base64,@@@###", "w")
     with pytest.raises(ImageError, match="scheme 'file'"):
-        decode_image_url("file:///etc/passwd", "w", frozenset())
+        decode_base64("file:///etc/passwd", "w")
+    # what llama-server itself would fetch: anything that starts with "http", and file:// URLs
+    assert all(media.is_remote(u) for u in ("http://x", "https://x", "httpx", "HTTP://X", "file:///etc/passwd"))
+    assert not any(media.is_remote(u) for u in ("data:image/png;base64,AAAA", "aGVsbG8="))
 
 
 def _chat(n_images: int, turns: int = 1) -> dict:
@@ -100,11 +106,14 @@ def _chat(n_images: int, turns: int = 1) -> dict:
 
 def test_keep_last_images() -> None:
     new, stats = rewrite_chat(_chat(2, turns=3), ImagePolicy(keep_last_images=3))
-    assert new is not None and stats.dropped == 3 and stats.images == 3
-    assert stats.sizes == [(32, 32)] * 3  # the images left, in order: the context guard costs them
+    assert new is not None and stats.dropped == 3
     texts = [p for m in new["messages"] if isinstance(m["content"], list) for p in m["content"]]
     assert sum(p.get("text") == OMITTED for p in texts) == 3
     assert sum(p["type"] == "image_url" for p in texts) == 3
+    found = media.find(new)
+    assert found.images == 3  # what stays goes through the media policy
+    stats = media.apply(found, POLICY, frozenset(), 40_000_000)
+    assert stats.sizes == [(32, 32)] * 3  # the images left, in order: the context guard costs them
 
 
 def test_keep_last_turns_keeps_system() -> None:
@@ -123,7 +132,7 @@ def test_error_names_message_and_part() -> None:
                         {"role": "user", "content": [{"type": "text", "text": "x"},
                                                      {"type": "image_url", "image_url": {"url": "data:;base64,!!"}}]}]}
     with pytest.raises(ImageError) as exc:
-        rewrite_chat(doc, POLICY)
+        media.apply(media.find(doc), POLICY, frozenset(), 40_000_000)
     assert exc.value.message.startswith("messages[1].content[1]:")
 
 

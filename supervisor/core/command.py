@@ -40,7 +40,9 @@ REPLACEMENTS: dict[str, str] = {
 }
 
 # Inherited variables that would silently change the child, unless the profile sets them itself.
-_STRIPPED_ENV_PREFIXES = ("LLAMA_ARG_",)
+# LLAMA_SUPERVISOR_* carries the supervisor's own settings, keys included; AIP_* switches llama-server into Google
+# Cloud's prediction mode (another port, another /predict route).
+_STRIPPED_ENV_PREFIXES = ("LLAMA_ARG_", "LLAMA_SUPERVISOR_", "AIP_")
 _STRIPPED_ENV = frozenset({"LLAMA_API_KEY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
                            "LISTEN_PID", "LISTEN_FDNAMES"})
 

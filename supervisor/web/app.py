@@ -70,10 +70,14 @@ class App:
         path = scope["path"]
         page = self.ops is not None and ui.owns(path)
         if path in OWN_PATHS or page:
-            key = self.admin_key if path in ADMIN_PATHS or (page and ui.needs_admin(path)) else None
+            # Fail closed: with any key configured, the admin routes (and the ops page's) need the admin key,
+            # or the API key when there is no admin key. /health stays open for load balancers.
+            admin = path in ADMIN_PATHS or (page and ui.needs_admin(path))
+            key = (self.admin_key or self.api_key) if admin else None
             if key is not None and not _key_ok(scope, key):
                 await send_simple(send, *json_error(
-                    401, "admin key required: send 'Authorization: Bearer <admin key>' or 'x-api-key'",
+                    401, f"{'admin' if self.admin_key else 'API'} key required: send 'Authorization: Bearer <key>' "
+                         "or 'x-api-key: <key>'",
                     "authentication_error", [(b"www-authenticate", b"Bearer")]))
                 return
             await (self.ops if page and self.ops is not None else self.own)(scope, receive, send)

@@ -19,25 +19,23 @@ import structlog
 from ..child.runner import Runner
 from ..core import quarantine
 from ..core.lifecycle import Machine
-from ..profile import ImagePolicy, Profile
+from ..profile import Profile
+from . import media, routes
+from .admission import ImageWorkers
 from .context import ContextGuard, ContextRejected, CountError
 from .errors import Receive, Scope, Send, error_doc, json_error, send_simple
 from .gate import Gate, upstream_limit
 from .images import ImageError, Stats, rewrite_chat
 from .poison import PoisonGuard
 from .predict import chat_to_predict, predict_to_chat
+from .routes import PREDICT, Route
 from .upstream import AsyncioBackend
+from .validate import Rejected, parse_json, serialise
 
 log = structlog.get_logger("proxy")
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
-KNOWN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/chat/completions", "/completions",
-                          "/completion", "/v1/embeddings", "/embeddings", "/embedding", "/v1/models", "/models",
-                          "/tokenize", "/detokenize", "/props", "/slots", "/infill", "/rerank", "/v1/rerank",
-                          "/apply-template", "/v1/health", "/lora-adapters"})
-CHAT_ROUTES = frozenset({"/v1/chat/completions", "/chat/completions"})
-PREDICT = "/predict"
 # Bodies larger than this are parsed in a thread, not on the event loop.
 BIG_BODY = 256 * 1024
 # Failures that mean the request never reached a live llama-server: safe to send again.
@@ -83,35 +81,33 @@ def context_hint(data: bytes, profile: Profile, m: Machine) -> bytes:
         return data  # not the shape we know: llama-server's answer goes through as it is
 
 
-def _rewrite(doc: dict[str, Any], policy: ImagePolicy, hosts: frozenset[str], force: bool
-             ) -> tuple[bytes | None, dict[str, Any], Stats]:
-    """Image policy and serialisation together, in a worker thread: both are CPU work on big bodies.
-    Returns (new body or None if unchanged, the document as it will be sent, stats)."""
-    new, stats = rewrite_chat(doc, policy, hosts)
-    if new is None and not force:
-        return None, doc, stats
-    return json.dumps(new if new is not None else doc).encode(), new if new is not None else doc, stats
+def _printable(query: bytes) -> bytes:
+    """HTTP/1.1 allows only printable ASCII in a request target: other bytes go percent-encoded (same meaning)."""
+    if all(0x21 <= b <= 0x7E for b in query):
+        return query
+    return b"".join(bytes([b]) if 0x21 <= b <= 0x7E else b"%%%02X" % b for b in query)
 
 
-def _has_image(doc: dict[str, Any]) -> bool:
-    for msg in doc.get("messages") or ():
-        content = msg.get("content") if isinstance(msg, dict) else None
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
-            return True
-    return False
-
-
-def route_label(path: str) -> str:
-    return path if path in KNOWN_ROUTES else "other"
-
-
+def _json_500_is_client_error(data: bytes) -> bytes | None:
+    """llama-server answers 500 when its JSON library throws on a field of the wrong type: that is the client's
+    request, so the client gets a 400 saying so (fields the proxy checks never get this far)."""
+    if b"[json.exception." not in data:
+        return None
+    try:
+        message = json.loads(data)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = data.decode("utf-8", "replace")[:300]
+    return json_error(400, f"llama-server could not read a field of the request: {message}",
+                      "invalid_request_error")[2]
 
 
 class Proxy:
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self.metrics = runner.metrics
-        self.remote_hosts = frozenset(runner.cfg.remote_image_hosts)
+        self.remote_hosts = frozenset(h.lower() for h in runner.cfg.remote_image_hosts)
+        cfg = runner.cfg
+        self.images = ImageWorkers(cfg.image_workers, cfg.image_queue_wait_s, cfg.image_queue_max)
         self.in_flight = 0  # requests inside the proxy (any stage)
         self.waiting = 0  # ... of which waiting for the child to be ready
         self.gate = Gate(upstream_limit(runner.cfg, runner.loaded.profile), self.metrics)
@@ -131,31 +127,27 @@ class Proxy:
         runner.on_warmed(self.context.after_warmup)
 
     async def aclose(self) -> None:
+        self.images.close()
         await self.pool.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks, size, limit = [], 0, self.runner.cfg.max_body_bytes
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await send_simple(send, *json_error(413, f"request body over the limit of {limit} bytes",
-                                                    "invalid_request_error"))
-                self.metrics.requests.labels(route_label(scope["path"]), "413").inc()
-                return
-            chunks.append(chunk)
-            if not msg.get("more_body"):
-                break
-        body = b"".join(chunks)
-        route = route_label(scope["path"])
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+        route = routes.lookup(raw_path)
+        refusal = self._refusal(scope, raw_path, route)
+        if refusal is not None:
+            await send_simple(send, *refusal)
+            self.metrics.requests.labels(route.label if route else "other", str(refusal[0])).inc()
+            return
+        assert route is not None
+        body = await self._read_body(scope, receive, send, route)
+        if body is None:
+            return
+        label = route.label
         t0 = time.perf_counter()
         self.in_flight += 1
         self.metrics.in_flight.inc()
         status = [499]  # what the client got; stays 499 if it left first
-        work = asyncio.ensure_future(self._forward(scope, body, send, status))
+        work = asyncio.ensure_future(self._forward(scope, raw_path, route, body, send, status))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
@@ -165,53 +157,117 @@ class Proxy:
             await asyncio.gather(work, watch, return_exceptions=True)
             self.in_flight -= 1
             self.metrics.in_flight.dec()
-            self.metrics.requests.labels(route, str(status[0])).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(label, str(status[0])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
         if work.done() and not work.cancelled() and (exc := work.exception()) is not None:
             log.error("proxy_error", path=scope["path"], error=repr(exc), exc_info=exc)
             if status[0] == 499:  # nothing was sent yet: the client still gets an answer
                 await send_simple(send, *json_error(500, f"supervisor error: {type(exc).__name__}", "server_error"))
 
-    async def _check_body(self, path: str, body: bytes) -> tuple[bytes, Chat | None]:
-        """Malformed JSON gets a 400 that says what is wrong (llama-server would answer 500); chat requests
-        with images get the image policy; /predict becomes a chat completion. Returns the body to send and,
-        for the context guard, the chat request (document and image sizes) when the guard is on."""
-        try:
-            if not body:
-                doc = None
-            elif len(body) > BIG_BODY:
-                doc = await asyncio.to_thread(json.loads, body)
+    def _refusal(self, scope: Scope, raw_path: bytes, route: Route | None
+                 ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """The allow-list (routes.py): unknown paths, refused routes and wrong methods never reach llama-server."""
+        method = scope["method"]
+        shown = raw_path.decode("ascii", "backslashreplace")[:200]
+        if route is None:
+            why = routes.REFUSED.get(raw_path)
+            if why is not None:
+                return json_error(403, f"{shown}: refused by the supervisor: {why}", "invalid_request_error")
+            return json_error(404, f"{method} {shown}: not a route the supervisor forwards", "invalid_request_error")
+        if method not in route.methods:
+            allow = ", ".join(sorted(route.methods))
+            return json_error(405, f"{method} {shown}: method not allowed (allowed: {allow})",
+                              "invalid_request_error", [(b"allow", allow.encode())])
+        return None
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send, route: Route) -> bytes | None:
+        """The body, with the limit enforced before (Content-Length) and while reading; None when answered."""
+        limit = self.runner.cfg.max_body_bytes
+        for k, v in scope["headers"]:
+            if k == b"content-length" and (not v.isdigit() or int(v) > limit):
+                break
+        else:
+            v = b""
+        chunks, size = [], 0
+        while not v:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+            if not msg.get("more_body"):
+                return b"".join(chunks)
+        # The rest of the body is not read: close the connection rather than drain it.
+        await send_simple(send, *json_error(413, f"request body over the limit of {limit} bytes (max_body_bytes)",
+                                            "invalid_request_error", [(b"connection", b"close")]))
+        self.metrics.requests.labels(route.label, "413").inc()
+        return None
+
+    async def _check_body(self, route: Route, body: bytes) -> tuple[bytes, Chat | None]:
+        """Parse once, decide on the parsed request, forward what was decided on: shape errors are 400s that name
+        the field; every media slot goes through the media policy; /predict becomes a chat completion.
+
+        A big body (images, usually) is parsed on the image workers too: bodies waiting for a turn stay bytes,
+        and only `image_workers` of them are expanded into documents and pixels at a time.
+        Returns the body to send and, for the context guard, the chat request (document and image sizes)."""
+        if not body:
+            raise Rejected(400, f"{route.label}: expected a JSON object body")
+        if len(body) > BIG_BODY:
+            new, sent, stats = await self.images.run(self._decide, route, body)
+        else:
+            doc, found = self._parse(route, body)
+            if found is None:
+                return body, None  # checked; nothing in it that the media policy decides on
+            sent = doc
+            if found.images:
+                media.check_urls(found, self.remote_hosts)  # cheap: refuse before queueing for image work
+                new, stats = await self.images.run(self._apply, found, doc)
             else:
-                doc = json.loads(body)
-        except ValueError as exc:
-            raise RequestRejected(400, f"request body is not valid JSON: {exc}") from None
-        if doc is not None and not isinstance(doc, dict):
-            raise RequestRejected(400, f"request body must be a JSON object, not {type(doc).__name__}")
-        if doc is None:
-            if path == PREDICT:
-                raise RequestRejected(400, "predict: expected a JSON body with 'prompt' and 'images'")
-            return body, None
-        try:
-            if path == PREDICT:
-                doc = predict_to_chat(doc)
-            profile = self.runner.loaded.profile
-            chat = path == PREDICT or path in CHAT_ROUTES
-            if profile.mmproj is None and chat and (path == PREDICT or b"image_url" in body) and _has_image(doc):
-                # llama-server would answer 500 ("image input is not supported"): it is the client's request.
-                raise RequestRejected(400, f"profile '{profile.name}' has no vision projector (mmproj): "
-                                           "this model does not take images")
-            guard = chat and self.context.enabled(profile)
-            if path == PREDICT or (path in CHAT_ROUTES and (b"image_url" in body or profile.images.keep_last_turns)):
-                policy = profile.images
-                new, sent, stats = await asyncio.to_thread(_rewrite, doc, policy, self.remote_hosts, path == PREDICT)
-                if stats.images:
-                    self.metrics.images.inc(stats.images)
-                    self.metrics.image_bytes.labels("in").inc(stats.bytes_in)
-                    self.metrics.image_bytes.labels("out").inc(stats.bytes_out)
-                return (body if new is None else new), (Chat(sent, stats.sizes) if guard else None)
-        except ImageError as exc:
-            raise RequestRejected(exc.status, exc.message) from None
-        return body, Chat(doc, []) if guard else None
+                new, stats = self._apply(found, doc)
+        if stats.images:
+            self.metrics.images.inc(stats.images)
+            self.metrics.image_bytes.labels("in").inc(stats.bytes_in)
+            self.metrics.image_bytes.labels("out").inc(stats.bytes_out)
+        guard = sent is not None and route.chat and self.context.enabled(self.runner.loaded.profile)
+        return (new if new is not None else body), (Chat(sent, stats.sizes) if guard and sent is not None else None)
+
+    def _parse(self, route: Route, body: bytes) -> tuple[dict[str, Any], media.Found | None]:
+        """The parsed, shape-checked document, and its media (None: a route without media, forwarded as sent)."""
+        doc = parse_json(body)
+        if not isinstance(doc, dict):
+            raise Rejected(400, f"request body must be a JSON object, not {type(doc).__name__}")
+        assert route.check is not None
+        route.check(doc)
+        if route is PREDICT:
+            doc = predict_to_chat(doc)
+        if not route.media:
+            return doc, None
+        profile = self.runner.loaded.profile
+        policy = profile.images
+        if route.chat and (policy.keep_last_turns or policy.keep_last_images is not None):
+            rewrite_chat(doc, policy)
+        found = media.find(doc)
+        if found.images and profile.mmproj is None:
+            # llama-server would answer 500 ("image input is not supported"): it is the client's request.
+            raise Rejected(400, f"profile '{profile.name}' has no vision projector (mmproj): "
+                                "this model does not take images")
+        return doc, found
+
+    def _apply(self, found: media.Found, doc: dict[str, Any]) -> tuple[bytes, Stats]:
+        """The media policy and serialisation (blocking when there are images: runs on the image workers)."""
+        stats = media.apply(found, self.runner.loaded.profile.images, self.remote_hosts,
+                            self.runner.cfg.image_max_pixels)
+        return serialise(doc), stats
+
+    def _decide(self, route: Route, body: bytes) -> tuple[bytes | None, dict[str, Any] | None, Stats]:
+        doc, found = self._parse(route, body)
+        if found is None:
+            return None, None, Stats()
+        new, stats = self._apply(found, doc)
+        return new, doc, stats
 
     def sync_profile(self) -> None:
         """The profile changed (reload): follow its parallel slots."""
@@ -261,25 +317,28 @@ class Proxy:
             out.append((b"x-forwarded-for", forwarded + b", " + ip if forwarded else ip))
         return out
 
-    async def _forward(self, scope: Scope, body: bytes, send: Send, status: list[int]) -> None:
-        path = scope["path"]
+    async def _forward(self, scope: Scope, raw_path: bytes, route: Route, body: bytes, send: Send,
+                       status: list[int]) -> None:
         chat: Chat | None = None
-        digest = await self.poison.digest(scope["method"], path, body)
+        digest = await self.poison.digest(scope["method"], scope["path"], body)
         if (refusal := self.poison.refusal(digest)) is not None:
             status[0] = 422
             await send_simple(send, *json_error(422, refusal, "invalid_request_error"))
             return
-        what = f"{scope['method']} {path} ({len(body)} bytes)"
+        what = f"{scope['method']} {route.label} ({len(body)} bytes)"
         try:
-            if scope["method"] == "POST" and (path in KNOWN_ROUTES or path == PREDICT):
-                body, chat = await self._check_body(path, body)
-        except RequestRejected as exc:
+            if scope["method"] == "POST" and route.check is not None:
+                body, chat = await self._check_body(route, body)
+        except (Rejected, ImageError) as exc:
             status[0] = exc.status
-            await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
+            kind = "unavailable_error" if exc.status == 503 else "invalid_request_error"
+            await send_simple(send, *json_error(exc.status, exc.message, kind,
+                                                exc.headers if isinstance(exc, Rejected) else None))
             return
         headers = self._headers(scope)
         query = scope.get("query_string", b"")
-        target = ("/v1/chat/completions" if path == PREDICT else path) + ("?" + query.decode("latin-1") if query else "")
+        # The raw bytes the client sent, as routes.py matched them: never the decoded path (%2F, %23, UTF-8).
+        target = (b"/v1/chat/completions" if route is PREDICT else raw_path) + (b"?" + _printable(query) if query else b"")
         extra: list[tuple[bytes, bytes]] = []
         fitted_gen = -1
         attempt = 0
@@ -304,14 +363,14 @@ class Proxy:
                     fitted_gen = gen
                     try:
                         body, extra = await self._fit_context(chat, body, gen)
-                    except RequestRejected as exc:
+                    except Rejected as exc:
                         status[0] = exc.status
                         await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
                         return
                 self.poison.sent(gen, digest, what)
                 sent = True
                 answered = await self._exchange(scope["method"], target, body, headers, send, status, attempt,
-                                                predict=path == PREDICT, extra=extra)
+                                                predict=route is PREDICT, extra=extra)
             finally:
                 self.gate.release()
                 if sent:
@@ -320,7 +379,7 @@ class Proxy:
                 return
             await self._settle(gen)
 
-    async def _exchange(self, method: str, target: str, body: bytes, headers: list[tuple[bytes, bytes]], send: Send,
+    async def _exchange(self, method: str, target: bytes, body: bytes, headers: list[tuple[bytes, bytes]], send: Send,
                         status: list[int], attempt: int, predict: bool, extra: list[tuple[bytes, bytes]]) -> bool | None:
         """One exchange with the child. Returns whether it answered in full, or None when the request never
         reached a live llama-server and may be sent again."""
@@ -328,8 +387,10 @@ class Proxy:
         try:
             if base is None:  # gone since the last look (the context guard awaits): as good as refused
                 raise httpcore.ConnectError("llama-server is gone")
-            req = httpcore.Request(method, base + target, content=body, extensions={"timeout": TIMEOUTS},
-                                   headers=[(b"host", base.removeprefix("http://").encode()), *headers,
+            host, _, port = base.removeprefix("http://").partition(":")
+            url = httpcore.URL(scheme=b"http", host=host.encode(), port=int(port or 80), target=target)
+            req = httpcore.Request(method, url, content=body, extensions={"timeout": TIMEOUTS},
+                                   headers=[(b"host", f"{host}:{port}".encode()), *headers,
                                             (b"content-length", str(len(body)).encode())])
             upstream = await self.pool.handle_async_request(req)
         except RETRYABLE as exc:
@@ -338,7 +399,7 @@ class Proxy:
                 msg = f"llama-server did not answer: {type(exc).__name__}"
                 await send_simple(send, *json_error(502, msg, "server_error"))
                 return False
-            log.info("proxy_retry", path=target, error=type(exc).__name__)
+            log.info("proxy_retry", path=target.decode("ascii", "replace"), error=type(exc).__name__)
             return None
         try:
             return await self._relay(upstream, send, status, predict=predict, extra=extra)
@@ -354,7 +415,7 @@ class Proxy:
             fit = await self.context.fit(chat.doc, chat.sizes, gen, r.loaded.profile,
                                          ctx_words(r.loaded.profile, r.machine))
         except ContextRejected as exc:
-            raise RequestRejected(400, f"context guard: {exc.message}") from None
+            raise Rejected(400, f"context guard: {exc.message}") from None
         except CountError as exc:
             self.metrics.context_checks.labels("error").inc()
             log.warning("context_count_failed", error=str(exc))
@@ -387,8 +448,20 @@ class Proxy:
                     data = json.dumps(chat_to_predict(json.loads(data))).encode()
                     headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
                     headers.append((b"content-type", b"application/json"))
+            elif code == 500 and (fixed := _json_500_is_client_error(data)) is not None:
+                code = status[0] = 400
+                data = fixed
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+                headers.append((b"content-type", b"application/json"))
             elif code == 400 and b"exceed_context_size_error" in data:
                 data = context_hint(data, self.runner.loaded.profile, self.runner.machine)
+            if code >= 400 and not data.lstrip().startswith(b"{"):
+                # llama-server's HTTP library answers some errors with an empty or plain-text body
+                text = data.decode("utf-8", "replace").strip()[:300] or "no details"
+                data = json_error(code, f"llama-server answered {code}: {text}",
+                                  "server_error" if code >= 500 else "invalid_request_error")[2]
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+                headers.append((b"content-type", b"application/json"))
             await send_simple(send, code, headers + [(b"content-length", str(len(data)).encode())], data)
             return True
         await send({"type": "http.response.start", "status": code, "headers": headers})
@@ -438,11 +511,3 @@ class Chat:
 
     doc: dict[str, Any]
     sizes: list[tuple[int, int] | None]
-
-
-class RequestRejected(Exception):
-    """A request the proxy refuses (4xx) before it reaches llama-server."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
