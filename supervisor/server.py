@@ -73,7 +73,7 @@ class Daemon:
         self.reloader = Reloader(runner, self.profile_path, self.settings_file, overrides=self.overrides,
                                  in_flight=lambda: proxy.in_flight, on_applied=proxy.sync_profile,
                                  drain=self.drain)
-        self.ops = Ops(lambda: [runner], RING, has_admin_key=cfg.admin_key is not None,
+        self.ops = Ops(lambda: [runner], RING, has_admin_key=(cfg.admin_key or cfg.api_key) is not None,
                        key_ok=key_checker(cfg.admin_key or cfg.api_key), sample_interval_s=cfg.sample_interval_s)
         self.ops.watch(runner)
         self.reloader.observers.append(self.ops.reloaded)
