@@ -147,3 +147,11 @@ def test_any_bytes_parse_or_400(body: bytes) -> None:
         parse_json(body)
     except Rejected as exc:
         assert exc.status == 400
+
+
+def test_media_prefilter_is_escape_safe() -> None:
+    """A body that names no media word and has no \\u escape cannot hold media; any escape means the full walk."""
+    plain = json.dumps({"messages": [{"role": "user", "content": "hello"}]}).encode()
+    assert not media.possible(plain) and not media.find(json.loads(plain)).slots
+    escaped = b'{"messages": [{"role": "user", "content": [{"type": "\\u0069mage_url", "\\u0069mage_url": {"url": "x"}}]}]}'
+    assert media.possible(escaped) and media.find(json.loads(escaped)).images == 1

@@ -218,15 +218,12 @@ class Proxy:
         if len(body) > BIG_BODY:
             new, sent, stats = await self.images.run(self._decide, route, body)
         else:
-            doc, found = self._parse(route, body)
-            if found is None:
-                return body, None  # checked; nothing in it that the media policy decides on
-            sent = doc
-            if found.images:
+            sent, found, changed = self._parse(route, body)
+            if found is not None and found.images:
                 media.check_urls(found, self.remote_hosts)  # cheap: refuse before queueing for image work
-                new, stats = await self.images.run(self._apply, found, doc)
+                new, stats = await self.images.run(self._apply, found, sent, changed)
             else:
-                new, stats = self._apply(found, doc)
+                new, stats = self._apply(found, sent, changed)
         if stats.images:
             self.metrics.images.inc(stats.images)
             self.metrics.image_bytes.labels("in").inc(stats.bytes_in)
@@ -234,39 +231,45 @@ class Proxy:
         guard = sent is not None and route.chat and self.context.enabled(self.runner.loaded.profile)
         return (new if new is not None else body), (Chat(sent, stats.sizes) if guard and sent is not None else None)
 
-    def _parse(self, route: Route, body: bytes) -> tuple[dict[str, Any], media.Found | None]:
-        """The parsed, shape-checked document, and its media (None: a route without media, forwarded as sent)."""
+    def _parse(self, route: Route, body: bytes) -> tuple[dict[str, Any] | None, media.Found | None, bool]:
+        """(document, its media, changed by the context policy). The document is None for a route without media
+        and the media None for a body that cannot hold any: both are forwarded as sent, once checked."""
         doc = parse_json(body)
         if not isinstance(doc, dict):
             raise Rejected(400, f"request body must be a JSON object, not {type(doc).__name__}")
         assert route.check is not None
         route.check(doc)
-        if route is PREDICT:
-            doc = predict_to_chat(doc)
         if not route.media:
-            return doc, None
+            return None, None, False
+        changed = route is PREDICT
+        if changed:
+            doc = predict_to_chat(doc)
         profile = self.runner.loaded.profile
         policy = profile.images
         if route.chat and (policy.keep_last_turns or policy.keep_last_images is not None):
-            rewrite_chat(doc, policy)
+            changed = rewrite_chat(doc, policy)[0] is not None or changed
+        if not media.possible(body):
+            return doc, None, changed
         found = media.find(doc)
         if found.images and profile.mmproj is None:
             # llama-server would answer 500 ("image input is not supported"): it is the client's request.
             raise Rejected(400, f"profile '{profile.name}' has no vision projector (mmproj): "
                                 "this model does not take images")
-        return doc, found
+        return doc, found, changed
 
-    def _apply(self, found: media.Found, doc: dict[str, Any]) -> tuple[bytes, Stats]:
-        """The media policy and serialisation (blocking when there are images: runs on the image workers)."""
+    def _apply(self, found: media.Found | None, doc: dict[str, Any] | None, changed: bool
+               ) -> tuple[bytes | None, Stats]:
+        """The media policy and serialisation (blocking when there are images: runs on the image workers).
+        None: nothing to decide on, the body goes as sent."""
+        if doc is None or ((found is None or not found.slots) and not changed):
+            return None, Stats()
         stats = media.apply(found, self.runner.loaded.profile.images, self.remote_hosts,
-                            self.runner.cfg.image_max_pixels)
+                            self.runner.cfg.image_max_pixels) if found is not None else Stats()
         return serialise(doc), stats
 
     def _decide(self, route: Route, body: bytes) -> tuple[bytes | None, dict[str, Any] | None, Stats]:
-        doc, found = self._parse(route, body)
-        if found is None:
-            return None, None, Stats()
-        new, stats = self._apply(found, doc)
+        doc, found, changed = self._parse(route, body)
+        new, stats = self._apply(found, doc, changed)
         return new, doc, stats
 
     def sync_profile(self) -> None:

@@ -28,6 +28,11 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: json.loads/dumps with any option build a new decoder/encoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def parse_json(body: bytes) -> Any:
     """Strict JSON: UTF-8 only (json.loads on bytes would guess UTF-16/32), no NaN/Infinity, bounded depth."""
     try:
@@ -36,7 +41,7 @@ def parse_json(body: bytes) -> Any:
         raise Rejected(400, f"request body is not UTF-8 (invalid byte at offset {exc.start}): send JSON as UTF-8"
                        ) from None
     try:
-        doc = json.loads(text, parse_constant=_no_constant)
+        doc = _DECODER.decode(text)
     except RecursionError:
         raise Rejected(400, f"request body is nested too deeply (the limit is {MAX_DEPTH} levels)") from None
     except ValueError as exc:
@@ -62,7 +67,7 @@ def serialise(doc: Any) -> bytes:
     """What is forwarded is what was checked. Lone surrogates (`"\\ud800"`) and out-of-range numbers (1e999)
     parse in Python but not in llama-server: refused here."""
     try:
-        return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        return _ENCODER.encode(doc).encode("utf-8")
     except UnicodeEncodeError:
         raise Rejected(400, "request body has an invalid unicode escape (a lone surrogate)") from None
     except ValueError:
@@ -101,21 +106,26 @@ NUMBERS = ("max_tokens", "max_completion_tokens", "n_predict", "n", "top_k", "se
 BOOLEANS = ("stream", "cache_prompt", "return_tokens", "echo", "add_special", "parse_special", "with_pieces")
 
 
+_KIND = {**dict.fromkeys(NUMBERS, "number"), **dict.fromkeys(BOOLEANS, "bool"), "stop": "stop",
+         **dict.fromkeys(("stream_options", "response_format", "chat_template_kwargs"), "object"),
+         "logit_bias": "object or array"}
+
+
 def sampling(doc: JSONDoc) -> None:
     """Numbers where numbers belong (a boolean is not a number here), booleans, stop strings."""
-    for key in NUMBERS:
-        v = doc.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise _fail(key, "a number", v)
-    for key in BOOLEANS:
-        v = doc.get(key)
-        if v is not None and not isinstance(v, bool):
-            raise _fail(key, "true or false", v)
-    if doc.get("stop") is not None:
-        _str_or_strs(doc["stop"], "stop")
-    for key in ("stream_options", "response_format", "logit_bias", "chat_template_kwargs"):
-        v = doc.get(key)
-        if v is not None and not isinstance(v, (dict, list) if key == "logit_bias" else dict):
+    for key, v in doc.items():  # a body has few fields: walk them, not the list of known ones
+        kind = _KIND.get(key)
+        if kind is None or v is None:
+            continue
+        if kind == "number":
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise _fail(key, "a number", v)
+        elif kind == "bool":
+            if not isinstance(v, bool):
+                raise _fail(key, "true or false", v)
+        elif kind == "stop":
+            _str_or_strs(v, "stop")
+        elif not isinstance(v, (dict, list) if kind == "object or array" else dict):
             raise _fail(key, "an object", v)
 
 
