@@ -11,7 +11,8 @@ from typing import Any
 import psutil
 
 from . import __version__
-from .child.runner import Runner, RunnerView
+from .child.runner import Runner
+from .child.view import RunnerView
 from .core.command import redact
 from .core.crash import signal_name
 from .host import gpu

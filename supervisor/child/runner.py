@@ -19,16 +19,15 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import structlog
 
 from ..config import Config
 from ..core.command import CommandError, build_argv, child_env, redact
-from ..core.crash import FATAL_WHILE_RUNNING, OOM_CAUSES, Cause, Exit, Verdict, classify
+from ..core.crash import FATAL_WHILE_RUNNING, Cause, Verdict
 from ..core.ladder import Evidence, RunSettings
 from ..core.lifecycle import (
     Action,
@@ -63,46 +62,20 @@ from ..metrics import Metrics
 from ..sdnotify import Notifier
 from . import vram
 from .climber import Climber
+from .exits import examine
 from .liveness import liveness
 from .process import Child, oom_kill_count, spawn
 from .readiness import NotReady, wait_healthy, warmup
+from .view import ExitListener, Observer, RunnerView
 
 log = structlog.get_logger("supervisor")
 SETTLED = (State.READY, State.FAILED, State.STOPPING, State.STOPPED)
-ExitListener = Callable[[int, Verdict, "int | None"], None]
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class RunnerView:
-    """A read-only snapshot of the runner for /status and metrics."""
-
-    machine: Machine
-    loaded: Loaded
-    child_pid: int | None
-    child_started_at: float | None  # wall clock
-    child_url: str | None
-    argv: tuple[str, ...]
-    log_tail: tuple[str, ...]
-    load_s: float | None
-    warmup: dict[str, Any] | None
-    model_layers: int | None
-    vram_estimate: dict[str, Any] | None
-    climb: dict[str, Any] | None
-    started_mono: float
-
-
-class Observer(Protocol):
-    """Sees what happened, decides nothing (the ops page's timeline and log ring)."""
-
-    def machine_changed(self, runner: Runner, old: Machine, new: Machine) -> None: ...
-
-    def child_line(self, runner: Runner, gen: int, line: str) -> None: ...
 
 
 class Runner:
@@ -394,22 +367,9 @@ class Runner:
         finally:
             health.cancel()
         self._gone(gen, child)  # from this instant nothing is sent to it; the examination follows
-        oom_after = await asyncio.to_thread(oom_kill_count)
-        oom_killed = None if oom_before is None or oom_after is None else oom_after > oom_before
-        verdict = classify(Exit(rc, tuple(child.tail)[-80:], child.signalled, oom_killed))
-        free, fp = None, None
-        if verdict.cause in OOM_CAUSES:
-            free = await vram.free_after_exit(child.pid, self.cfg.vram_release_wait_s)
-            if free is not None:
-                fp = await vram.model_footprint(self._loaded.profile, self._machine.effective.ctx_size)
-        if verdict.cause is not Cause.STOPPED:
-            self.metrics.restarts.labels(verdict.cause.value).inc()
-            log.warning("child_exit", gen=gen, pid=child.pid, returncode=rc, cause=verdict.cause.value,
-                        detail=verdict.detail)
-        else:
-            log.info("child_exit", gen=gen, pid=child.pid, returncode=rc, cause=verdict.cause.value)
-        ev = Evidence(alloc_mib=verdict.alloc_mib, free_vram_mib=free, model_layers=self._model_layers, footprint=fp,
-                      compute=verdict.cause is Cause.OOM_COMPUTE)
+        verdict, ev = await examine(child, rc, oom_before, gen, profile=self._loaded.profile,
+                                    ctx_size=self._machine.effective.ctx_size, model_layers=self._model_layers,
+                                    release_wait_s=self.cfg.vram_release_wait_s, metrics=self.metrics)
         return rc, verdict, ev
 
     def _gone(self, gen: int, child: Child | None) -> None:

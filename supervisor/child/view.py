@@ -1,0 +1,44 @@
+"""What the runner shows and tells: a read-only snapshot for /status and metrics, and the observer hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..core.crash import Verdict
+from ..core.lifecycle import Machine
+from ..loading import Loaded
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+# Called with (generation, verdict, returncode) for every classified exit (the proxy's poison guard).
+ExitListener = Callable[[int, Verdict, "int | None"], None]
+
+
+@dataclass(frozen=True)
+class RunnerView:
+    """A read-only snapshot of the runner for /status and metrics."""
+
+    machine: Machine
+    loaded: Loaded
+    child_pid: int | None
+    child_started_at: float | None  # wall clock
+    child_url: str | None
+    argv: tuple[str, ...]
+    log_tail: tuple[str, ...]
+    load_s: float | None
+    warmup: dict[str, Any] | None
+    model_layers: int | None
+    vram_estimate: dict[str, Any] | None
+    climb: dict[str, Any] | None
+    started_mono: float
+
+
+class Observer(Protocol):
+    """Sees what happened, decides nothing (the ops page's timeline and log ring)."""
+
+    def machine_changed(self, runner: Runner, old: Machine, new: Machine) -> None: ...
+
+    def child_line(self, runner: Runner, gen: int, line: str) -> None: ...
