@@ -102,6 +102,21 @@ async def _healthy(client: httpx.AsyncClient, box: Box) -> bool:
         return False
 
 
+async def _kill_between_streams(admin: httpx.AsyncClient, box: Box) -> float:
+    """SIGKILL the box's child at a moment no request is inside its proxy. Race-free: the child is frozen
+    (SIGSTOP) first, so a request arriving after the check cannot have had an answer yet; it is in flight to a
+    frozen child when the SIGKILL lands, and must be held and sent again to the next child."""
+    pid = int((await box.status(admin))["child"]["pid"])
+    while True:
+        if (await box.status(admin))["requests"]["in_flight"] == 0:
+            os.kill(pid, signal.SIGSTOP)
+            if (await box.status(admin))["requests"]["in_flight"] == 0:
+                os.kill(pid, signal.SIGKILL)
+                return time.monotonic()
+            os.kill(pid, signal.SIGCONT)  # a request got in between: it may be streaming already
+        await asyncio.sleep(0.002)
+
+
 async def test_fleet_behind_haproxy(tmp_path: Path, llama_server: str, tiny_vl: tuple[Path, Path]) -> None:
     binary = haproxy_binary()
     env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(tmp_path / "state"),
@@ -157,14 +172,9 @@ async def test_fleet_behind_haproxy(tmp_path: Path, llama_server: str, tiny_vl: 
             await asyncio.gather(*hogs)
             await asyncio.sleep(1.5)
 
-            # 2. SIGKILL box1's llama-server, between two of its requests (a stream already flowing from
-            #    a child that dies cannot be saved by anyone: see below).
-            st = await boxes[0].status(admin)
-            while st["requests"]["in_flight"]:
-                await asyncio.sleep(0.002)
-                st = await boxes[0].status(admin)
-            os.kill(st["child"]["pid"], signal.SIGKILL)
-            kill_at = time.monotonic()
+            # 2. SIGKILL box1's llama-server while no stream is flowing from it (the tokens of a stream already
+            #    flowing from a child that dies cannot be taken back by anyone: README "Running a fleet").
+            kill_at = await _kill_between_streams(admin, boxes[0])
             kill_out_s = await _until("box1 out of the pool", lambda: out_of_pool("box1"), 10, every=0.02)
             kill_back_s = await _until("box1 back in the pool", lambda: serving("box1"), 30, every=0.02)
             kill_back_s += kill_out_s
@@ -226,8 +236,10 @@ async def test_fleet_behind_haproxy(tmp_path: Path, llama_server: str, tiny_vl: 
         "box1_kill_out_s": round(kill_out_s, 3), "box1_kill_to_back_s": round(kill_back_s, 3),
     }
     print("fleet:", json.dumps(report))
-    (Path(os.environ.get("FLEET_REPORT", tmp_path / "fleet.json"))).write_text(json.dumps(report, indent=1))
-    assert not failures, f"{len(failures)} client-visible failures, e.g. {failures[:5]}\n" + "".join(
+    out = Path(os.environ.get("FLEET_REPORT", tmp_path / "fleet.json"))
+    await asyncio.to_thread(out.write_text, json.dumps(report, indent=1))
+    moments = {"load": load_from, "kill": kill_at, "sigterm": t_term, "box2 start": t_start}
+    assert not failures, f"{len(failures)} client-visible failures, e.g. {failures[:5]}, at {moments}\n" + "".join(
         haproxy.log[-20:] if haproxy else [])
     assert len(results) > 100 and set(per_box) == {"box1", "box2", "box3"}, report
     # Slot-aware: with both of box1's slots busy, its agent weight fell to the floor and new work went
