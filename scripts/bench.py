@@ -56,7 +56,6 @@ class Supervisor:
     def __init__(self, profile: Path, state: Path, extra_env: dict[str, str] | None = None) -> None:
         env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(state), "LLAMA_SUPERVISOR_LOG_CHILD_OUTPUT": "false",
                **(extra_env or {})}
-        self.t_spawn = time.time()
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--profile", str(profile), "--port",
                                       "0", "--log-format", "json"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
                                      text=True)
