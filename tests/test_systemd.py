@@ -351,6 +351,7 @@ def test_the_unit_under_a_real_systemd(llama_server: str, tiny_vl: tuple[Path, P
 
         warnings = _unit_warnings(unit)
         assert not warnings, warnings
+        figures["pid1-warnings"] = f"none about the unit; {len(unit.pid1('warning'))} in all, the provoked ones included"
     # Nothing of the box is left on the host: its PID 1 (and so everything in it), its cgroup, its mounts.
     assert not Path(f"/proc/{box_pid}").exists() and not cgroup.exists()
     figures["total"] = f"{time.monotonic() - t_all:.0f} s"

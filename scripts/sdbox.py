@@ -91,6 +91,12 @@ def _ns_root() -> None:
     _run("mount", "--bind", str(console), f"{dev}/console")
     _run("mount", "-t", "tmpfs", "-o", "mode=755,nosuid,nodev", "run", f"{root}/run")
     _run("mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmp", f"{root}/tmp")
+    # Host mounts that the overlay of / does not show (it holds the root filesystem only), read-only: e.g. the
+    # driver libraries a container runtime binds in, for scripts/gpu/device_proof.py.
+    for path in filter(None, os.environ.get("SDBOX_BINDS", "").split(":")):
+        if (root / path.lstrip("/")).exists():
+            _run("mount", "--bind", path, f"{root}{path}")
+            _run("mount", "-o", "remount,bind,ro", f"{root}{path}")
     socket.sethostname("sdbox")
     os.chdir(root)
     (root / ".oldroot").mkdir()
@@ -193,13 +199,14 @@ def _remove_cgroup(cg: Path) -> None:
 
 
 @contextlib.contextmanager
-def booted(timeout: float = 90) -> Iterator[Box]:
-    """Boot a box, yield it once systemd says the system is running (or degraded); always tear it down."""
+def booted(timeout: float = 90, binds: tuple[str, ...] = ()) -> Iterator[Box]:
+    """Boot a box, yield it once systemd says the system is running (or degraded); always tear it down.
+    `binds`: host paths (absolute, without ':') to show read-only at the same place inside."""
     preflight()
     work = Path(tempfile.mkdtemp(prefix="sdbox-"))
     cgroup = _cgroup2_root() / f"sdbox.{os.getpid()}.{work.name}"
     cgroup.mkdir()
-    env = {**os.environ, "SDBOX_WORK": str(work), "SDBOX_CGROUP": str(cgroup)}
+    env = {**os.environ, "SDBOX_WORK": str(work), "SDBOX_CGROUP": str(cgroup), "SDBOX_BINDS": ":".join(binds)}
     log = open(work / "boot.log", "wb")  # closed in finally
     unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--propagation",
                                 "private", sys.executable, __file__, "ns-init"],
