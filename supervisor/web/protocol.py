@@ -14,13 +14,15 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from .errors import error_doc
+
 
 class _Refused(Exception):
     pass
 
 
 def _response(status: int, message: str, kind: str = "invalid_request_error") -> bytes:
-    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    body = json.dumps(error_doc(status, message, kind)).encode()
     return b"".join([STATUS_LINE[status], b"content-type: application/json\r\n",
                      b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body])
 
