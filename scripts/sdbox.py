@@ -223,7 +223,8 @@ def booted(timeout: float = 90, binds: tuple[str, ...] = ()) -> Iterator[Box]:
             raise AssertionError(f"systemd did not come up: is-system-running={state!r}")
         yield box
     except BaseException:
-        sys.stderr.write(f"--- sdbox boot log ({work}/boot.log):\n{_tail(work / 'boot.log')}\n")
+        sys.stderr.write(f"--- sdbox boot log:\n{_tail(work / 'boot.log')}\n"
+                         f"--- systemd's console:\n{_tail(work / 'console.log')}\n")
         raise
     finally:
         if box is not None:
