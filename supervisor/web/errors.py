@@ -22,9 +22,10 @@ def error_doc(status: int, message: str, kind: str, **extra: Any) -> dict[str, A
     return {"error": {"message": message, "type": kind, "code": status, **extra}}
 
 
-def json_error(status: int, message: str, kind: str, headers: Headers | None = None) -> tuple[int, Headers, bytes]:
+def json_error(status: int, message: str, kind: str, headers: Headers | None = None, **extra: Any
+               ) -> tuple[int, Headers, bytes]:
     """(status, headers, body) for `send_simple`: the proxy's hot path answers in raw ASGI."""
-    body = json.dumps(error_doc(status, message, kind)).encode()
+    body = json.dumps(error_doc(status, message, kind, **extra)).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     return status, hdrs + (headers or []), body
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
+from .errors import Headers, json_error
 
-def unknown_model(requested: str, ids: Sequence[str]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+
+def unknown_model(requested: str, ids: Sequence[str]) -> tuple[int, Headers, bytes]:
     """OpenAI's shape (a client library shows `message`), with the ids to pick from as data too."""
     offered = ", ".join(f"'{i}'" for i in ids) or "none"
-    body = json.dumps({"error": {
-        "message": f"model '{requested}' is not offered here; available models: {offered} (see GET /v1/models)",
-        "type": "invalid_request_error", "code": 404, "param": "model", "available": list(ids)}}).encode()
-    return 404, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body
+    return json_error(404, f"model '{requested}' is not offered here; available models: {offered} (see GET /v1/models)",
+                      "invalid_request_error", param="model", available=list(ids))
