@@ -177,3 +177,11 @@ def test_dashboard_fits_grafanas_dashboard_schema() -> None:
     assert all(t["datasource"]["uid"] == "${datasource}" for p in original["panels"] for t in p["targets"])
     ids = [p["id"] for p in original["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_shipped_haproxy_config_passes_haproxy_check_as_is() -> None:
+    """Copied as it is (example box names that do not resolve), HAProxy accepts it: such boxes stay out."""
+    from fleet_support import HAPROXY_CFG, haproxy_binary
+
+    cp = subprocess.run([haproxy_binary(), "-c", "-f", str(HAPROXY_CFG)], check=False, capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
