@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from PIL import Image
 from support import running, wait_for
 
@@ -163,10 +164,11 @@ async def test_old_turns_go_after_the_photos_and_a_last_turn_too_big_is_a_400(tm
         assert d.runner.ready and d.runner.machine.restarts == 0
 
 
-async def test_feature_off_keeps_llama_servers_own_answer(tmp_path: Path, vl_profile) -> None:
+async def test_feature_off_keeps_llama_servers_own_answer_and_a_reload_turns_it_on(tmp_path: Path,
+                                                                                  vl_profile) -> None:
     body = {"messages": photo_conversation(["red", "green", "blue"]), "max_tokens": 8}
-    async with running(tmp_path, vl_profile(fit_context=False)) as d, \
-            httpx.AsyncClient(base_url=d.url, timeout=120) as c:
+    profile = vl_profile(fit_context=False)
+    async with running(tmp_path, profile) as d, httpx.AsyncClient(base_url=d.url, timeout=120) as c:
         await wait_for(lambda: d.runner.ready, what="ready")
         assert (await c.get("/status")).json()["context"] is None  # nothing learned, nothing asked at warmup
         r = await c.post("/v1/chat/completions", json=body)
@@ -175,3 +177,15 @@ async def test_feature_off_keeps_llama_servers_own_answer(tmp_path: Path, vl_pro
         assert err["type"] == "exceed_context_size_error" and f"ctx_size {CTX}" in err["message"]
         text = (await c.get("/metrics")).text
         assert metric(text, "images_dropped_total") == 0 and "context_checks_total{" not in text
+
+        # Turned on by a reload (no restart: nothing llama-server sees changed): the guard learns on first use.
+        pid = d.runner.child.pid if d.runner.child else None
+        data = yaml.safe_load(profile.read_text())
+        profile.write_text(yaml.safe_dump({**data, "images": {**data["images"], "fit_context": True}}))
+        assert (await c.post("/admin/reload")).status_code == 200
+        await wait_for(lambda: d.runner.loaded.profile.images.fit_context is True, what="reloaded")
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert trimmed(r.headers.get("x-context-trimmed"))["images"] == 2
+        assert d.runner.child is not None and d.runner.child.pid == pid
+        assert (await c.get("/status")).json()["context"]["n_ctx_per_slot"] == CTX
