@@ -189,3 +189,23 @@ async def test_feature_off_keeps_llama_servers_own_answer_and_a_reload_turns_it_
         assert trimmed(r.headers.get("x-context-trimmed"))["images"] == 2
         assert d.runner.child is not None and d.runner.child.pid == pid
         assert (await c.get("/status")).json()["context"]["n_ctx_per_slot"] == CTX
+
+
+def test_apply_plan_and_what_is_counted_as_text() -> None:
+    from supervisor.web.context import apply_plan, message_text, requested_reply, strip_images
+
+    img = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    msgs = [{"role": "system", "content": "sys"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, img, {"type": "text", "text": "b"}, img]},
+            {"role": "assistant", "content": "ok", "tool_calls": [{"id": "1"}]},
+            {"role": "user", "content": "last"}]
+    out = apply_plan(msgs, ((1, 1),), ())
+    assert out[1]["content"][3] == {"type": "text", "text": OMITTED} and out[1]["content"][1] == img
+    assert msgs[1]["content"][3] == img  # the client's document is not changed in place
+    assert apply_plan(msgs, (), (1, 2)) == [msgs[0], msgs[3]]
+    assert [p["type"] for p in strip_images(msgs)[1]["content"]] == ["text"] * 4
+    assert message_text(msgs[1]) == "ab"
+    assert message_text(msgs[2]) == 'ok[{"id": "1"}]'
+    assert requested_reply({"max_tokens": 5}) == 5 and requested_reply({"n_predict": 7}) == 7
+    assert requested_reply({"max_completion_tokens": 3, "max_tokens": 5}) == 3
+    assert requested_reply({"max_tokens": True}) is None and requested_reply({}) is None
