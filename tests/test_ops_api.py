@@ -42,6 +42,7 @@ async def test_page_files_auth_and_live_data(tmp_path: Path, write_profile) -> N
         await wait_for(lambda: d.runner.ready, what="ready")
         page = await c.get("/ui")
         assert page.status_code == 200 and "<title>llama-supervisor</title>" in page.text
+        assert "default-src 'self'" in page.headers["content-security-policy"]  # no CDN, no inline script
         for asset in ("/ui/static/app.js", "/ui/static/app.css", "/ui/static/vendor/uPlot.iife.min.js"):
             assert (await c.get(asset)).status_code == 200, asset
         assert (await c.get("/ui/static/nope.js")).status_code == 404

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from doubles.oom_llama_server import write_double
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("OPS_ARTIFACTS", ROOT / "tmp" / "artifacts"))
@@ -117,10 +118,13 @@ def _shot(drv: Any, name: str) -> None:
     drv.save_screenshot(str(ARTIFACTS / name))
 
 
-def test_ops_page_in_a_real_browser(tmp_path: Path, write_profile) -> None:
+def test_ops_page_in_a_real_browser(tmp_path: Path, write_profile, llama_server: str) -> None:
     from selenium.webdriver.common.by import By
 
-    profile = write_profile()
+    # The first start runs out of GPU memory (the test double prints CUDA's lines and exits 1 for more than 2
+    # layers; at 2 or fewer it execs the real llama-server), so the page has a ladder step to show.
+    double = write_double(tmp_path / "llama-server", llama_server, limit=2, mode="load", record=tmp_path / "layers")
+    profile = write_profile(binary=str(double), n_gpu_layers=4)
     with _daemon(profile, tmp_path) as (url, daemon_log), _chrome(tmp_path) as drv, \
             httpx.Client(base_url=url, timeout=30) as http:
         def status() -> dict[str, Any]:
@@ -137,6 +141,15 @@ def test_ops_page_in_a_real_browser(tmp_path: Path, write_profile) -> None:
         _until("state ready", lambda: text("#state-test") == "ready")
         drv.execute_script("window.__sameDocument = true")  # gone if the page reloads
         assert _errors(drv) == [], "console errors on load"
+
+        # The ladder step: the adjusted setting is highlighted next to the profile's, with the reason in words,
+        # and the timeline has the out-of-memory exit and the step.
+        layers = drv.find_element(By.XPATH, '//tr[th[normalize-space()="GPU layers"]]')
+        assert "adjusted" in (layers.get_attribute("class") or "") and layers.text.split()[2:4] == ["4", "2"]
+        assert "after oom_load" in text('[data-model="test"] .adj-note')
+        assert drv.find_element(By.CSS_SELECTOR, '#timeline li[data-kind="exit"][data-cause="oom_load"]')
+        assert "n_gpu_layers: 4 → 2" in drv.find_element(By.CSS_SELECTOR, '#timeline li[data-kind="ladder"]') \
+            .get_attribute("textContent")
 
         for _ in range(6):
             r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
@@ -168,11 +181,49 @@ def test_ops_page_in_a_real_browser(tmp_path: Path, write_profile) -> None:
             http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}],
                                                     "max_tokens": 32, "ignore_eos": True})
         time.sleep(2.5)
-        drv.set_window_size(1400, 2300)  # the whole page, logs included, for the README
+        drv.set_window_size(1400, 2100)  # the whole page, logs included, for the README
         time.sleep(1.0)
         _shot(drv, "ops-page.png")
         drv.set_window_size(1400, 1900)
         assert _errors(drv) == [], "console errors while live"
+
+        # Every control has an accessible name.
+        unnamed = [f"{el.tag_name}#{el.get_attribute('id')}" for el in
+                   drv.find_elements(By.CSS_SELECTOR, "button, select, input") if el.is_displayed() and
+                   not (el.accessible_name or "").strip()]
+        assert unnamed == [], "controls without an accessible name"
+
+        # Logs: the level filter hides info lines; Pause holds new lines until Resume.
+        level = drv.find_element(By.ID, "log-level")
+        level.find_element(By.CSS_SELECTOR, 'option[value="error"]').click()
+        info_line = drv.find_element(By.CSS_SELECTOR, "#logs .lv-info")
+        assert not info_line.is_displayed()
+        level.find_element(By.CSS_SELECTOR, 'option[value="info"]').click()
+        assert info_line.is_displayed()
+        pause = drv.find_element(By.ID, "log-pause")
+        pause.click()
+        assert pause.get_attribute("aria-pressed") == "true"
+        shown = len(drv.find_elements(By.CSS_SELECTOR, "#logs .ln"))
+        http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+        _until("lines held while paused", lambda: "held" in text("#log-state"))
+        assert len(drv.find_elements(By.CSS_SELECTOR, "#logs .ln")) == shown
+        pause.click()
+        _until("held lines shown on resume", lambda: len(drv.find_elements(By.CSS_SELECTOR, "#logs .ln")) > shown)
+
+        # Reload from the page: nothing changed in the profile, so it applies without a restart; the timeline says so.
+        drv.find_element(By.CSS_SELECTOR, '[data-model="test"] [data-act="reload"]').click()
+        drv.switch_to.alert.accept()
+        _until("the reload's toast", lambda: "applied, no restart needed" in text("#toast"))
+        _until("the reload in the timeline", lambda: drv.find_element(By.CSS_SELECTOR, '#timeline li[data-kind="reload"]'))
+
+        # The dark scheme follows the system's.
+        drv.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        bg = drv.execute_script("return getComputedStyle(document.body).backgroundColor")
+        assert bg == "rgb(15, 17, 21)", bg
+        _shot(drv, "ops-page-dark.png")
+        drv.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        assert _errors(drv) == [], "console errors after the filters, pause, reload and scheme change"
 
         # Restart from the page, with the key.
         gen_before, pid_before = len(status()["transitions"]), status()["child"]["pid"]

@@ -241,6 +241,11 @@ async def test_log_stream_tail_live_filter_and_resume() -> None:
     c.gone.set()
     await asyncio.wait_for(task, 5)
 
+    c, task = await _open(stream, _scope("n=2", last_id=10_000))  # an id from before a supervisor restart
+    assert [e[2]["text"] for e in c.events()] == ["live one", "missed while away"]
+    c.gone.set()
+    await asyncio.wait_for(task, 5)
+
     c, task = await _open(stream, _scope("n=50&source=child&level=warning"))
     assert [e[2]["text"] for e in c.events()] == ["l7"]
     c.gone.set()

@@ -49,6 +49,8 @@ class LogStream:
         except (ValueError, KeyError) as exc:
             await send_simple(send, *json_error(400, f"/logs/stream: bad parameter: {exc}", "invalid_request_error"))
             return
+        if last_id is not None and last_id > self.ring.last_id:
+            last_id = None  # an id from before the supervisor restarted: start afresh with the tail
         source, model = q.get("source"), q.get("model")
         if self.open >= self.max_streams:
             await send_simple(send, *json_error(503, f"too many log streams open ({self.open})", "unavailable_error",

@@ -32,6 +32,10 @@ STATIC = Path(__file__).parent / "static"
 PUBLIC = frozenset({"/ui", "/ui/", "/ui/api/auth"})
 LOG_STREAM = "/logs/stream"
 WINDOW_MAX_S = 86400.0
+# Only the page's own files and API: no inline script, nothing from elsewhere, no framing.
+PAGE_HEADERS = {"content-security-policy": "default-src 'self'; script-src 'self'; connect-src 'self'; "
+                "img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'",
+                "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
 
 
 def owns(path: str) -> bool:
@@ -82,7 +86,7 @@ class Ops:
     async def page(self, request: Request) -> Response:
         if request.url.path == "/ui/":
             return RedirectResponse("/ui", status_code=308)
-        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache", **PAGE_HEADERS})
 
     async def auth(self, request: Request) -> Response:
         """Whether a key is needed and whether the one presented is right: the page asks before it polls."""

@@ -319,6 +319,11 @@
     S.data = null; S.sinceT = 0;
     poll();
   });
+  // Axis and grid colours are read from the scheme when a chart is made: a scheme change makes them again.
+  window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", function () {
+    Object.keys(S.charts).forEach(function (id) { S.charts[id].plot.destroy(); delete S.charts[id]; });
+    drawCharts();
+  });
   window.addEventListener("resize", function () { clearTimeout(drawCharts.t); drawCharts.t = setTimeout(drawCharts, 150); });
 
   // ---- polling ------------------------------------------------------------------------------------
@@ -342,6 +347,8 @@
       S.gpuUnavailable = ov.gpu_unavailable;
       ov.models.forEach(renderModel);
       var sup = ov.supervisor || {};
+      if (S.supPid && sup.pid !== S.supPid) { S.lastEvent = 0; S.events = []; }  // a new supervisor: ids restart
+      S.supPid = sup.pid;
       S.startedAt = Date.now() / 1000 - (sup.uptime_s || 0);
       $("sup-info").textContent = "v" + (sup.version || "?") + " · pid " + (sup.pid || "?") + " · up " + dur(sup.uptime_s);
       res[1].events.forEach(function (e) { S.events.push(e); S.lastEvent = Math.max(S.lastEvent, e.id); });
@@ -434,14 +441,15 @@
     }
     if (L.abort === ctl) L.retry = setTimeout(streamLogs, 2000);  // resumes after L.lastId (Last-Event-ID)
   }
-  $("log-source").addEventListener("change", function () { $("logs").dataset.source = $("log-source").value; });
-  $("log-level").addEventListener("change", function () { $("logs").dataset.level = $("log-level").value; });
+  function toEnd() { var box = $("logs"); box.scrollTop = box.scrollHeight; }
+  $("log-source").addEventListener("change", function () { $("logs").dataset.source = $("log-source").value; toEnd(); });
+  $("log-level").addEventListener("change", function () { $("logs").dataset.level = $("log-level").value; toEnd(); });
   $("log-pause").addEventListener("click", function () {
     L.paused = !L.paused;
     var b = $("log-pause");
     b.setAttribute("aria-pressed", String(L.paused));
     b.textContent = L.paused ? "Resume" : "Pause";
-    if (!L.paused) { addLines(L.held); L.held = []; $("log-state").textContent = ""; }
+    if (!L.paused) { addLines(L.held); L.held = []; $("log-state").textContent = ""; toEnd(); }
     else $("log-state").textContent = "paused";
   });
 
