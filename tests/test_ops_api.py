@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -59,15 +60,12 @@ async def test_page_files_auth_and_live_data(tmp_path: Path, write_profile) -> N
                                                              "max_tokens": 16, "ignore_eos": True})
             tokens += r.json()["usage"]["completion_tokens"]
 
-        async def completion_rows() -> list[float]:
+        done = time.time()  # a row read after this has counted every token of the requests above
+        for _ in range(200):
             s = (await c.get("/ui/api/samples?window=300", headers=KEY)).json()
-            return [v for v in s["series"].get("completion_tps@test", []) if v]
-
-        for _ in range(100):
-            if await completion_rows():
+            if s["t"] and s["t"][-1] > done:
                 break
             await asyncio.sleep(0.1)
-        s = (await c.get("/ui/api/samples?window=300", headers=KEY)).json()
         assert s["interval_s"] == 0.5 and s["t"] == sorted(s["t"])
         t, tps = s["t"], s["series"]["completion_tps@test"]
         # Each rate times its row's interval adds up to the counter /metrics shows (a loaded machine stretches
@@ -105,16 +103,22 @@ async def test_page_files_auth_and_live_data(tmp_path: Path, write_profile) -> N
 async def test_log_stream_through_the_daemon_resumes_with_last_event_id(tmp_path: Path, write_profile) -> None:
     async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
         await wait_for(lambda: d.runner.ready, what="ready")
-        # llama-server's own startup lines are in the ring: the stream's first lines include them.
-        first = await _sse(c, {}, "listening", "?n=1000")
-        assert any(ln["source"] == "child" and "listening" in ln["text"] for ln in first)
+        # llama-server's own startup lines are in the ring (the process's one ring: earlier tests' lines may be
+        # there too, so look for this child's address).
+        url = d.runner.child_url or ""
+        first = await _sse(c, {}, url, "?n=1000")
+        assert any(ln["source"] == "child" and "listening" in ln["text"] and url in ln["text"] for ln in first)
         assert [ln["id"] for ln in first] == sorted(ln["id"] for ln in first)
         last = first[-1]["id"]
         r = await c.post("/admin/restart")  # the new child prints its lines while no stream is open
         assert r.status_code == 202
         await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 2, what="restarted")
-        resumed = await _sse(c, {"Last-Event-ID": str(last)}, "listening")
-        assert resumed[0]["id"] == last + 1, "a resumed stream starts right after the last id it saw"
-        assert any("listening" in ln["text"] for ln in resumed)
-        only_child = await _sse(c, {"Last-Event-ID": str(last)}, "listening", "?source=child&level=info")
+        new_url = d.runner.child_url or ""
+        resumed = await _sse(c, {"Last-Event-ID": str(last)}, new_url)
+        assert resumed[0]["id"] == last + 1, (f"a resumed stream starts right after the last id it saw: "
+                                              f"first ended {[(x['id'], x['text'][:50]) for x in first[-2:]]}, "
+                                              f"resumed began {[(x['id'], x['text'][:50]) for x in resumed[:2]]}")
+        assert [ln["id"] for ln in resumed] == list(range(last + 1, last + 1 + len(resumed))), "no line missed"
+        assert any("listening" in ln["text"] and new_url in ln["text"] for ln in resumed)
+        only_child = await _sse(c, {"Last-Event-ID": str(last)}, new_url, "?source=child&level=info")
         assert {ln["source"] for ln in only_child} == {"child"}
