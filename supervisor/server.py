@@ -13,16 +13,19 @@ from typing import Any
 import structlog
 import uvicorn
 
-from . import status
+from . import multi, status
+from .catalog import scan
 from .child.runner import Runner
 from .config import Config
 from .drain import Drain
-from .loading import load_checked
+from .loading import Loaded, load_checked
+from .pool import Pool
 from .reload import Reloader
 from .sdnotify import Notifier
 from .telemetry.logring import RING
 from .web.agent import AgentListener
 from .web.app import App, key_checker
+from .web.front import Front
 from .web.protocol import protocol_class
 from .web.proxy import Proxy
 from .web.ui import Ops
@@ -62,11 +65,16 @@ class Daemon:
         self.agent: AgentListener | None = None
         self._notice: asyncio.TimerHandle | None = None
         self._stopping = False
+        self.pool: Pool | None = None  # several models (profiles_dir); None: the one runner below
+        self.reloader: Reloader | multi.FolderReloader
 
     async def start(self) -> None:
         """Raises ProfileError for a bad profile and OSError when the address is taken."""
         cfg = self.cfg
         loaded = await asyncio.to_thread(load_checked, self.profile_path)
+        if cfg.profiles_dir is not None:  # every profile in the folder is a model this box offers
+            await self._start_pool(loaded)
+            return
         self.runner = runner = Runner(cfg, loaded, notifier=self.notifier)
         runner.metrics.attach_sampler(lambda: status.sample(runner))
         self.proxy = proxy = Proxy(runner)
@@ -80,9 +88,7 @@ class Daemon:
         sock = bind(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        self.server = _Server(uvicorn.Config(App(runner, self.proxy, self.reloader, self.drain, self.ops), lifespan="off", log_config=None,
-                                             access_log=False, http=protocol_class(cfg), server_header=False,
-                                             timeout_graceful_shutdown=max(1, int(cfg.drain_s))))
+        self.server = self._server(App(runner, self.proxy, self.reloader, self.drain, self.ops))
         log.info("listening", url=self.url, profile=str(self.profile_path), binary=loaded.caps.binary,
                  llama_server_version=loaded.caps.version)
         if cfg.agent_port is not None:
@@ -93,26 +99,66 @@ class Daemon:
             except OSError:
                 sock.close()
                 raise
+        self._background_tasks()
+        await runner.start()
+        await self._serve(sock)
+
+    async def _start_pool(self, loaded: Loaded) -> None:
+        cfg = self.cfg
+        catalog = await asyncio.to_thread(scan, Path(cfg.profiles_dir or "."), loaded)
+        self.pool, self.reloader = pool, _ = multi.build(cfg, loaded, catalog, self.notifier)
+        self.ops = Ops(pool.runners, RING, has_admin_key=cfg.admin_key is not None,
+                       key_ok=key_checker(cfg.admin_key), sample_interval_s=cfg.sample_interval_s)
+        pool.on_runner.append(self.ops.watch)
+        sock = bind(cfg.host, cfg.port)
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.server = self._server(Front(pool, self.reloader, self.drain, self.ops))
+        log.info("listening", url=self.url, profile=str(self.profile_path), models=pool.ids,
+                 binary=loaded.caps.binary, llama_server_version=loaded.caps.version)
+        if cfg.agent_port is not None:
+            log.warning("agent_unavailable", reason="the HAProxy agent check serves one model; not with profiles_dir")
+        self._background_tasks()
+        await pool.start()
+        await self._serve(sock)
+
+    def _server(self, app: App | Front) -> _Server:
+        return _Server(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
+                                      http=protocol_class(self.cfg), server_header=False,
+                                      timeout_graceful_shutdown=max(1, int(self.cfg.drain_s))))
+
+    def _background_tasks(self) -> None:
         self._background.append(asyncio.ensure_future(self.reloader.watch()))
         if self.notifier.enabled:
             self._background.append(asyncio.ensure_future(_keepalive(self.notifier, runner)))
         if self.ops.sampling:
             self._background.append(asyncio.ensure_future(self.ops.sampler.run()))
-        await runner.start()
+
+    async def _serve(self, sock: socket.socket) -> None:
         self._serving = asyncio.ensure_future(self.server.serve(sockets=[sock]))
         while not self.server.started and not self._serving.done():
             await asyncio.sleep(0.01)
+
+    def in_flight(self) -> int:
+        return self.pool.in_flight() if self.pool is not None else self.proxy.in_flight
+
+    @property
+    def closing(self) -> bool:
+        return self.pool.stopping if self.pool is not None else self.runner.closing
 
     def request_stop(self) -> None:
         """Leave the balancer's pool first (/health 503, agent `drain`), then, `drain_notice_s` later, stop
         accepting and drain the requests in flight. A second request skips what is left of the notice."""
         again, self._stopping = self._stopping, True
-        self.runner.shutting_down()
+        if self.pool is not None:
+            self.pool.shutting_down()
+        else:
+            self.runner.shutting_down()
         self.drain.reason = "shutdown"  # whatever drain was on (a profile change), this one wins
         if not again:
             self.notifier.send("STOPPING=1")
             if self.cfg.drain_notice_s > 0:
-                log.info("drain_notice", seconds=self.cfg.drain_notice_s, in_flight=self.proxy.in_flight)
+                log.info("drain_notice", seconds=self.cfg.drain_notice_s, in_flight=self.in_flight())
                 self._notice = asyncio.get_running_loop().call_later(self.cfg.drain_notice_s, self._stop_accepting)
                 return
         self._stop_accepting()
@@ -120,7 +166,7 @@ class Daemon:
     def _stop_accepting(self) -> None:
         if self._notice is not None:
             self._notice.cancel()
-        log.info("drain", in_flight=self.proxy.in_flight)
+        log.info("drain", in_flight=self.in_flight())
         self.server.should_exit = True
         self.ops.stream.close()  # open log streams end, or the server would wait for them
 
@@ -142,8 +188,11 @@ class Daemon:
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
-            await self.runner.stop()
-            await self.proxy.aclose()
+            if self.pool is not None:
+                await self.pool.stop()
+            else:
+                await self.runner.stop()
+                await self.proxy.aclose()
             if self.agent is not None:  # last: it says `drain` until the very end
                 await self.agent.close()
             self.notifier.close()
@@ -163,7 +212,7 @@ async def serve(cfg: Config, profile_path: Path, settings_file: Path | None = No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)
     def on_hup() -> None:
-        if daemon.runner.closing:
+        if daemon.closing:
             log.info("signal", signal="SIGHUP", action="ignored: shutting down")
             return
         log.info("signal", signal="SIGHUP", action="reload")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from supervisor.core.catalog import Entry, name_problems, resolve
+from supervisor.core.estimate import RESERVE_MIB, Footprint
 from supervisor.core.residency import (
     Demand,
     Drain,
@@ -20,6 +21,7 @@ from supervisor.core.residency import (
     Wait,
     after_oom,
     decide,
+    estimate_need,
 )
 
 L, U, LD, DR, F = ModelState.LOADED, ModelState.UNLOADED, ModelState.LOADING, ModelState.DRAINING, ModelState.FAILED
@@ -213,3 +215,25 @@ def test_name_clashes_are_named() -> None:
     assert ("b.yaml", "aliases", "'vl' is already an alias of profile 'vision' (a.yaml)") in problems
     assert ("c.yaml", "name", "'g' is already an alias of profile 'gemma' (b.yaml)") in problems
     assert len(problems) == 2
+
+
+# ---- estimates before a model ever ran ------------------------------------------------------------
+
+FP = Footprint(n_layers=4, layer_mib=(100.0, 100.0, 100.0, 100.0), output_mib=50.0, kv_mib_per_layer=10.0,
+               mmproj_mib=30.0)
+
+
+@pytest.mark.parametrize(("layers", "on_gpu", "gpu_mib", "host_mib"), [
+    (None, True, 4 * 110 + 50 + 30 + RESERVE_MIB, 0 + 64),  # everything offloaded
+    (2, True, 2 * 110 + 30 + RESERVE_MIB, 450 - 200 + 20 + 64),  # the last two blocks on the GPU
+    (0, True, None, 450 + 30 + 40 + 64),  # n_gpu_layers 0: all on the host
+    (None, False, None, 450 + 30 + 40 + 64),  # no GPU
+])
+def test_estimate_need(layers: int | None, on_gpu: bool, gpu_mib: float | None, host_mib: float) -> None:
+    need = estimate_need(FP, 450.0, 30.0, layers, on_gpu=on_gpu)
+    assert need.gpu_mib == (() if gpu_mib is None else (gpu_mib,))
+    assert need.host_mib == host_mib
+
+
+def test_estimate_without_a_readable_header_is_the_files() -> None:
+    assert estimate_need(None, 450.0, 30.0, None, on_gpu=True) == Mem((), 450 + 30 + 64)

@@ -23,6 +23,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from .estimate import RESERVE_MIB, Footprint
+
+# What a llama-server process holds in host RAM beyond weights and KV cache (the binary, buffers, threads);
+# the measurement replaces the estimate once the model ran.
+HOST_OVERHEAD_MIB = 64.0
+
 
 class ModelState(StrEnum):
     UNLOADED = "unloaded"
@@ -86,6 +92,25 @@ class View:
 class Rules:
     pass_over_s: float = 5.0  # how long a waiting group may be passed over before busy models are drained
     wait_s: float = 120.0  # how long a group may wait in all before its requests get a 503
+
+
+def estimate_need(fp: Footprint | None, model_mib: float, mmproj_mib: float, gpu_layers: int | None, *,
+                  on_gpu: bool) -> Mem:
+    """What a model will hold before it ever ran: the offloaded blocks (last ones first, then the output
+    layer), their KV cache, the projector and a compute reserve on GPU 0; the rest of the weights and KV
+    cache in host RAM. `gpu_layers` None means all; `on_gpu` False (no GPU, CPU only) puts it all on the host."""
+    if fp is None:
+        return Mem((), model_mib + mmproj_mib + HOST_OVERHEAD_MIB)
+    kv_all = fp.kv_mib_per_layer * fp.n_layers
+    if not on_gpu or gpu_layers == 0:
+        return Mem((), model_mib + mmproj_mib + kv_all + HOST_OVERHEAD_MIB)
+    n = fp.n_layers + 1 if gpu_layers is None else min(gpu_layers, fp.n_layers + 1)
+    blocks = range(max(0, fp.n_layers - n), fp.n_layers)
+    weights = sum(fp.layer_mib[i] for i in blocks) + (fp.output_mib if n > fp.n_layers else 0.0)
+    kv = fp.kv_mib_per_layer * len(blocks)
+    gpu = weights + kv + fp.mmproj_mib + RESERVE_MIB
+    host = max(0.0, model_mib - weights) + (kv_all - kv) + HOST_OVERHEAD_MIB
+    return Mem((round(gpu, 1),), round(host, 1))
 
 
 # ---- actions ------------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""The memory facts residency decides on: free VRAM per GPU, available host RAM, what a child really holds,
+and what a profile will need before it ever ran. Blocking (NVML, /proc, GGUF reads): use asyncio.to_thread."""
+
+from __future__ import annotations
+
+import struct
+
+import psutil
+
+from ..core.estimate import MIB
+from ..core.residency import Mem, Room, estimate_need
+from ..profile import Profile
+from . import gpu
+from .gguf import footprint
+
+
+def room(budget_mib: float | None) -> Room:
+    gpus = gpu.snapshot()
+    return Room(gpu_free_mib=tuple(g.memory_free_mib for g in gpus), host_budget_mib=budget_mib,
+                host_available_mib=available_host_mib())
+
+
+def available_host_mib() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def measure(pid: int) -> Mem | None:
+    """What child `pid` holds now: its VRAM on each GPU (NVML's per-process figure) and its RSS."""
+    try:
+        rss = psutil.Process(pid).memory_info().rss / MIB
+    except psutil.Error:
+        return None
+    per_gpu = [sum(m for p, m in g.processes if p == pid) for g in gpu.snapshot()]
+    while per_gpu and per_gpu[-1] == 0:
+        per_gpu.pop()
+    return Mem(tuple(round(x, 1) for x in per_gpu), round(rss, 1))
+
+
+def estimate(p: Profile) -> Mem:
+    """The need of a profile from its GGUF sizes, at the profile's own settings (the ladder may lower them)."""
+    try:
+        fp = footprint(p.model, p.ctx_size, p.cache_type_k, p.cache_type_v, p.mmproj)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error):
+        fp = None
+    try:
+        model_mib = p.model.stat().st_size / MIB
+        mmproj_mib = p.mmproj.stat().st_size / MIB if p.mmproj is not None else 0.0
+    except OSError:
+        model_mib = mmproj_mib = 0.0
+    layers = None if p.n_gpu_layers in ("auto", "all") else int(p.n_gpu_layers)
+    return estimate_need(fp, model_mib, mmproj_mib, layers, on_gpu=bool(gpu.snapshot()) and p.metal is not False)

@@ -1,0 +1,126 @@
+"""Serving every profile in profiles_dir: the pool's wiring, and hot reload per file.
+
+A new profile file appears in /v1/models; a removed one is drained and unloaded; an edited one restarts
+only that model, and only if it is loaded and llama-server's command line or environment changed. A
+file that does not validate changes nothing that runs; its error is shown until a good edit clears it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import watchfiles
+
+from .catalog import Catalog, scan
+from .config import Config
+from .host import gpu, room
+from .loading import Loaded, child_identity, load_checked
+from .pool import Pool
+from .profile import ProfileError
+from .sdnotify import Notifier
+
+log = structlog.get_logger("reload")
+
+
+def build(cfg: Config, default: Loaded, catalog: Catalog, notifier: Notifier) -> tuple[Pool, FolderReloader]:
+    assert cfg.profiles_dir is not None
+    pool = Pool(cfg, catalog, default.profile.name, notifier=notifier)
+    pool.metrics.attach_sampler(lambda: {"gpus": [g.as_dict() for g in gpu.snapshot()]})
+    return pool, FolderReloader(pool, Path(cfg.profiles_dir), default.path)
+
+
+class FolderReloader:
+    def __init__(self, pool: Pool, folder: Path, default_path: Path, debounce_ms: int = 300) -> None:
+        self.pool, self.folder, self.default_path, self.debounce_ms = pool, folder, default_path, debounce_ms
+        self._lock = asyncio.Lock()
+        self.observers: list[Callable[[str, dict[str, Any]], None]] = []  # told of every outcome (the ops page)
+
+    async def reload(self, source: str) -> dict[str, Any]:
+        async with self._lock:
+            return await self._reload(source)
+
+    async def _reload(self, source: str) -> dict[str, Any]:
+        pool = self.pool
+        default = pool.slots[pool.default].loaded
+        try:
+            fresh_default = await asyncio.to_thread(load_checked, self.default_path)
+        except ProfileError as exc:
+            log.error("reload_rejected", source=source, file=exc.path, errors=exc.problems)
+            fresh_default = default  # the default keeps running as it is
+        catalog = await asyncio.to_thread(scan, self.folder, fresh_default)
+        if fresh_default is default and str(self.default_path) not in catalog.errors:
+            catalog.errors[str(self.default_path)] = {"file": str(self.default_path), "errors": [
+                {"field": "", "message": "invalid edit kept out; the running profile stays"}]}
+        added, removed, restarted, updated = [], [], [], []
+        for mid in list(pool.slots):
+            if mid not in catalog.models:
+                removed.append(mid)
+                await self._remove(mid)
+        for mid, loaded in catalog.models.items():
+            slot = pool.slots.get(mid)
+            if slot is None:
+                added.append(mid)
+                continue
+            if loaded.path != slot.loaded.path or child_identity(loaded) != child_identity(slot.loaded):
+                restarted.append(mid)
+                await self._replace(mid, loaded)
+            elif loaded.profile != slot.loaded.profile:
+                updated.append(mid)
+                slot.loaded = loaded  # supervisor-side settings (images, pinned, ttl_s, aliases) at once
+                if slot.runner is not None and slot.proxy is not None:
+                    slot.runner.apply_profile(loaded)
+                    slot.proxy.sync_profile()
+        pool.set_catalog(catalog)
+        for mid in added:
+            slot = pool.slots[mid]
+            slot.estimate = await asyncio.to_thread(room.estimate, slot.loaded.profile)
+            if slot.loaded.profile.pinned or slot.loaded.profile.preload:
+                pool.request_load(mid)
+        pool.wake()
+        outcome = {"ok": not catalog.errors, "added": added, "removed": removed, "restarted": restarted,
+                   "updated": updated, "errors": list(catalog.errors.values())}
+        log.info("reload_folder", source=source, **{k: v for k, v in outcome.items() if v})
+        for observer in self.observers:
+            observer(source, outcome)
+        return outcome
+
+    async def _remove(self, mid: str) -> None:
+        pool = self.pool
+        if pool.request_unload(mid, "reload"):
+            slot = pool.slots[mid]
+            while slot.runner is not None:
+                await slot.changed.wait()
+        slot = pool.slots.pop(mid)
+        slot.notify()  # its waiting requests learn it is gone
+
+    async def _replace(self, mid: str, loaded: Loaded) -> None:
+        slot = self.pool.slots[mid]
+        runner = slot.runner
+        slot.loaded = loaded
+        slot.measured = None  # new settings: measure again
+        slot.estimate = await asyncio.to_thread(room.estimate, loaded.profile)
+        if runner is None:
+            return
+        deadline = asyncio.get_running_loop().time() + self.pool.cfg.drain_s
+        slot.holding = True  # new requests wait while the ones in flight finish
+        try:
+            while slot.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            runner.replace_profile(loaded)
+        finally:
+            slot.holding = False
+            slot.notify()
+
+    async def watch(self) -> None:
+        dirs = sorted({str(self.folder), str(self.default_path.parent)})
+
+        def relevant(_change: watchfiles.Change, p: str) -> bool:
+            return p.endswith(".yaml")
+
+        async for _changes in watchfiles.awatch(*dirs, watch_filter=relevant, debounce=max(1600, 4 * self.debounce_ms),
+                                                 step=self.debounce_ms, recursive=False):
+            await self.reload("file change")

@@ -1,0 +1,376 @@
+"""The pool: the one owner of which models are loaded. One runner (today's whole lifecycle) per loaded profile.
+
+Requests ask `acquire(model)`: a loaded model is admitted at once; otherwise the request joins its model's
+waiting group and the pool loop decides (core/residency.py) what to load, unload, drain or refuse, and
+carries it out — one step at a time, since unloading and loading change the memory the next decision
+reads. What a model needs is its measured VRAM and RSS once it was ready, the GGUF estimate before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from .catalog import Catalog
+from .child.runner import Runner
+from .config import Config
+from .core import residency as rs
+from .core.catalog import resolve
+from .core.lifecycle import Machine, State
+from .host import room
+from .loading import Loaded
+from .metrics import Metrics
+from .pool_metrics import PoolMetrics
+from .sdnotify import Notifier
+from .web.proxy import Proxy
+
+log = structlog.get_logger("pool")
+# Lifecycle state → what residency sees.
+_SEEN = {State.READY: rs.ModelState.LOADED, State.FAILED: rs.ModelState.FAILED}
+
+
+class Unavailable(Exception):
+    """A request the pool cannot serve now: the proxy answers 503 with Retry-After."""
+
+
+@dataclass
+class Slot:
+    id: str
+    loaded: Loaded
+    metrics: Metrics
+    estimate: rs.Mem = field(default_factory=rs.Mem)
+    runner: Runner | None = None
+    proxy: Proxy | None = None
+    measured: rs.Mem | None = None
+    in_flight: int = 0  # admitted requests not yet finished (including those waiting for a (re)start)
+    waiting: int = 0  # requests waiting for this model to be loaded
+    since: float | None = None  # when the oldest of them began waiting
+    wanted_since: float | None = None  # a load asked for without a request: start, preload, admin
+    draining: str = ""  # why it is going (set: no new requests are admitted)
+    unloading: bool = False
+    holding: bool = False  # a reload restarts it: new requests wait, it stays loaded
+    last_used: float = 0.0
+    waiting_why: str = ""
+    rejected: tuple[int, str] = (0, "")  # (count, message): waiters compare the count they started with
+    loads: int = 0
+    last_unload: dict[str, Any] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    @property
+    def admitting(self) -> bool:
+        return self.runner is not None and not self.draining and not self.unloading and not self.holding
+
+    def seen(self) -> rs.ModelState:
+        if self.runner is None:
+            return rs.ModelState.UNLOADED
+        if self.unloading:
+            return rs.ModelState.LOADING  # memory in flux until the child is gone
+        state = _SEEN.get(self.runner.machine.state, rs.ModelState.LOADING)
+        if self.draining and state is rs.ModelState.LOADED:
+            return rs.ModelState.DRAINING
+        return state
+
+    def as_model(self) -> rs.Model:
+        p = self.loaded.profile
+        return rs.Model(self.id, self.seen(), self.measured or self.estimate, self.measured is not None,
+                        self.in_flight, p.pinned, p.ttl_s, self.last_used, self.draining)
+
+
+class Pool:
+    def __init__(self, cfg: Config, catalog: Catalog, default: str, *, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.default = default
+        self.notifier = notifier or Notifier({})
+        self.metrics = PoolMetrics()
+        self.rules = rs.Rules(pass_over_s=cfg.swap_pass_over_s, wait_s=cfg.queue_wait_s)
+        self.slots: dict[str, Slot] = {}
+        self.names: dict[str, str] = {}
+        self.errors: dict[str, dict[str, Any]] = {}
+        self.set_catalog(catalog)
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = False
+        self.last_room: rs.Room | None = None
+        self.on_runner: list[Callable[[Runner], None]] = []  # told of every runner the pool starts (the ops page)
+
+    # ---- the catalog ------------------------------------------------------------------------
+
+    def set_catalog(self, catalog: Catalog) -> None:
+        for mid, loaded in catalog.models.items():
+            if mid not in self.slots:
+                self.slots[mid] = Slot(mid, loaded, self.metrics.for_model(mid))
+        self.names = catalog.names()
+        self.errors = catalog.errors
+
+    def resolve(self, requested: str | None) -> str | None:
+        return resolve(requested, self.names, self.default, strict=True)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.slots)
+
+    def runners(self) -> list[Runner]:
+        return [s.runner for s in self.slots.values() if s.runner is not None]
+
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.slots.values())
+
+    # ---- starting and stopping --------------------------------------------------------------
+
+    async def start(self) -> None:
+        for slot in self.slots.values():
+            slot.estimate = await asyncio.to_thread(room.estimate, slot.loaded.profile)
+        now = time.monotonic()
+        # The default first (the oldest demand is served first), then pinned and preloaded models.
+        self.slots[self.default].wanted_since = now - 1.0
+        for slot in self.slots.values():
+            p = slot.loaded.profile
+            if slot.id != self.default and (p.pinned or p.preload):
+                slot.wanted_since = now
+        self._loop_task = asyncio.ensure_future(self._loop())
+
+    def shutting_down(self) -> None:
+        """From now on nothing loads, and no runner starts a child again."""
+        self.stopping = True
+        for r in self.runners():
+            r.shutting_down()
+
+    async def stop(self) -> None:
+        self.shutting_down()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await asyncio.gather(*(self._unload(s, "shutdown", "shutdown", count=False) for s in self.slots.values()
+                               if s.runner is not None), return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def acquire(self, mid: str) -> Slot:
+        """Admit a request for model `mid`, loading it (and making room) first if needed. Raises Unavailable."""
+        slot = self.slots[mid]
+        if slot.admitting:
+            slot.in_flight += 1
+            return slot
+        if slot.waiting >= self.cfg.queue_max:
+            raise Unavailable(f"model '{mid}' is not loaded and {slot.waiting} requests already wait for it")
+        slot.waiting += 1
+        if slot.since is None:
+            slot.since = time.monotonic()
+        self.metrics.queued.labels(mid).inc()
+        rejected_before = slot.rejected[0]
+        deadline = time.monotonic() + self.cfg.queue_wait_s
+        self.wake()
+        try:
+            while not slot.admitting:
+                if slot.rejected[0] != rejected_before:
+                    raise Unavailable(slot.rejected[1])
+                if mid not in self.slots or self.slots[mid] is not slot:
+                    raise Unavailable(f"model '{mid}' was removed")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Unavailable(f"model '{mid}' was not loaded within {self.cfg.queue_wait_s:g}s"
+                                      + (f": {slot.waiting_why}" if slot.waiting_why else ""))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(slot.changed.wait(), left)
+            slot.in_flight += 1
+            return slot
+        finally:
+            slot.waiting -= 1
+            self.metrics.queued.labels(mid).dec()
+            if slot.waiting == 0:
+                slot.since = None
+
+    def release(self, slot: Slot) -> None:
+        slot.in_flight -= 1
+        slot.last_used = time.monotonic()
+        if slot.in_flight == 0:
+            self.wake()
+
+    # ---- operator actions ----------------------------------------------------------------------
+
+    def request_load(self, mid: str) -> None:
+        slot = self.slots[mid]
+        if slot.runner is not None and slot.runner.machine.state is State.FAILED:
+            slot.runner.retry_failed("operator load request")
+        elif slot.runner is None and slot.wanted_since is None:
+            slot.wanted_since = time.monotonic()
+        slot.draining = ""
+        self.wake()
+
+    def request_unload(self, mid: str, reason: str = "admin") -> bool:
+        """Drain `mid` and unload it once idle. False when there is nothing to unload."""
+        slot = self.slots[mid]
+        slot.wanted_since = None
+        if slot.runner is None or slot.unloading:
+            return False
+        slot.draining = reason
+        self.wake()
+        return True
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def view(self, r: rs.Room) -> rs.View:
+        demands = []
+        for s in self.slots.values():
+            if s.waiting:
+                demands.append(rs.Demand(s.id, s.waiting, s.since or time.monotonic()))
+            elif s.wanted_since is not None:
+                demands.append(rs.Demand(s.id, 0, s.wanted_since))
+        return rs.View(tuple(s.as_model() for s in self.slots.values()), r, tuple(demands))
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._step()
+            except Exception as exc:  # the pool must go on deciding whatever one step did
+                log.error("pool_error", error=repr(exc), exc_info=exc)
+            busy = any(s.waiting or s.wanted_since is not None or s.draining or s.loaded.profile.ttl_s
+                       for s in self.slots.values())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.5 if busy else None)
+
+    async def _step(self) -> None:
+        if self.stopping:
+            return
+        pending = any(s.waiting or s.wanted_since is not None for s in self.slots.values())
+        r = await asyncio.to_thread(room.room, self.cfg.memory_budget_mib) if pending else rs.Room()
+        self.last_room = r if pending else self.last_room
+        for action in rs.decide(self.view(r), self.rules, time.monotonic()):
+            await self._perform(action)
+
+    async def _perform(self, a: rs.Action) -> None:
+        match a:
+            case rs.Load(model=mid):
+                await self._load(self.slots[mid])
+            case rs.Unload(model=mid, reason=reason, detail=detail):
+                await self._unload(self.slots[mid], reason, detail)
+            case rs.Drain(model=mid, reason=reason, detail=detail):
+                slot = self.slots[mid]
+                if not slot.draining:
+                    log.info("model_drain", model=mid, reason=reason, detail=detail)
+                    slot.draining = reason
+            case rs.Wait(model=mid, detail=detail):
+                slot = self.slots[mid]
+                if slot.waiting_why != detail:
+                    log.info("model_wait", model=mid, detail=detail)
+                slot.waiting_why = detail
+            case rs.Reject(model=mid, detail=detail):
+                gone = self.slots.get(mid)
+                if gone is not None:
+                    log.warning("model_reject", model=mid, waiting=gone.waiting, detail=detail)
+                    gone.rejected = (gone.rejected[0] + 1, detail)
+                    gone.wanted_since = None
+                    gone.since = time.monotonic() if gone.waiting else None
+                    gone.notify()
+
+    async def _load(self, slot: Slot) -> None:
+        cause = "request" if slot.waiting else ("start" if slot.loads == 0 else "admin")
+        log.info("model_load", model=slot.id, cause=cause, waiting=slot.waiting,
+                 need=(slot.measured or slot.estimate).__dict__, measured=slot.measured is not None)
+        notifier = self.notifier if slot.id == self.default else Notifier({})
+        runner = Runner(self.cfg, slot.loaded, metrics=slot.metrics, notifier=_NoStopping(notifier, slot))
+        slot.runner, slot.proxy = runner, Proxy(runner)
+        slot.wanted_since, slot.draining, slot.waiting_why, slot.unloading = None, "", "", False
+        slot.loads += 1
+        slot.last_used = time.monotonic()
+        self.metrics.swaps.labels(slot.id, cause).inc()
+        runner.observe(_Watch(self, slot))
+        for hook in self.on_runner:
+            hook(runner)
+        await runner.start()
+        slot.notify()  # the waiting group goes in together
+
+    def _task(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _measure(self, slot: Slot, runner: Runner, gen: int) -> None:
+        """What the child really holds once ready: from now on residency uses this, not the estimate."""
+        child = runner.child
+        if child is None or slot.runner is not runner:
+            return
+        mem = await asyncio.to_thread(room.measure, child.pid)
+        if mem is not None and runner.machine.gen == gen:
+            slot.measured = mem
+            log.info("model_measured", model=slot.id, gpu_mib=mem.gpu_mib, host_mib=mem.host_mib,
+                     estimate_gpu_mib=slot.estimate.gpu_mib, estimate_host_mib=slot.estimate.host_mib)
+        self.wake()
+
+    async def _unload(self, slot: Slot, reason: str, detail: str, *, count: bool = True) -> None:
+        runner, proxy = slot.runner, slot.proxy
+        if runner is None or slot.unloading:
+            return
+        log.info("model_unload", model=slot.id, reason=reason, detail=detail, in_flight=slot.in_flight)
+        slot.unloading = True
+        try:
+            await runner.stop()
+            if proxy is not None:
+                await proxy.aclose()
+        finally:
+            slot.runner, slot.proxy, slot.unloading, slot.draining = None, None, False, ""
+            slot.last_unload = {"reason": reason, "detail": detail, "at": time.time()}
+            if count:
+                self.metrics.evictions.labels(slot.id, reason).inc()
+            slot.notify()
+            self.wake()
+
+    async def after_oom(self, mid: str) -> bool:
+        """Model `mid` ran out of memory: unload idle others so it can try the same settings again."""
+        unloads = rs.after_oom(self.view(rs.Room()), mid)
+        for u in unloads:
+            await self._unload(self.slots[u.model], u.reason, u.detail)
+        return bool(unloads)
+
+
+class _Watch:
+    """A runner observer: wakes the pool on every state change, and measures the child when it is ready."""
+
+    def __init__(self, pool: Pool, slot: Slot) -> None:
+        self.pool, self.slot = pool, slot
+
+    def machine_changed(self, runner: Runner, old: Machine, new: Machine) -> None:
+        if new.state is old.state:
+            return
+        if new.state is State.READY:
+            self.pool._task(self.pool._measure(self.slot, runner, new.gen))
+        self.pool.wake()
+
+    def child_line(self, runner: Runner, gen: int, line: str) -> None:
+        pass
+
+
+class _NoStopping(Notifier):
+    """The default model's systemd notifications, less STOPPING=1 and the states of an unload: evicting a model
+    is not the service stopping (the daemon sends STOPPING=1 itself at shutdown)."""
+
+    def __init__(self, inner: Notifier, slot: Slot) -> None:
+        self.inner, self.slot = inner, slot
+        self.address, self.watchdog_s = inner.address, inner.watchdog_s
+
+    def send(self, *fields: str) -> bool:
+        if self.slot.unloading or any(f == "STOPPING=1" for f in fields):
+            return False
+        return self.inner.send(*fields)
+
+    def close(self) -> None:
+        pass

