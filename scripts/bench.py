@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_context  # noqa: E402
+import bench_models  # noqa: E402
 import build_llama_server  # noqa: E402
 import tiny_gguf  # noqa: E402
 
@@ -402,6 +403,10 @@ async def p6_under_load(sup: Supervisor, direct: str) -> dict[str, Any]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     binary = str(build_llama_server.cached_binary("cpu"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    if args.only == "models":
+        print("P8 several models ...", file=sys.stderr)
+        return {"date": datetime.now().isoformat(timespec="seconds"),
+                "p8_models": await bench_models.p8_models(binary, tmp, args.quick)}
     model = tiny_gguf.write_tiny_llama(tmp / "tiny.gguf")
     vl_model, mmproj = tiny_gguf.write_tiny_qwen3vl(tmp / "vl.gguf", tmp / "mmproj-vl.gguf")
     text_profile = write_profile(tmp / "text.yaml", binary, model, ctx_size=16 * 160, parallel=16, threads=1)
@@ -471,6 +476,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                                       "rss_mb": round(rss / 1e6, 1)}
     finally:
         sup.stop()
+    print("P8 several models ...", file=sys.stderr)
+    results["p8_models"] = await bench_models.p8_models(binary, tmp, args.quick)
     return results
 
 
@@ -497,8 +504,9 @@ def p7_context(binary: str, vl_model: Path, mmproj: Path, tmp: Path, quick: bool
 def table(r: dict[str, Any]) -> str:
     head = ["| measure | direct llama-server | through the supervisor | difference | target |", "|---|---|---|---|---|"]
     guard = bench_context.rows(r["p7_context_guard"]) if "p7_context_guard" in r else []
-    if "p1_latency" not in r:  # --only context
-        return "\n".join(head + [f"| {' | '.join(row)} |" for row in guard])
+    models = bench_models.rows(r["p8_models"]) if "p8_models" in r else []
+    if "p1_latency" not in r:  # --only context / models
+        return "\n".join(head + [f"| {' | '.join(row)} |" for row in guard + models])
     p1, p2, p3, p4, p5, p6 = (r["p1_latency"], r["p2_streaming"], r["p3_cold_start"], r["p4_recovery"],
                               r["p5_images"], r["p6_footprint"])
     rows = [
@@ -544,7 +552,7 @@ def table(r: dict[str, Any]) -> str:
              f"{n2['through']['ttft_p50_ms']} ms (nginx)", f"{n2['ratio'] * 100:.1f} % / "
              f"+{n2['added_ttft_p50_ms']} ms", ""),
         ]
-    rows += guard
+    rows += guard + models
     out = head + [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(out)
 
@@ -553,8 +561,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not for the README)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
-    ap.add_argument("--only", choices=["all", "context"], default="all",
-                    help="context: only P7, the context guard's cost (two supervisors on the vision pair)")
+    ap.add_argument("--only", choices=["all", "context", "models"], default="all",
+                    help="context: only P7, the context guard's cost (two supervisors on the vision pair); "
+                         "models: only P8, several models (swap cost, alternating clients)")
     args = ap.parse_args()
     results = asyncio.run(main_async(args))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from .catalog import Catalog
+from .child import vram
 from .child.runner import Runner
 from .config import Config
 from .core import residency as rs
@@ -288,15 +289,18 @@ class Pool:
                  need=(slot.measured or slot.estimate).__dict__, measured=slot.measured is not None)
         notifier = self.notifier if slot.id == self.default else Notifier({})
         runner = Runner(self.cfg, slot.loaded, metrics=slot.metrics, notifier=_NoStopping(notifier, slot))
-        slot.runner, slot.proxy = runner, Proxy(runner)
-        slot.wanted_since, slot.draining, slot.waiting_why, slot.unloading = None, "", "", False
-        slot.loads += 1
-        slot.last_used = time.monotonic()
-        self.metrics.swaps.labels(slot.id, cause).inc()
+        proxy = Proxy(runner)
         runner.observe(_Watch(self, slot))
+        runner.on_oom(lambda: self.after_oom(slot.id))
         for hook in self.on_runner:
             hook(runner)
+        slot.wanted_since, slot.draining, slot.waiting_why, slot.unloading = None, "", "", False
+        slot.loads += 1
+        self.metrics.swaps.labels(slot.id, cause).inc()
         await runner.start()
+        # Admitted only now: before start() its machine is `stopped`, which a waiting request takes for an end.
+        slot.runner, slot.proxy = runner, proxy
+        slot.last_used = time.monotonic()
         slot.notify()  # the waiting group goes in together
 
     def _task(self, coro: Any) -> None:
@@ -322,10 +326,14 @@ class Pool:
             return
         log.info("model_unload", model=slot.id, reason=reason, detail=detail, in_flight=slot.in_flight)
         slot.unloading = True
+        pid = runner.child.pid if runner.child is not None else None
         try:
             await runner.stop()
             if proxy is not None:
                 await proxy.aclose()
+            if pid is not None and slot.measured is not None and any(slot.measured.gpu_mib):
+                # The driver frees a dead process's VRAM a little later: the next load's estimate must see it.
+                await vram.free_after_exit(pid, self.cfg.vram_release_wait_s)
         finally:
             slot.runner, slot.proxy, slot.unloading, slot.draining = None, None, False, ""
             slot.last_unload = {"reason": reason, "detail": detail, "at": time.time()}

@@ -142,6 +142,20 @@ def test_oom_walks_the_ladder_without_counting_failures() -> None:
     assert acts == [Spawn(2, RunSettings(4, 2048))]
 
 
+def test_oom_after_idle_models_were_unloaded_retries_the_same_settings() -> None:
+    """Several models: the pool unloaded idle others after this OOM, so the layers stay for one more try;
+    the OOM after that (nothing more to free) walks the ladder."""
+    m, _ = transition(at(State.STARTING), ChildGone(10.0, 1), P)
+    freed = ChildExited(10.0, 1, OOM, 1, Evidence(model_layers=8, others_freed=True), jitter=1.0)
+    m, acts = transition(m, freed, P)
+    assert m.state is State.BACKOFF and m.effective == BASE and m.failures == () and m.adjustment is None
+    assert "idle models were unloaded" in m.reason
+    m, acts = transition(m, BackoffElapsed(11, 1), P)
+    assert acts == [Spawn(2, BASE)]
+    m, _ = apply(m, Exit(OOM, gen=2, now=12.0))
+    assert m.effective.n_gpu_layers == 4
+
+
 def test_wedged_kill_is_classified_wedged() -> None:
     m, _ = transition(at(State.READY), Unresponsive(1, 1, "liveness: 3 failed probes"), P)
     m, _ = apply(m, Exit(Verdict(Cause.STOPPED, "stopped by the supervisor")))

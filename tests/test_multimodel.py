@@ -118,7 +118,7 @@ async def test_eviction_under_a_tight_budget(tmp_path: Path, folder: Callable[..
         assert r.status_code == 200 and r.json()["choices"][0]["text"].strip().startswith("Paris")
         assert state(d, "vision") == "unloaded"
         assert d.pool is not None and d.pool.slots["vision"].last_unload["reason"] == "lru"
-        assert d.pool.slots["gemma"].measured is not None  # measured once ready, used from then on
+        await wait_for(lambda: d.pool.slots["gemma"].measured is not None, what="gemma measured once ready")  # type: ignore[union-attr]
         r = await c.post("/v1/chat/completions", json={**CHAT, "model": "vl"})
         assert r.status_code == 200 and state(d, "gemma") == "unloaded"
         metrics = (await c.get("/metrics")).text
@@ -187,8 +187,8 @@ async def test_grouped_requests_are_one_swap(tmp_path: Path, folder: Callable[..
     """Eight requests for tiny, four for vision, all at once, under a budget that holds one at a time: the
     waiting ones are served by one swap each way, not one swap per request."""
     async with box(tmp_path, folder(gemma=None, tiny={"ctx_size": 4096}), memory_budget_mib=110) as (d, c):
-        await wait_for(lambda: state(d, "vision") == "loaded", what="vision loaded")
         assert d.pool is not None
+        await wait_for(lambda: d.pool.slots["vision"].measured is not None, what="vision loaded and measured")  # type: ignore[union-attr]
         need = d.pool.slots["vision"].measured
         assert need is not None and need.host_mib > 55, need  # else the budget below holds both
         reqs = [c.post("/v1/chat/completions", json={**CHAT, "model": m}) for m in ["tiny"] * 8 + ["vision"] * 4]
@@ -245,3 +245,30 @@ async def test_hot_reload_per_file(tmp_path: Path, folder: Callable[..., Path]) 
         st = (await c.get("/status")).json()
         assert any(e["file"].endswith("tiny2.yaml") for e in st["profile_errors"].values())
         assert json.dumps(st)
+
+
+async def test_oom_with_another_model_loaded_unloads_it_and_keeps_the_layers(
+        tmp_path: Path, folder: Callable[..., Path], llama_server: str) -> None:
+    """A pretend GPU of 6 layers (the OOM double, shared by both models): vision holds 3, tiny asks for 4 and
+    runs out of memory. The idle vision model is unloaded and tiny starts again with the same 4 layers;
+    the ladder is not touched."""
+    from doubles.oom_llama_server import write_double
+
+    record, ledger = tmp_path / "layers.txt", tmp_path / "gpu"
+    ledger.mkdir()
+    double = str(write_double(tmp_path / "llama-server", llama_server, limit=6, mode="load", record=record,
+                              ledger=ledger))
+    profiles = folder(vision={"binary": double, "n_gpu_layers": 3}, tiny={"binary": double, "n_gpu_layers": 4},
+                      gemma=None)
+    async with box(tmp_path, profiles) as (d, c):
+        await wait_for(lambda: state(d, "vision") == "loaded", what="vision loaded")
+        r = await c.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})
+        assert r.status_code == 200, r.text
+        assert d.pool is not None
+        assert state(d, "vision") == "unloaded" and d.pool.slots["vision"].last_unload["reason"] == "oom"
+        assert record.read_text().split() == ["3", "4", "4"]  # vision, tiny (out of memory), tiny again
+        runner = d.pool.slots["tiny"].runner
+        assert runner is not None and runner.machine.effective.n_gpu_layers == 4 and runner.machine.adjustment is None
+        assert runner.machine.last_exit is not None and runner.machine.last_exit.cause.value == "oom_load"
+        metrics = (await c.get("/metrics")).text
+        assert 'llama_supervisor_model_unloads_total{model="vision",reason="oom"} 1.0' in metrics

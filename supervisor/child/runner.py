@@ -102,6 +102,7 @@ class Runner:
         self._closing = False
         self._traffic: Callable[[], int] = lambda: 0  # requests in flight or waiting (the proxy counts them)
         self._exit_listeners: list[ExitListener] = []
+        self._oom_hook: Callable[[], Awaitable[bool]] | None = None
         self.finished = asyncio.Event()
         self._settled = asyncio.Event()  # replaced on every state change: wakes everyone waiting for one
         self._observers: list[Observer] = []
@@ -185,6 +186,11 @@ class Runner:
     def on_warmed(self, hook: Callable[[int, dict[str, Any]], Awaitable[None]]) -> None:
         """Awaited with (generation, warmup info) after a child's warmup, before it is reported ready."""
         self._after_warmup.append(hook)
+
+    def on_oom(self, hook: Callable[[], Awaitable[bool]]) -> None:
+        """Asked after an out-of-memory exit, before the ladder: True when it freed memory (the pool unloaded
+        idle models), so the same settings are tried again."""
+        self._oom_hook = hook
 
     def on_exit(self, listener: ExitListener) -> None:
         """Called with (generation, verdict, returncode) for every classified exit."""
@@ -369,7 +375,8 @@ class Runner:
         self._gone(gen, child)  # from this instant nothing is sent to it; the examination follows
         verdict, ev = await examine(child, rc, oom_before, gen, profile=self._loaded.profile,
                                     ctx_size=self._machine.effective.ctx_size, model_layers=self._model_layers,
-                                    release_wait_s=self.cfg.vram_release_wait_s, metrics=self.metrics)
+                                    release_wait_s=self.cfg.vram_release_wait_s, metrics=self.metrics,
+                                    free_others=self._oom_hook)
         return rc, verdict, ev
 
     def _gone(self, gen: int, child: Child | None) -> None:

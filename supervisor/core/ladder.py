@@ -55,6 +55,7 @@ class Evidence:
     model_layers: int | None = None  # block_count from the GGUF metadata
     footprint: Footprint | None = None  # per-layer sizes from the GGUF metadata
     compute: bool = False  # the failure was a compute buffer (after the weights were loaded)
+    others_freed: bool = False  # idle models were unloaded since (several models): the same settings may fit now
 
 
 @dataclass(frozen=True)

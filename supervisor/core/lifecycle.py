@@ -349,6 +349,11 @@ def _exited(m: Machine, ev: ChildExited, p: Policy) -> tuple[Machine, list[Actio
         m = _move(m, now, State.BACKOFF, cause.value, f"{detail} → {why}", record=True, effective=climb_from,
                   adjustment=why, climb_failed=(m.effective, now))
         return _backoff(m, backoff_delay(1, ev.jitter, p), now)
+    if cause in OOM_CAUSES and ev.evidence.others_freed:
+        # Other models held the memory and were unloaded: the same settings first, the ladder only if that fails.
+        why = "idle models were unloaded to free memory: the same settings again"
+        m = _move(m, now, State.BACKOFF, cause.value, f"{detail} → {why}", record=True)
+        return _backoff(m, backoff_delay(1, ev.jitter, p), now)
     if cause in OOM_CAUSES:
         rung = next_rung(m.effective, ev.evidence, min_ctx=p.min_ctx, has_mmproj=p.has_mmproj)
         if rung is not None:

@@ -6,7 +6,10 @@ server does: exit 1 at load, or abort (SIGABRT) at the first compute. Otherwise,
 --version, it execs the real llama-server with the same arguments, so what comes up is real.
 
 `write_double(path, real, limit, mode, record)` writes an executable copy configured for one test; `limit` may
-be a file holding the number, read at every start (a GPU whose free memory changes between starts).
+be a file holding the number, read at every start (a GPU whose free memory changes between starts). With
+`ledger` (a folder) the doubles share one pretend GPU of `limit` layers: each running double notes its layers
+there, and a start fails when its layers plus those of the other live doubles exceed the limit — an idle
+model holding the VRAM, as on a real card.
 """
 
 from __future__ import annotations
@@ -38,7 +41,24 @@ CUDA error: out of memory
 ggml/src/ggml-cuda/ggml-cuda.cu:90: CUDA error"""
 
 
-def main(real: str, limit: int | str, mode: str, record: str) -> None:
+def _held_by_others(ledger: Path) -> int:
+    held = 0
+    for entry in ledger.iterdir():
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+                if fh.read().split(") ", 1)[1].startswith("Z"):
+                    continue  # exited, not reaped yet: its memory is free
+        except (ProcessLookupError, FileNotFoundError):
+            continue
+        held += int(entry.read_text() or 0)
+    return held
+
+
+def main(real: str, limit: int | str, mode: str, record: str, ledger: str | None = None) -> None:
     args = sys.argv[1:]
     if isinstance(limit, str):
         limit = int(Path(limit).read_text().strip())
@@ -48,7 +68,8 @@ def main(real: str, limit: int | str, mode: str, record: str) -> None:
         with open(record, "a", encoding="utf-8") as fh:
             fh.write(value + "\n")
         layers = 10**6 if value in ("auto", "all") else int(value)
-        if layers > limit:
+        others = _held_by_others(Path(ledger)) if ledger else 0
+        if layers + others > limit:
             model = args[args.index("--model") + 1] if "--model" in args else "?"
             if mode == "load":
                 mib = MIB_PER_LAYER * min(layers, 25)
@@ -56,11 +77,16 @@ def main(real: str, limit: int | str, mode: str, record: str) -> None:
                 sys.exit(1)
             print(COMPUTE_OOM, file=sys.stderr, flush=True)
             os.abort()
+        if ledger:
+            (Path(ledger) / str(os.getpid())).write_text(str(layers))  # exec keeps the pid
     os.execv(real, [real, *args])
 
 
-def write_double(path: Path, real: str, limit: int | Path, mode: str, record: Path) -> Path:
+def write_double(path: Path, real: str, limit: int | Path, mode: str, record: Path, ledger: Path | None = None
+                 ) -> Path:
     from doubles.launcher import write_launcher  # the test side only: the double itself never needs it
 
     limit_arg = repr(str(limit)) if isinstance(limit, Path) else str(limit)
-    return write_launcher(path, "oom_llama_server", f"main({real!r}, {limit_arg}, {mode!r}, {str(record)!r})")
+    ledger_arg = repr(str(ledger)) if ledger else "None"
+    return write_launcher(path, "oom_llama_server",
+                          f"main({real!r}, {limit_arg}, {mode!r}, {str(record)!r}, {ledger_arg})")
