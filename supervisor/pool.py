@@ -372,6 +372,7 @@ class _NoStopping(Notifier):
     is not the service stopping (the daemon sends STOPPING=1 itself at shutdown)."""
 
     def __init__(self, inner: Notifier, slot: Slot) -> None:
+        super().__init__({})
         self.inner, self.slot = inner, slot
         self.address, self.watchdog_s = inner.address, inner.watchdog_s
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from . import multi, status
 from .catalog import scan
 from .child.runner import Runner
 from .config import Config
+from .core.lifecycle import State
 from .drain import Drain
 from .loading import Loaded, load_checked
 from .pool import Pool
@@ -130,7 +131,7 @@ class Daemon:
     def _background_tasks(self) -> None:
         self._background.append(asyncio.ensure_future(self.reloader.watch()))
         if self.notifier.enabled:
-            self._background.append(asyncio.ensure_future(_keepalive(self.notifier, runner)))
+            self._background.append(asyncio.ensure_future(_keepalive(self.notifier, self._state)))
         if self.ops.sampling:
             self._background.append(asyncio.ensure_future(self.ops.sampler.run()))
 
@@ -138,6 +139,14 @@ class Daemon:
         self._serving = asyncio.ensure_future(self.server.serve(sockets=[sock]))
         while not self.server.started and not self._serving.done():
             await asyncio.sleep(0.01)
+
+    def _state(self) -> State:
+        """The lifecycle state systemd hears about: the one runner's, or the default model's (an unloaded
+        default is not a starting service)."""
+        if self.pool is None:
+            return self.runner.machine.state
+        default = self.pool.slots[self.pool.default].runner
+        return default.machine.state if default is not None else State.READY
 
     def in_flight(self) -> int:
         return self.pool.in_flight() if self.pool is not None else self.proxy.in_flight
@@ -224,11 +233,11 @@ async def serve(cfg: Config, profile_path: Path, settings_file: Path | None = No
     return 0
 
 
-async def _keepalive(notifier: Notifier, runner: Runner) -> None:
+async def _keepalive(notifier: Notifier, state: Callable[[], State]) -> None:
     """Watchdog pings and first-start extensions, from the event loop itself: a hung loop stops both, and
     systemd kills and restarts us within WatchdogSec (or one extension, while the first start goes on)."""
     while True:
-        fields = notifier.keepalive_fields(runner.machine.state)
+        fields = notifier.keepalive_fields(state())
         if fields:
             notifier.send(*fields)
         await asyncio.sleep(notifier.keepalive_period_s)
