@@ -21,7 +21,8 @@ from . import ui
 from .app import _key_ok
 from .errors import EXCEPTION_HANDLERS, Receive, Scope, Send, error_doc, error_response, json_error, send_simple
 from .models import unknown_model
-from .route import read_body, requested_model
+from .proxy import BIG_BODY
+from .route import read_body, requested_model, too_large
 
 ADMIN_PREFIX = "/admin/"
 OPEN_PATHS = frozenset({"/health"})
@@ -93,12 +94,11 @@ class Front:
         if body is None:
             return
         if len(body) > limit:
-            await send_simple(send, *json_error(413, f"request body over the limit of {limit} bytes",
-                                                "invalid_request_error"))
+            await send_simple(send, *too_large(limit))
             return
-        requested = requested_model(scope, body) if len(body) < 4 * 1024 * 1024 else None
-        if requested is None and len(body) >= 4 * 1024 * 1024:
-            requested = await asyncio.to_thread(requested_model, scope, body)
+        # A big body (images) is parsed in a worker thread, as the proxy does.
+        requested = (requested_model(scope, body) if len(body) < BIG_BODY
+                     else await asyncio.to_thread(requested_model, scope, body))
         mid = self.pool.resolve(requested)
         if mid is None:
             await send_simple(send, *unknown_model(requested or "", self.pool.ids))

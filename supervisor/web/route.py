@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from urllib.parse import parse_qs
 
-from .errors import Receive, Scope
+from .errors import Headers, Receive, Scope, json_error
 
 # Bodies are only parsed when they mention a model at all; beyond this size the model field is looked up
 # without parsing the whole document (it is near the top in every client seen).
@@ -25,6 +25,10 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         chunks.append(chunk)
         if size > limit or not msg.get("more_body"):
             return b"".join(chunks)
+
+
+def too_large(limit: int) -> tuple[int, Headers, bytes]:
+    return json_error(413, f"request body over the limit of {limit} bytes", "invalid_request_error")
 
 
 def requested_model(scope: Scope, body: bytes) -> str | None:
