@@ -71,9 +71,10 @@ class Front:
             await (self.ops if page and self.ops is not None else self.own)(scope, receive, send)
             return
         admin = page or path in ADMIN_PATHS or path.startswith(ADMIN_PREFIX)
-        key = self.admin_key if admin else self.api_key
+        # Fail closed, as with one model: admin routes need the admin key, or the API key when there is none.
+        key = (self.admin_key or self.api_key) if admin else self.api_key
         if key is not None and not _key_ok(scope, key):
-            what = "admin key" if admin else "API key"
+            what = "admin key" if admin and self.admin_key else "API key"
             await send_simple(send, *json_error(
                 401, f"{what} required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                 "authentication_error", [(b"www-authenticate", b"Bearer")]))
