@@ -104,9 +104,13 @@ async def test_on_demand_load_by_model_alias_and_unknown(tmp_path: Path, folder:
 
 async def test_multipart_form_field_picks_the_model(tmp_path: Path, folder: Callable[..., Path]) -> None:
     async with box(tmp_path, folder()) as (d, c):
-        # llama-server has no multipart route; what matters is which model's server answered it.
+        # llama-server has no multipart route (the proxy refuses it); what matters is which model it went to.
+        r = await c.post("/v1/audio/transcriptions", data={"model": "nope"}, files={"file": ("a.wav", b"RIFF")})
+        assert r.status_code == 404 and r.json()["error"]["available"] == ["vision", "gemma", "tiny"]
+        assert state(d, "tiny") == "unloaded"
         r = await c.post("/v1/audio/transcriptions", data={"model": "tiny"}, files={"file": ("a.wav", b"RIFF")})
-        assert r.status_code != 503 and state(d, "tiny") == "loaded"
+        assert r.status_code != 503 and state(d, "tiny") in ("loading", "loaded")
+        await wait_for(lambda: state(d, "tiny") == "loaded", what="tiny loaded for the form's model")
 
 
 async def test_eviction_under_a_tight_budget(tmp_path: Path, folder: Callable[..., Path]) -> None:
