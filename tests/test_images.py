@@ -15,7 +15,7 @@ from supervisor.profile import ImagePolicy, load_profile
 from supervisor.web import media
 from supervisor.web.images import OMITTED, ImageError, decode_base64, process_image, rewrite_chat
 from supervisor.web.predict import chat_to_predict, predict_to_chat
-from supervisor.web.proxy import context_hint
+from supervisor.web.relay import context_hint
 
 POLICY = ImagePolicy()
 

@@ -8,7 +8,6 @@ closes the upstream request so llama-server stops generating.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,30 +17,25 @@ import structlog
 
 from ..child.runner import Runner
 from ..core import quarantine
-from ..core.lifecycle import Machine
-from ..profile import Profile
 from . import media, routes
 from .admission import ImageWorkers
 from .context import ContextGuard, ContextRejected, CountError
-from .errors import Receive, Scope, Send, error_doc, json_error, send_simple
+from .errors import Receive, Scope, Send, json_error, send_simple
 from .gate import Gate, upstream_limit
 from .images import ImageError, Stats, rewrite_chat
 from .poison import PoisonGuard
-from .predict import chat_to_predict, predict_to_chat
+from .predict import predict_to_chat
+from .relay import HOP_BY_HOP, ctx_words, relay
 from .routes import PREDICT, Route
 from .upstream import AsyncioBackend
 from .validate import Rejected, parse_json, serialise
 
 log = structlog.get_logger("proxy")
 
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-                        b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
 # Bodies larger than this are parsed in a thread, not on the event loop.
 BIG_BODY = 256 * 1024
 # Failures that mean the request never reached a live llama-server: safe to send again.
 RETRYABLE = (httpcore.ConnectError, httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
-# Anything that can break an upstream exchange once it has started.
-UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
 TIMEOUTS = {"connect": 5.0, "read": None, "write": 60.0, "pool": None}
 KEEPALIVE_IDLE = 4  # within llama-server's "+4" spare HTTP threads
 TRIMMED_HEADER = b"x-context-trimmed"  # what the context guard left out: images=N; turns=N; messages=N; tokens=N
@@ -52,53 +46,11 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-def ctx_words(profile: Profile, m: Machine) -> str:
-    """The context in force, in words: the out-of-memory ladder may have lowered it, slots share it."""
-    ctx = f"ctx_size {m.effective.ctx_size}"
-    if m.effective.ctx_size != m.base.ctx_size:
-        ctx += f" (lowered from {m.base.ctx_size}: {m.adjustment})"
-    if profile.parallel and profile.parallel > 1:
-        ctx += f" shared by {profile.parallel} parallel slots"
-    return ctx
-
-
-def context_hint(data: bytes, profile: Profile, m: Machine) -> bytes:
-    """llama-server's 'exceeds the available context size' says 'try increasing it'; the operator also needs
-    the size in force (the out-of-memory ladder may have lowered it) and which profile knobs bear on it."""
-    try:
-        doc = json.loads(data)
-        err = doc["error"]
-        ctx = ctx_words(profile, m)
-        policy = profile.images
-        kept = [f"the last {policy.keep_last_images} images"] if policy.keep_last_images is not None else []
-        kept += [f"the last {policy.keep_last_turns} turns"] if policy.keep_last_turns else []
-        err["message"] = (f"{err['message']}. Profile '{profile.name}' runs with {ctx}"
-                          + (f"; the proxy keeps {' and '.join(kept)}" if kept else "")
-                          + ": shorten the conversation, or raise ctx_size"
-                          + (" in the profile" if policy.keep_last_turns else " or set images.keep_last_turns in the profile"))
-        return json.dumps(doc).encode()
-    except (ValueError, KeyError, TypeError):
-        return data  # not the shape we know: llama-server's answer goes through as it is
-
-
 def _printable(query: bytes) -> bytes:
     """HTTP/1.1 allows only printable ASCII in a request target: other bytes go percent-encoded (same meaning)."""
     if all(0x21 <= b <= 0x7E for b in query):
         return query
     return b"".join(bytes([b]) if 0x21 <= b <= 0x7E else b"%%%02X" % b for b in query)
-
-
-def _json_500_is_client_error(data: bytes) -> bytes | None:
-    """llama-server answers 500 when its JSON library throws on a field of the wrong type: that is the client's
-    request, so the client gets a 400 saying so (fields the proxy checks never get this far)."""
-    if b"[json.exception." not in data:
-        return None
-    try:
-        message = json.loads(data)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = data.decode("utf-8", "replace")[:300]
-    return json_error(400, f"llama-server could not read a field of the request: {message}",
-                      "invalid_request_error")[2]
 
 
 class Proxy:
@@ -405,7 +357,7 @@ class Proxy:
             log.info("proxy_retry", path=target.decode("ascii", "replace"), error=type(exc).__name__)
             return None
         try:
-            return await self._relay(upstream, send, status, predict=predict, extra=extra)
+            return await relay(self.runner, upstream, send, status, predict=predict, extra=extra)
         finally:
             await upstream.aclose()
 
@@ -428,85 +380,6 @@ class Proxy:
         if fit.body is None:
             return body, []
         return fit.body, [(TRIMMED_HEADER, fit.header or b"")]
-
-    async def _relay(self, upstream: httpcore.Response, send: Send, status: list[int], predict: bool = False,
-                     extra: list[tuple[bytes, bytes]] | None = None) -> bool:
-        """Pass the answer on; True when the child's answer came in full."""
-        code = status[0] = upstream.status
-        headers = [(k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP] + (extra or [])
-        sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
-        stream: Any = upstream.stream
-        if not sse:
-            try:
-                data = b"".join([chunk async for chunk in stream])
-            except UPSTREAM_ERRORS as exc:
-                status[0] = 502
-                await send_simple(send, *json_error(502, f"llama-server failed mid-response: {exc!r}", "server_error"))
-                return False
-            self.runner.note_progress()  # it answered: alive, whatever the status
-            if 200 <= code < 300:
-                if b'"usage"' in data:
-                    self._count_tokens(data)
-                if predict:
-                    data = json.dumps(chat_to_predict(json.loads(data))).encode()
-                    headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
-                    headers.append((b"content-type", b"application/json"))
-            elif code == 500 and (fixed := _json_500_is_client_error(data)) is not None:
-                code = status[0] = 400
-                data = fixed
-                headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
-                headers.append((b"content-type", b"application/json"))
-            elif code == 400 and b"exceed_context_size_error" in data:
-                data = context_hint(data, self.runner.loaded.profile, self.runner.machine)
-            if code >= 400 and not data.lstrip().startswith(b"{"):
-                # llama-server's HTTP library answers some errors with an empty or plain-text body
-                text = data.decode("utf-8", "replace").strip()[:300] or "no details"
-                data = json_error(code, f"llama-server answered {code}: {text}",
-                                  "server_error" if code >= 500 else "invalid_request_error")[2]
-                headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
-                headers.append((b"content-type", b"application/json"))
-            await send_simple(send, code, headers + [(b"content-length", str(len(data)).encode())], data)
-            return True
-        await send({"type": "http.response.start", "status": code, "headers": headers})
-        runner = self.runner
-        whole = True
-        try:
-            async for chunk in stream:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                runner.note_progress()  # a flowing stream is proof of life for liveness
-                if b'"timings"' in chunk:
-                    self._count_tokens(chunk)
-        except UPSTREAM_ERRORS as exc:
-            whole = False
-            m = self.runner.machine
-            err = error_doc(502, f"llama-server stream was cut ({type(exc).__name__}); state: {m.state.value}",
-                            "server_error")
-            await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n",
-                        "more_body": True})
-            status[0] = 502
-        await send({"type": "http.response.body", "body": b""})
-        return whole
-
-    def _count_tokens(self, data: bytes) -> None:
-        """Token counts from llama-server's own usage/timings, parsed only from the chunk that has them."""
-        text = data.decode("utf-8", "replace")
-        for part in text.split("\n"):
-            part = part.removeprefix("data: ").strip()
-            if not part.startswith("{"):
-                continue
-            try:
-                obj = json.loads(part)
-            except ValueError:
-                continue
-            usage, timings = obj.get("usage") or {}, obj.get("timings") or {}
-            prompt = usage.get("prompt_tokens", timings.get("prompt_n"))
-            completion = usage.get("completion_tokens", timings.get("predicted_n"))
-            if isinstance(prompt, int):
-                self.metrics.tokens.labels("prompt").inc(prompt)
-            if isinstance(completion, int):
-                self.metrics.tokens.labels("completion").inc(completion)
-            return
-
 
 @dataclass
 class Chat:
