@@ -314,7 +314,9 @@ class Pool:
         if child is None or slot.runner is not runner:
             return
         mem = await asyncio.to_thread(room.measure, child.pid)
-        if mem is not None and runner.machine.gen == gen:
+        # A child that stopped being ready while it was measured (an unload, a crash) is measured mid-teardown:
+        # keep the figure only for the child that is still serving.
+        if mem is not None and runner.machine.gen == gen and runner.ready and not slot.unloading:
             slot.measured = mem
             log.info("model_measured", model=slot.id, gpu_mib=mem.gpu_mib, host_mib=mem.host_mib,
                      estimate_gpu_mib=slot.estimate.gpu_mib, estimate_host_mib=slot.estimate.host_mib)

@@ -9,6 +9,7 @@ request must be answered 200, every stream must end complete, and nothing may be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -102,6 +103,11 @@ async def _healthy(client: httpx.AsyncClient, box: Box) -> bool:
         return False
 
 
+async def _new_child(admin: httpx.AsyncClient, box: Box, old_pid: int) -> bool:
+    st = await box.status(admin)
+    return st["state"] == "ready" and bool(st.get("child")) and int(st["child"]["pid"]) != old_pid
+
+
 async def _kill_between_streams(admin: httpx.AsyncClient, box: Box) -> float:
     """SIGKILL the box's child at a moment no request is inside its proxy. Race-free: the child is frozen
     (SIGSTOP) first, so a request arriving after the check cannot have had an answer yet; it is in flight to a
@@ -174,11 +180,18 @@ async def test_fleet_behind_haproxy(tmp_path: Path, llama_server: str, tiny_vl: 
 
             # 2. SIGKILL box1's llama-server while no stream is flowing from it (the tokens of a stream already
             #    flowing from a child that dies cannot be taken back by anyone: README "Running a fleet").
+            killed_pid = int((await boxes[0].status(admin))["child"]["pid"])
             kill_at = await _kill_between_streams(admin, boxes[0])
-            kill_out_s = await _until("box1 out of the pool", lambda: out_of_pool("box1"), 10, every=0.02)
+            # HAProxy takes box1 out when its agent (every second) or health check sees the restart. On a quiet
+            # machine the next child can be ready before either looks (P4: ~0.1 s), and then box1 never leaves:
+            # both are fine, as long as a new child serves and no client saw a failure (asserted below).
+            kill_out_s: float | None = None
+            with contextlib.suppress(AssertionError):
+                kill_out_s = await _until("box1 out of the pool", lambda: out_of_pool("box1"), 3, every=0.02)
             kill_back_s = await _until("box1 back in the pool", lambda: serving("box1"), 30, every=0.02)
-            kill_back_s += kill_out_s
-            await boxes[0].status(admin)
+            kill_back_s += kill_out_s or 0.0
+            await _until("box1 serving from a new child",
+                         lambda: _new_child(admin, boxes[0], killed_pid), 30, every=0.05)
 
             # 3. SIGTERM box2's supervisor: it leaves the pool (agent drain, /health 503) before it stops
             #    accepting; then it is started again on the same ports and rejoins.
@@ -233,7 +246,7 @@ async def test_fleet_behind_haproxy(tmp_path: Path, llama_server: str, tiny_vl: 
         "while_box2_away": dict(away), "box2_leave_s": round(leave_s, 3), "box2_exit_after_sigterm_s":
         round(gone_at - t_term, 3), "box2_rejoin_after_start_s": round(rejoin_s, 3),
         "box3_leave_after_edit_s": round(reload_leave_s, 3), "box3_back_s": round(reload_back_s, 3),
-        "box1_kill_out_s": round(kill_out_s, 3), "box1_kill_to_back_s": round(kill_back_s, 3),
+        "box1_kill_out_s": None if kill_out_s is None else round(kill_out_s, 3), "box1_kill_to_back_s": round(kill_back_s, 3),
     }
     print("fleet:", json.dumps(report))
     out = Path(os.environ.get("FLEET_REPORT", tmp_path / "fleet.json"))

@@ -206,6 +206,9 @@ async def test_admin_load_unload(tmp_path: Path, folder: Callable[..., Path]) ->
         r = await c.post("/admin/models/small/load")
         assert r.status_code == 202 and r.json()["model"] == "gemma"
         await wait_for(lambda: state(d, "gemma") == "loaded", what="gemma loaded by the operator")
+        # Measured once ready (in a worker thread): unload only after that, or nothing was measured.
+        await wait_for(lambda: d.pool is not None and d.pool.slots["gemma"].measured is not None,
+                       what="gemma measured")
         r = await c.post("/admin/models/gemma/unload")
         assert r.status_code == 202
         await wait_for(lambda: state(d, "gemma") == "unloaded", what="gemma unloaded by the operator")
