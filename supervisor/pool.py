@@ -53,6 +53,7 @@ class Slot:
     waiting: int = 0  # requests waiting for this model to be loaded
     since: float | None = None  # when the oldest of them began waiting
     wanted_since: float | None = None  # a load asked for without a request: start, preload, admin
+    wanted_by: str = ""  # which of those (the load's cause in metrics and on the timeline)
     draining: str = ""  # why it is going (set: no new requests are admitted)
     unloading: bool = False
     holding: bool = False  # a reload restarts it: new requests wait, it stays loaded
@@ -105,6 +106,8 @@ class Pool:
         self.stopping = False
         self.last_room: rs.Room | None = None
         self.on_runner: list[Callable[[Runner], None]] = []  # told of every runner the pool starts (the ops page)
+        # told of every swap step as (model, action, cause, detail): load, drain, unload, refuse (the ops page)
+        self.on_swap: list[Callable[[str, str, str, str], None]] = []
 
     # ---- the catalog ------------------------------------------------------------------------
 
@@ -135,11 +138,12 @@ class Pool:
             slot.estimate = await asyncio.to_thread(room.estimate, slot.loaded.profile)
         now = time.monotonic()
         # The default first (the oldest demand is served first), then pinned and preloaded models.
-        self.slots[self.default].wanted_since = now - 1.0
+        default = self.slots[self.default]
+        default.wanted_since, default.wanted_by = now - 1.0, "start"
         for slot in self.slots.values():
             p = slot.loaded.profile
             if slot.id != self.default and (p.pinned or p.preload):
-                slot.wanted_since = now
+                slot.wanted_since, slot.wanted_by = now, "pinned" if p.pinned else "preload"
         self._loop_task = asyncio.ensure_future(self._loop())
 
     def shutting_down(self) -> None:
@@ -212,7 +216,7 @@ class Pool:
         if slot.runner is not None and slot.runner.machine.state is State.FAILED:
             slot.runner.retry_failed("operator load request")
         elif slot.runner is None and slot.wanted_since is None:
-            slot.wanted_since = time.monotonic()
+            slot.wanted_since, slot.wanted_by = time.monotonic(), "admin"
         slot.draining = ""
         self.wake()
 
@@ -223,6 +227,7 @@ class Pool:
         if slot.runner is None or slot.unloading:
             return False
         slot.draining = reason
+        self._tell(mid, "drain", reason, "operator request: unloads once idle")
         self.wake()
         return True
 
@@ -269,6 +274,7 @@ class Pool:
                 if not slot.draining:
                     log.info("model_drain", model=mid, reason=reason, detail=detail)
                     slot.draining = reason
+                    self._tell(mid, "drain", reason, detail)
             case rs.Wait(model=mid, detail=detail):
                 slot = self.slots[mid]
                 if slot.waiting_why != detail:
@@ -278,13 +284,14 @@ class Pool:
                 gone = self.slots.get(mid)
                 if gone is not None:
                     log.warning("model_reject", model=mid, waiting=gone.waiting, detail=detail)
+                    self._tell(mid, "refuse", "no room", detail)
                     gone.rejected = (gone.rejected[0] + 1, detail)
                     gone.wanted_since = None
                     gone.since = time.monotonic() if gone.waiting else None
                     gone.notify()
 
     async def _load(self, slot: Slot) -> None:
-        cause = "request" if slot.waiting else ("start" if slot.loads == 0 else "admin")
+        cause = "request" if slot.waiting else (slot.wanted_by or "admin")
         log.info("model_load", model=slot.id, cause=cause, waiting=slot.waiting,
                  need=(slot.measured or slot.estimate).__dict__, measured=slot.measured is not None)
         notifier = self.notifier if slot.id == self.default else Notifier({})
@@ -294,7 +301,8 @@ class Pool:
         runner.on_oom(lambda: self.after_oom(slot.id))
         for hook in self.on_runner:
             hook(runner)
-        slot.wanted_since, slot.draining, slot.waiting_why, slot.unloading = None, "", "", False
+        self._tell(slot.id, "load", cause, f"{slot.waiting} request(s) waiting" if slot.waiting else "")
+        slot.wanted_since, slot.wanted_by, slot.draining, slot.waiting_why, slot.unloading = None, "", "", "", False
         slot.loads += 1
         self.metrics.swaps.labels(slot.id, cause).inc()
         await runner.start()
@@ -302,6 +310,13 @@ class Pool:
         slot.runner, slot.proxy = runner, proxy
         slot.last_used = time.monotonic()
         slot.notify()  # the waiting group goes in together
+
+    def _tell(self, mid: str, action: str, cause: str, detail: str) -> None:
+        for hook in self.on_swap:
+            try:  # an observer's bug must not stop a swap half-way
+                hook(mid, action, cause, detail)
+            except Exception as exc:  # noqa: BLE001
+                log.error("swap_observer_error", error=repr(exc))
 
     def _task(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -328,6 +343,7 @@ class Pool:
             return
         log.info("model_unload", model=slot.id, reason=reason, detail=detail, in_flight=slot.in_flight)
         slot.unloading = True
+        self._tell(slot.id, "unload", reason, detail)
         pid = runner.child.pid if runner.child is not None else None
         try:
             await runner.stop()

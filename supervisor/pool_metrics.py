@@ -36,7 +36,7 @@ class PoolMetrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.models: dict[str, Metrics] = {}
         r.register(_PerModel(self.models))
-        self.swaps = Counter(f"{NS}_model_loads_total", "Models loaded, by what asked for it (request, start, admin)",
+        self.swaps = Counter(f"{NS}_model_loads_total", "Models loaded, by what asked for it (request, start, pinned, preload, admin)",
                              ["model", "cause"], registry=r)
         self.evictions = Counter(f"{NS}_model_unloads_total",
                                  "Models unloaded, by reason (lru, ttl, oom, drain, admin, reload)",

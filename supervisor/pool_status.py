@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 
 from .child.runner import Runner
 from .core.lifecycle import State
 from .core.residency import Mem
+from .loading import base_settings
 from .pool import Pool, Slot
 
 
@@ -53,6 +55,20 @@ def section(pool: Pool, slot: Slot) -> dict[str, Any]:
         "loads": slot.loads, "last_unload": slot.last_unload,
         "child": {"pid": r.child.pid, "url": r.child_url} if r is not None and r.child is not None else None,
     }
+
+
+def unloaded(slot: Slot) -> dict[str, Any]:
+    """A model with no runner, in /status's shape (the ops page's card): its profile's settings, why it is out."""
+    last = slot.last_unload
+    why = (f"unloaded ({last['reason']})" + (f": {last['detail']}" if last.get("detail") else "") if last
+           else ("waiting to load: " + slot.waiting_why if slot.waiting_why else "not loaded yet"))
+    return {"state": "unloaded", "reason": why,
+            "since": datetime.fromtimestamp(last["at"], UTC).isoformat(timespec="milliseconds") if last else None,
+            "profile": {"name": slot.id, "file": str(slot.loaded.path)}, "child": None, "restarts": 0,
+            "last_exit": None, "load_s": None, "warmup_s": None,
+            "settings": {"profile": base_settings(slot.loaded.profile).as_dict(), "effective": None,
+                         "adjustment": None},
+            "requests": {"in_flight": slot.in_flight, "waiting": slot.waiting}}
 
 
 def residency(pool: Pool) -> dict[str, Any]:

@@ -111,6 +111,7 @@ class Daemon:
         self.ops = Ops(pool.runners, RING, has_admin_key=cfg.admin_key is not None,
                        key_ok=key_checker(cfg.admin_key), sample_interval_s=cfg.sample_interval_s)
         pool.on_runner.append(self.ops.watch)
+        pool.on_swap.append(self.ops.timeline.swapped)
         sock = bind(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"

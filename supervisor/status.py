@@ -19,6 +19,12 @@ from .host import gpu
 
 LOG_TAIL = 40
 _procs: dict[int, psutil.Process] = {}
+# The process's own start (Unix time): the supervisor's uptime, not that of a runner (made anew on each load).
+_STARTED = psutil.Process().create_time()
+
+
+def supervisor_info() -> dict[str, Any]:
+    return {"pid": os.getpid(), "version": __version__, "uptime_s": round(time.time() - _STARTED, 3)}
 
 
 def _iso(mono: float) -> str:
@@ -88,6 +94,5 @@ async def build(runner: Runner, extra: dict[str, Any] | None = None) -> dict[str
         "gpus": s["gpus"],
         "gpu_unavailable": gpu.unavailable_reason() if not s["gpus"] else None,
         "log_tail": list(v.log_tail)[-LOG_TAIL:],
-        "supervisor": {"pid": os.getpid(), "version": __version__,
-                       "uptime_s": round(now - v.started_mono, 3)},
+        "supervisor": supervisor_info(),
     }

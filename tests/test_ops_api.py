@@ -122,3 +122,39 @@ async def test_log_stream_through_the_daemon_resumes_with_last_event_id(tmp_path
         assert any("listening" in ln["text"] and new_url in ln["text"] for ln in resumed)
         only_child = await _sse(c, {"Last-Event-ID": str(last)}, new_url, "?source=child&level=info")
         assert {ln["source"] for ln in only_child} == {"child"}
+
+
+async def test_several_models_every_card_and_swaps_in_the_timeline(tmp_path: Path, write_profile) -> None:
+    """With profiles_dir the overview lists every model, loaded or not (with its residency), and the timeline
+    records the pool's swap steps: a load a request caused, an operator's drain and unload."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    for name in ("alpha", "beta"):
+        write_profile(name).rename(profiles / f"{name}.yaml")
+    async with running(tmp_path, profiles / "alpha.yaml", profiles_dir=profiles, admin_key="sesame",
+                       sample_interval_s=0.5) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        assert d.pool is not None
+        await wait_for(lambda: d.pool.slots["alpha"].seen().value == "loaded", what="alpha loaded")  # type: ignore[union-attr]
+        ov = (await c.get("/ui/api/overview", headers=KEY)).json()
+        cards = {m["profile"]["name"]: m for m in ov["models"]}
+        assert set(cards) == {"alpha", "beta"} and ov["supervisor"]["pid"] == os.getpid()
+        assert cards["alpha"]["state"] == "ready" and cards["alpha"]["residency"]["default"] is True
+        beta = cards["beta"]
+        assert (beta["state"], beta["residency"]["state"], beta["child"]) == ("unloaded", "unloaded", None)
+        assert beta["settings"]["profile"]["ctx_size"] == 1024 and beta["settings"]["effective"] is None
+        assert beta["residency"]["memory"]["estimate"]["host_mib"] > 0 and beta["reason"] == "not loaded yet"
+
+        r = await c.post("/v1/completions", json={"model": "beta", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+        await wait_for(lambda: d.pool.slots["beta"].measured is not None, what="beta measured")  # type: ignore[union-attr]
+        assert (await c.post("/admin/models/beta/unload", headers=KEY)).status_code == 202
+        await wait_for(lambda: d.pool.slots["beta"].seen().value == "unloaded", what="beta unloaded")  # type: ignore[union-attr]
+
+        swaps = [(e["model"], e["action"], e["cause"]) for e in
+                 (await c.get("/ui/api/events", headers=KEY)).json()["events"] if e["kind"] == "swap"]
+        assert swaps == [("alpha", "load", "start"), ("beta", "load", "request"), ("beta", "drain", "admin"),
+                         ("beta", "unload", "admin")], swaps
+        beta = next(m for m in (await c.get("/ui/api/overview", headers=KEY)).json()["models"]
+                    if m["profile"]["name"] == "beta")
+        assert beta["state"] == "unloaded" and beta["reason"].startswith("unloaded (admin)") and beta["since"]
+        assert beta["residency"]["loads"] == 1 and beta["residency"]["memory"]["measured"] is not None

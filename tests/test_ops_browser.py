@@ -41,10 +41,11 @@ def _browser_paths() -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _daemon(profile: Path, tmp: Path) -> Iterator[tuple[str, list[str]]]:
+def _daemon(profile: Path, tmp: Path, **env_extra: str) -> Iterator[tuple[str, list[str]]]:
     """`llama-supervisor run` as its own process; yields its URL and its (JSON) log lines as they come."""
     env = {**os.environ, "LLAMA_SUPERVISOR_ADMIN_KEY": KEY, "LLAMA_SUPERVISOR_SAMPLE_INTERVAL_S": "1",
-           "LLAMA_SUPERVISOR_BACKOFF_BASE_S": "0.05", "LLAMA_SUPERVISOR_CONFIG": str(tmp / "none.yaml")}
+           "LLAMA_SUPERVISOR_BACKOFF_BASE_S": "0.05", "LLAMA_SUPERVISOR_CONFIG": str(tmp / "none.yaml"),
+           **{f"LLAMA_SUPERVISOR_{k.upper()}": v for k, v in env_extra.items()}}
     (tmp / "none.yaml").write_text("{}\n")
     proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--profile", str(profile), "--port", "0",
                              "--state-dir", str(tmp / "state"), "--log-format", "json"],
@@ -256,3 +257,69 @@ def test_ops_page_in_a_real_browser(tmp_path: Path, write_profile, llama_server:
             "window.innerWidth + 1).slice(0, 5).map(e => e.tagName + '.' + e.className + '#' + e.id)")
         assert drv.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1"), wide
         _shot(drv, "ops-page-phone.png")
+
+
+def test_ops_page_with_several_models(tmp_path: Path, write_profile, llama_server: str) -> None:
+    """profiles_dir with two models: both cards show (one loaded, one not), the page loads and unloads a model
+    with its buttons, the timeline shows those swaps, and a restart from a card restarts that model only."""
+    from selenium.webdriver.common.by import By
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    for name in ("alpha", "beta"):
+        write_profile(name).rename(profiles / f"{name}.yaml")
+    with _daemon(profiles / "alpha.yaml", tmp_path, profiles_dir=str(profiles)) as (url, _), _chrome(tmp_path) as drv, \
+            httpx.Client(base_url=url, timeout=30) as http:
+        def models() -> dict[str, Any]:
+            return dict(http.get("/status", headers=AUTH).json()["models"])
+
+        def text(css: str) -> str:
+            return str(drv.find_element(By.CSS_SELECTOR, css).text)
+
+        def button(model: str, act: str) -> Any:
+            return drv.find_element(By.CSS_SELECTOR, f'[data-model="{model}"] [data-act="{act}"]')
+
+        def press(model: str, act: str) -> None:
+            button(model, act).click()
+            drv.switch_to.alert.accept()
+
+        drv.get(url + "/ui")
+        _until("the key form", lambda: drv.find_element(By.ID, "key-form").is_displayed())
+        drv.find_element(By.ID, "key-input").send_keys(KEY)
+        drv.find_element(By.ID, "key-save").click()
+        _until("alpha ready", lambda: text("#state-alpha") == "ready")
+        # beta is listed though nothing runs it: its profile's settings, its estimate, a Load button.
+        _until("beta's card", lambda: text("#state-beta") == "unloaded")
+        assert "estimate" in text('[data-model="beta"] [data-role="body"]')
+        assert button("beta", "load").is_enabled() and not button("beta", "unload").is_enabled()
+        assert not button("beta", "restart").is_enabled() and not button("alpha", "load").is_enabled()
+        assert _errors(drv) == [], "console errors on load"
+
+        press("beta", "load")
+        _until("the load's toast", lambda: "Load requested (beta)" in text("#toast"))
+        _until("beta ready on its card", lambda: text("#state-beta") == "ready", timeout=60)
+        assert models()["beta"]["state"] == "loaded"
+        load = _until("the load in the timeline", lambda: drv.find_element(
+            By.CSS_SELECTOR, '#timeline li[data-kind="swap"][data-action="load"][data-model="beta"]'))
+        assert "load: admin" in load.text
+        _until("beta's unload button", lambda: button("beta", "unload").is_enabled())
+
+        # A restart from alpha's card restarts alpha, not beta (nor the default by accident).
+        pids = {m: models()[m]["child"]["pid"] for m in ("alpha", "beta")}
+        press("alpha", "restart")
+        _until("alpha restarted", lambda: (m := models())["alpha"]["child"] and
+               m["alpha"]["child"]["pid"] != pids["alpha"] and m["alpha"]["state"] == "loaded")
+        assert models()["beta"]["child"]["pid"] == pids["beta"]
+
+        press("beta", "unload")
+        _until("the unload's toast", lambda: "Unload requested (beta)" in text("#toast"))
+        _until("beta unloaded on its card", lambda: text("#state-beta") == "unloaded", timeout=60)
+        assert "unloaded (admin)" in text('[data-model="beta"] .reason')
+        for action in ("drain", "unload"):
+            item = _until(f"the {action} in the timeline", lambda a=action: drv.find_element(
+                By.CSS_SELECTOR, f'#timeline li[data-kind="swap"][data-action="{a}"][data-model="beta"]'))
+            assert f"{action}: admin" in item.text
+        assert models()["beta"]["state"] == "unloaded" and models()["beta"]["last_unload"]["reason"] == "admin"
+        time.sleep(1.5)
+        _shot(drv, "ops-page-models.png")
+        assert _errors(drv) == [], "console errors after load, restart and unload"

@@ -1,8 +1,9 @@
 """The timeline: a bounded ring of what happened to each model (state changes, exits, ladder steps,
-reloads), longer than the Machine's own 20-transition history, and the child's log lines for the log ring.
+reloads, swaps on a box with several models), longer than the Machine's own 20-transition history, and the
+child's log lines for the log ring.
 
-It is fed from the runner's one dispatch point (old and new Machine) and from reload outcomes, so it
-never decides anything: it only writes down what the state machine did.
+It is fed from the runner's one dispatch point (old and new Machine), from reload outcomes and from the
+pool's swap steps, so it never decides anything: it only writes down what the state machine and the pool did.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ class Timeline:
 
     def child_line(self, runner: Runner, gen: int, line: str) -> None:
         self.logs.append("child", child_level(line), line, model=runner.loaded.profile.name)
+
+    # ---- swap steps (see Pool.on_swap) -------------------------------------------------------------
+
+    def swapped(self, model: str, action: str, cause: str, detail: str) -> None:
+        """A load, drain, unload or refusal decided by the pool, with what caused it (request, lru, ttl, admin...)."""
+        self.add(model, "swap", f"{action}: {cause}", detail, action=action, cause=cause)
 
     # ---- reload outcomes (see Reloader.observers) ---------------------------------------------------
 

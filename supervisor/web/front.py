@@ -49,7 +49,7 @@ class Front:
         self.pool, self.reload, self.ops = pool, reload, ops
         self.drain = drain or Drain()
         if ops is not None:
-            ops.status_of = self.status_doc
+            ops.status_of, ops.model_docs = self.status_doc, self.page_models
         cfg = pool.cfg
         self.api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
         self.admin_key = cfg.admin_key.get_secret_value() if cfg.admin_key else None
@@ -158,6 +158,16 @@ class Front:
         if proxy is not None:
             doc["context"] = proxy.context.status()
         return doc
+
+    async def page_models(self) -> list[dict[str, Any]]:
+        """The ops page's cards: every model of the catalog, loaded or not, each with its residency section."""
+        docs = []
+        for slot in list(self.pool.slots.values()):
+            runner = slot.runner
+            doc = await self.status_doc(runner) if runner is not None else pool_status.unloaded(slot)
+            doc["residency"] = pool_status.section(self.pool, slot)
+            docs.append(doc)
+        return docs
 
     async def models(self, request: Request) -> Response:
         return JSONResponse(pool_status.models_list(self.pool))

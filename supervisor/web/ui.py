@@ -22,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from .. import status
 from ..child.runner import Runner
+from ..host import gpu
 from ..telemetry.events import Timeline
 from ..telemetry.logring import LogRing
 from ..telemetry.sampler import Sampler, Source
@@ -60,6 +61,9 @@ class Ops:
         self.has_admin_key, self.key_ok = has_admin_key, key_ok
         # /status's body for a runner; the App puts its own here (it adds what the proxy and reloader own).
         self.status_of: Callable[[Runner], Awaitable[dict[str, Any]]] = status.build
+        # The cards: one per running model by default; with several models the Front lists every model of the
+        # catalog, loaded or not, with its residency (and the page offers load/unload).
+        self.model_docs: Callable[[], Awaitable[list[dict[str, Any]]]] = self._runner_docs
         self.app = Starlette(routes=[
             Route("/ui", self.page), Route("/ui/", self.page),
             Route("/ui/api/auth", self.auth), Route("/ui/api/overview", self.overview),
@@ -93,16 +97,20 @@ class Ops:
         valid = None if not self.has_admin_key else self.key_ok(request.scope)
         return JSONResponse({"required": self.has_admin_key, "valid": valid})
 
+    async def _runner_docs(self) -> list[dict[str, Any]]:
+        return [await self.status_of(r) for r in self.runners()]
+
     async def overview(self, request: Request) -> Response:
-        models = []
-        for r in self.runners():
-            s = await self.status_of(r)
+        models = await self.model_docs()
+        for s in models:
             s.pop("log_tail", None)  # the log view has the lines
-            s["exits_by_cause"] = dict(self.timeline.exits.get(r.loaded.profile.name, {}))
-            models.append(s)
-        first = models[0] if models else {}
-        return JSONResponse({"models": models, "gpus": first.get("gpus", []),
-                             "gpu_unavailable": first.get("gpu_unavailable"), "supervisor": first.get("supervisor"),
+            s["exits_by_cause"] = dict(self.timeline.exits.get(s["profile"]["name"], {}))
+        first = next((m for m in models if "gpus" in m), None)
+        if first is None:  # no model loaded: the GPUs still show
+            gpus = await asyncio.to_thread(lambda: [g.as_dict() for g in gpu.snapshot()])
+            first = {"gpus": gpus, "gpu_unavailable": gpu.unavailable_reason() if not gpus else None}
+        return JSONResponse({"models": models, "gpus": first["gpus"], "gpu_unavailable": first.get("gpu_unavailable"),
+                             "supervisor": status.supervisor_info(),
                              "telemetry": {"sample_interval_s": self.sampler.interval_s,
                                            "sample_bytes": self.sampler.nbytes(),
                                            "events_max": self.timeline.events.maxlen,

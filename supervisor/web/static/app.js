@@ -86,10 +86,15 @@
     el.innerHTML = '<div class="card-head"><h3></h3><span class="badge" data-role="state"></span>' +
       '<span class="muted" data-role="since"></span></div><div data-role="body"></div>' +
       '<div class="actions">' +
+      '<button type="button" data-act="load" hidden>Load</button>' +
+      '<button type="button" data-act="unload" hidden>Unload</button>' +
       '<button type="button" data-act="restart">Restart</button>' +
       '<button type="button" data-act="reset" class="danger">Restart with reset</button>' +
       '<button type="button" data-act="reload">Reload profile</button></div>';
     el.querySelector("h3").textContent = name;
+    el.querySelector('[data-act="load"]').setAttribute("aria-label", "Load " + name + " (start its llama-server)");
+    el.querySelector('[data-act="unload"]').setAttribute("aria-label",
+      "Unload " + name + " once its requests are done (frees its memory)");
     el.querySelector('[data-act="restart"]').setAttribute("aria-label", "Restart llama-server of " + name);
     el.querySelector('[data-act="reset"]').setAttribute("aria-label",
       "Restart " + name + " and forget learned settings (back to the profile's values)");
@@ -111,11 +116,12 @@
     st.id = "state-" + m.profile.name;
     el.dataset.state = m.state;
     el.querySelector('[data-role="since"]').textContent = m.since ? "since " + ago(m.since) : "";
-    var s = m.settings || {}, prof = s.profile || {}, eff = s.effective || {};
+    var s = m.settings || {}, prof = s.profile || {}, eff = s.effective;
     var rows = SETTINGS.map(function (k) {
-      var adjusted = JSON.stringify(prof[k[0]]) !== JSON.stringify(eff[k[0]]);
+      var adjusted = eff != null && JSON.stringify(prof[k[0]]) !== JSON.stringify(eff[k[0]]);
       return '<tr class="' + (adjusted ? "adjusted" : "") + '"><th scope="row">' + k[1] + "</th><td>" +
-        esc(prof[k[0]]) + "</td><td>" + esc(eff[k[0]]) + (adjusted ? " ⚠ adjusted" : "") + "</td></tr>";
+        esc(prof[k[0]]) + "</td><td>" + (eff == null ? '<span class="muted">–</span>' : esc(eff[k[0]])) +
+        (adjusted ? " ⚠ adjusted" : "") + "</td></tr>";
     }).join("");
     var exits = Object.keys(m.exits_by_cause || {}).map(function (c) {
       return "<span>" + esc(c) + " × " + m.exits_by_cause[c] + "</span>";
@@ -141,17 +147,55 @@
         ? m.quarantine.requests.map(function (q) { return esc(q.what) + " (until " + esc(q.until) + ")"; }).join("<br>")
         : '<span class="muted">none</span>') + "</dd>" : "") +
       (m.last_reload_error ? '<dt>reload error</dt><dd class="st-failed">' + esc(JSON.stringify(m.last_reload_error)) + "</dd>" : "") +
+      residencyFacts(m.residency) +
       "<dt>profile</dt><dd>" + esc(m.profile.file) + "</dd>" +
       "</dl>";
     el.querySelector('[data-role="body"]').innerHTML = html;
+    actionsFor(el, m);
+  }
+
+  // With several models (profiles_dir) each card also says what the model holds and why it is in or out.
+  function mib(v) { return v == null ? "–" : Math.round(v) + " MiB"; }
+  function residencyFacts(r) {
+    if (!r) return "";
+    var mem = r.memory.measured || r.memory.estimate || {};
+    var gpuMib = (mem.gpu_mib || []).reduce(function (a, b) { return a + b; }, 0);
+    var flags = [r.default ? "default" : "", r.settings.pinned ? "pinned" : "",
+                 r.settings.ttl_s ? "unloads after " + dur(r.settings.ttl_s) + " idle" : "",
+                 r.settings.preload ? "preloaded" : ""].filter(Boolean);
+    var lu = r.last_unload;
+    return "<dt>residency</dt><dd data-role=\"residency\">" + esc(r.state) + (flags.length ? " · " + esc(flags.join(", ")) : "") +
+      (r.waiting_for ? '<br><span class="muted">waiting: ' + esc(r.waiting_for) + "</span>" : "") +
+      (r.draining ? '<br><span class="muted">draining: ' + esc(r.draining) + "</span>" : "") + "</dd>" +
+      "<dt>memory</dt><dd>" + mib(mem.host_mib) + " host, " + mib(gpuMib) + " GPU " +
+        '<span class="muted">(' + (r.memory.measured ? "measured" : "estimate") + ")</span></dd>" +
+      "<dt>loads</dt><dd>" + esc(r.loads) + (r.last_used_s_ago != null ? ", last used " + dur(r.last_used_s_ago) + " ago" : "") +
+        (lu ? '<br><span class="muted" data-role="last-unload">last unload: ' + esc(lu.reason) +
+          (lu.detail ? " (" + esc(lu.detail) + ")" : "") + "</span>" : "") + "</dd>";
+  }
+  function actionsFor(el, m) {
+    var r = m.residency, running = !!m.child;
+    var btn = function (a) { return el.querySelector('[data-act="' + a + '"]'); };
+    btn("load").hidden = btn("unload").hidden = !r;
+    if (r) {
+      btn("load").disabled = r.state === "loaded" || r.state === "loading";
+      btn("unload").disabled = r.state === "unloaded" || r.settings.pinned;
+      btn("unload").title = r.settings.pinned ? "pinned: never unloaded" : "";
+    }
+    btn("restart").disabled = btn("reset").disabled = !!r && !running;
   }
 
   async function act(model, what) {
     var label = { restart: "Restart llama-server of " + model + "?",
                   reset: "Restart " + model + " with the profile's settings (forget learned and ladder settings)?",
-                  reload: "Reload the profile of " + model + "?" }[what];
+                  reload: S.multi ? "Reload the profiles (every model's file)?" : "Reload the profile of " + model + "?",
+                  load: "Load " + model + "?",
+                  unload: "Unload " + model + "? Requests in flight finish first; a request for it loads it again." }[what];
     if (!window.confirm(label)) return;
-    var url = what === "reload" ? "/admin/reload" : "/admin/restart" + (what === "reset" ? "?reset=1" : "");
+    var q = S.multi ? "model=" + encodeURIComponent(model) : "";
+    var url = what === "reload" ? "/admin/reload"
+      : what === "load" || what === "unload" ? "/admin/models/" + encodeURIComponent(model) + "/" + what
+      : "/admin/restart" + (what === "reset" ? "?reset=1" + (q ? "&" + q : "") : (q ? "?" + q : ""));
     var r;
     try {
       r = await fetch(url, { method: "POST", headers: headers() });
@@ -166,6 +210,8 @@
       checkKey();
     } else if (r.ok) {
       toast(what === "reload" ? "Reload: " + (body.restarted ? "restarting with the new profile" : "applied, no restart needed")
+        : what === "load" || what === "unload" ? (r.status === 202 ? (what === "load" ? "Load" : "Unload") +
+          " requested (" + model + ")" : model + " is already " + body.state)
         : "Restart requested (" + model + ")", true);
       poll();
     } else {
@@ -184,7 +230,8 @@
     var multi = Object.keys(S.cards).length > 1;
     list.innerHTML = shown.slice().reverse().map(function (e) {
       var cls = "kind k-" + e.kind + (e.kind === "reload" && e.ok === false ? " rejected" : "");
-      return '<li id="ev-' + e.id + '" data-kind="' + esc(e.kind) + '"' + (e.cause ? ' data-cause="' + esc(e.cause) + '"' : "") +
+      return '<li id="ev-' + e.id + '" data-kind="' + esc(e.kind) + '" data-model="' + esc(e.model) + '"' +
+        (e.cause ? ' data-cause="' + esc(e.cause) + '"' : "") + (e.action ? ' data-action="' + esc(e.action) + '"' : "") +
         '><details><summary><time datetime="' + new Date(e.t * 1000).toISOString() + '">' + clock(e.t) + "</time>" +
         '<span class="' + cls + '">' + esc(e.kind) + "</span>" + (multi ? '<span class="muted">' + esc(e.model) + "</span>" : "") +
         "<span>" + esc(e.title) + "</span>" +
@@ -193,9 +240,10 @@
           ? "\n" + Object.keys(e.changed).map(function (k) { return k + ": " + e.changed[k][0] + " → " + e.changed[k][1]; }).join("\n") : "") +
         (e.source ? "\nsource: " + esc(e.source) : "") + "</div></details></li>";
     }).join("") || '<li class="muted">nothing happened in this window</li>';
-    var w = 1000, colors = { exit: "var(--bad)", state: "var(--accent)", ladder: "var(--warn)", reload: "var(--ok)" };
-    var rowY = { state: 12, exit: 24, ladder: 36, reload: 36 };
-    var guides = [12, 24, 36].map(function (y) {
+    var w = 1000, colors = { exit: "var(--bad)", state: "var(--accent)", ladder: "var(--warn)", reload: "var(--ok)",
+                             swap: "var(--swap)" };
+    var rowY = { state: 10, exit: 21, ladder: 32, reload: 32, swap: 43 };
+    var guides = [10, 21, 32, 43].map(function (y) {
       return '<line x1="0" x2="' + w + '" y1="' + y + '" y2="' + y + '" stroke="var(--grid)" stroke-dasharray="2 4"/>';
     }).join("");
     var marks = shown.map(function (e) {
@@ -204,8 +252,8 @@
         '</title><rect x="' + (x - 2.5) + '" y="' + (rowY[e.kind] - 5) + '" width="5" height="10" rx="1.5" fill="' +
         (e.kind === "state" && e.dst === "ready" ? "var(--ok)" : colors[e.kind]) + '"/></g>';
     }).join("");
-    $("timeline-strip").innerHTML = '<svg viewBox="0 0 ' + w + ' 46" preserveAspectRatio="none">' +
-      '<line x1="0" x2="' + w + '" y1="45" y2="45" stroke="var(--line)"/>' + guides + marks + "</svg>";
+    $("timeline-strip").innerHTML = '<svg viewBox="0 0 ' + w + ' 54" preserveAspectRatio="none">' +
+      '<line x1="0" x2="' + w + '" y1="53" y2="53" stroke="var(--line)"/>' + guides + marks + "</svg>";
   }
   $("timeline-strip").addEventListener("click", function (ev) {
     var g = ev.target.closest("[data-ev]");
@@ -345,7 +393,12 @@
       ]);
       var ov = res[0];
       S.gpuUnavailable = ov.gpu_unavailable;
+      S.multi = ov.models.some(function (m) { return !!m.residency; });
       ov.models.forEach(renderModel);
+      var names = ov.models.map(function (m) { return m.profile.name; });
+      Object.keys(S.cards).forEach(function (n) {  // a profile removed by a reload: its card goes too
+        if (names.indexOf(n) < 0) { S.cards[n].remove(); delete S.cards[n]; }
+      });
       var sup = ov.supervisor || {};
       if (S.supPid && sup.pid !== S.supPid) { S.lastEvent = 0; S.events = []; }  // a new supervisor: ids restart
       S.supPid = sup.pid;
