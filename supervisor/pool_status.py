@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .child.runner import Runner
+from .core.agent import Load
 from .core.lifecycle import State
 from .core.residency import Mem
 from .loading import base_settings
@@ -107,6 +108,23 @@ def health(pool: Pool, model: str | None) -> tuple[int, dict[str, Any]]:
     reason = "; ".join(f"'{k}' is {v}" for k, v in not_ready.items())
     first = next(iter(not_ready.values()))
     return 503, {"status": first, "reason": reason, "models": not_ready}
+
+
+def agent_load(pool: Pool, draining: str | None) -> Load:
+    """What HAProxy's agent hears from a box with several models, consistent with /health: ready (weighted by
+    the free share of every loaded model's slots) when the default and every pinned model are ready, else the
+    first of those that is not (None: unloaded)."""
+    code, doc = health(pool, None)
+    state: State | None = State.READY
+    if code != 200:
+        first = next(iter(doc["models"]))
+        runner = pool.slots[first].runner
+        state = runner.machine.state if runner is not None else None
+    # The profiles' `parallel` (not asked of each child): unknown when any serving profile leaves it to llama-server.
+    slots = [s.loaded.profile.parallel for s in pool.slots.values()
+             if s.runner is not None and s.runner.machine.state is State.READY]
+    total = None if not slots or None in slots else sum(p or 0 for p in slots)
+    return Load(state, draining, total, pool.in_flight())
 
 
 def models_list(pool: Pool) -> dict[str, Any]:

@@ -13,10 +13,11 @@ from typing import Any
 import structlog
 import uvicorn
 
-from . import multi, status
+from . import multi, pool_status, status
 from .catalog import scan
 from .child.runner import Runner
 from .config import Config
+from .core.agent import Load
 from .core.lifecycle import State
 from .drain import Drain
 from .loading import Loaded, load_checked
@@ -24,7 +25,7 @@ from .pool import Pool
 from .reload import Reloader
 from .sdnotify import Notifier
 from .telemetry.logring import RING
-from .web.agent import AgentListener
+from .web.agent import AgentListener, RunnerLoad
 from .web.app import App, key_checker
 from .web.front import Front
 from .web.protocol import protocol_class
@@ -92,14 +93,7 @@ class Daemon:
         self.server = self._server(App(runner, self.proxy, self.reloader, self.drain, self.ops))
         log.info("listening", url=self.url, profile=str(self.profile_path), binary=loaded.caps.binary,
                  llama_server_version=loaded.caps.version)
-        if cfg.agent_port is not None:
-            self.agent = AgentListener(runner, self.drain, lambda: proxy.in_flight, cfg.agent_host or cfg.host,
-                                       cfg.agent_port)
-            try:
-                await self.agent.start()
-            except OSError:
-                sock.close()
-                raise
+        await self._start_agent(RunnerLoad(runner, self.drain, lambda: proxy.in_flight), sock)
         self._background_tasks()
         await runner.start()
         await self._serve(sock)
@@ -118,11 +112,21 @@ class Daemon:
         self.server = self._server(Front(pool, self.reloader, self.drain, self.ops))
         log.info("listening", url=self.url, profile=str(self.profile_path), models=pool.ids,
                  binary=loaded.caps.binary, llama_server_version=loaded.caps.version)
-        if cfg.agent_port is not None:
-            log.warning("agent_unavailable", reason="the HAProxy agent check serves one model; not with profiles_dir")
+        await self._start_agent(lambda: pool_status.agent_load(pool, self.drain.reason), sock)
         self._background_tasks()
         await pool.start()
         await self._serve(sock)
+
+    async def _start_agent(self, load: Callable[[], Load], sock: socket.socket) -> None:
+        """HAProxy's agent check, when `agent_port` is set; the main socket is closed if its port is taken."""
+        if self.cfg.agent_port is None:
+            return
+        self.agent = AgentListener(load, self.cfg.agent_host or self.cfg.host, self.cfg.agent_port)
+        try:
+            await self.agent.start()
+        except OSError:
+            sock.close()
+            raise
 
     def _server(self, app: App | Front) -> _Server:
         return _Server(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,

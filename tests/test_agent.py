@@ -43,6 +43,9 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     (Load(State.FAILED), "maint #failed\n"),
     # a drain during a restart (profile change) still says drain: the balancer keeps checking health
     (Load(State.STARTING, draining="profile change"), "drain #profile_change\n"),
+    # several models: the default (or a pinned model) is not loaded, so the box is out, as /health says
+    (Load(None), "maint #unloaded\n"),
+    (Load(None, draining="shutdown"), "drain #shutdown\n"),
 ])
 def test_reply(load: Load, expected: str) -> None:
     assert reply(load) == expected
@@ -57,7 +60,7 @@ def test_weight(total: int, in_flight: int, pct: int) -> None:
 
 def test_every_reply_is_one_line_of_known_words() -> None:
     known = {"ready", "drain", "maint"}
-    for state in State:
+    for state in [*State, None]:
         for draining in (None, "shut down, now\tplease"):
             line = reply(Load(state, draining=draining, total_slots=2, in_flight=1))
             assert line.endswith("\n") and line.count("\n") == 1 and "\r" not in line
@@ -150,3 +153,37 @@ async def test_profile_change_drains_before_the_restart(tmp_path: Path, write_pr
 
 def test_agent_is_off_by_default() -> None:
     assert Config().agent_port is None and Config().drain_notice_s == 0
+
+
+@pytest.mark.integration
+async def test_agent_with_several_models_follows_health(tmp_path: Path, write_profile) -> None:
+    """With profiles_dir the agent says what /health says: ready while the default is, weighted by the free
+    share of every serving model's slots; `maint #unloaded` once the default is unloaded; drain at shutdown."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    for name in ("alpha", "beta"):
+        write_profile(name, parallel=2, ctx_size=4096).rename(profiles / f"{name}.yaml")
+    async with running(tmp_path, profiles / "alpha.yaml", profiles_dir=profiles, agent_port=0) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        assert d.agent is not None and d.pool is not None
+        pool = d.pool
+        await wait_for(lambda: pool.slots["alpha"].seen().value == "loaded", what="alpha loaded")
+        assert await _ask(d.agent) == "ready 100%\n"
+        assert (await c.post("/admin/models/beta/load")).status_code == 202
+        await wait_for(lambda: pool.slots["beta"].seen().value == "loaded", what="beta loaded")
+        long = {"model": "beta", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500,
+                "ignore_eos": True}
+        one = asyncio.ensure_future(c.post("/v1/chat/completions", json=long))
+        await wait_for(lambda: pool.in_flight() == 1, what="a request in flight on beta")
+        assert await _ask(d.agent) == "ready 75%\n"  # 3 of the 4 slots (2 per model) are free
+        assert (await one).status_code == 200
+
+        assert (await c.post("/admin/models/alpha/unload")).status_code == 202
+        await wait_for(lambda: pool.slots["alpha"].seen().value == "unloaded", what="alpha unloaded")
+        assert (await c.get("/health")).status_code == 503
+        assert await _ask(d.agent) == "maint #unloaded\n"
+        assert (await c.post("/admin/models/alpha/load")).status_code == 202
+        await wait_for(lambda: pool.slots["alpha"].seen().value == "loaded", what="alpha loaded again")
+        assert await _ask(d.agent) == "ready 100%\n"
+        d.request_stop()
+        assert await _ask(d.agent) == "drain #shutdown\n"

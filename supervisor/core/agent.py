@@ -23,7 +23,7 @@ MIN_WEIGHT_PCT = 1
 class Load:
     """What the box knows about its own capacity when HAProxy asks."""
 
-    state: State
+    state: State | None  # None: the model the box's health depends on is not loaded (several models)
     draining: str | None = None  # why the box is leaving the pool (shutdown, profile change), or None
     total_slots: int | None = None  # llama-server's /props total_slots; None until known
     in_flight: int = 0  # requests the proxy is handling now (sent upstream or waiting for readiness)
@@ -46,6 +46,9 @@ def weight_pct(total_slots: int | None, in_flight: int) -> int:
 def reply(load: Load) -> str:
     """The agent's answer, newline included."""
     s = load.state
+    if s is None:
+        # With several models, as /health: the default (or a pinned model) is unloaded, so the box is out.
+        return "maint #unloaded\n" if load.draining is None else f"drain #{_comment(load.draining)}\n"
     if s in (State.STOPPING, State.STOPPED):
         return "drain #shutdown\n"
     if load.draining is not None:

@@ -2,7 +2,8 @@
 
 HAProxy connects every `agent-inter`, reads one line and closes. The answer (core/agent.py) carries a
 weight from llama-server's free slots, or `drain` / `maint` while the box leaves the pool or restarts,
-so the balancer sends new work where slots are idle. Off unless `agent_port` is set.
+so the balancer sends new work where slots are idle. Off unless `agent_port` is set. What it reports comes
+from a callable: RunnerLoad for one model, pool_status.agent_load for several.
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ PEER_CLOSE_S = 2.0
 
 
 class AgentListener:
-    def __init__(self, runner: Runner, drain: Drain, in_flight: Callable[[], int], host: str, port: int) -> None:
-        self.runner, self.drain, self.in_flight, self.host, self.port = runner, drain, in_flight, host, port
+    def __init__(self, load: Callable[[], Load], host: str, port: int) -> None:
+        self.load, self.host, self.port = load, host, port
         self.address: tuple[str, int] | None = None
         self._server: asyncio.Server | None = None
-        self._slots: tuple[int, int] | None = None  # (child generation, llama-server's total_slots)
-        self._asking: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Raises OSError when the address is taken."""
@@ -42,12 +41,42 @@ class AgentListener:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        closer = getattr(self.load, "close", None)
+        if closer is not None:
+            await closer()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(reply(self.load()).encode())
+            await writer.drain()
+            # Let HAProxy close first: closing with its bytes (agent-send) unread would reset the connection.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PEER_CLOSE_S):
+                    while await reader.read(4096):
+                        pass
+        except OSError:
+            pass  # HAProxy went away first: nothing to tell it
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+class RunnerLoad:
+    """One model's load for the agent: its state, the drain, and llama-server's own slot count."""
+
+    def __init__(self, runner: Runner, drain: Drain, in_flight: Callable[[], int]) -> None:
+        self.runner, self.drain, self.in_flight = runner, drain, in_flight
+        self._slots: tuple[int, int] | None = None  # (child generation, llama-server's total_slots)
+        self._asking: asyncio.Task[None] | None = None
+
+    def __call__(self) -> Load:
+        return Load(self.runner.machine.state, self.drain.reason, self._total_slots(), self.in_flight())
+
+    async def close(self) -> None:
         if self._asking is not None:
             self._asking.cancel()
             await asyncio.gather(self._asking, return_exceptions=True)
-
-    def load(self) -> Load:
-        return Load(self.runner.machine.state, self.drain.reason, self._total_slots(), self.in_flight())
 
     def _total_slots(self) -> int | None:
         """llama-server's own slot count (/props), asked once per child; the profile's `parallel` until then."""
@@ -71,19 +100,3 @@ class AgentListener:
             return
         if self.runner.machine.gen == gen and total > 0:
             self._slots = (gen, total)
-
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(reply(self.load()).encode())
-            await writer.drain()
-            # Let HAProxy close first: closing with its bytes (agent-send) unread would reset the connection.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PEER_CLOSE_S):
-                    while await reader.read(4096):
-                        pass
-        except OSError:
-            pass  # HAProxy went away first: nothing to tell it
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
