@@ -27,6 +27,7 @@ from .sdnotify import Notifier
 from .telemetry.logring import RING
 from .web.agent import AgentListener, RunnerLoad
 from .web.app import App, key_checker
+from .web.errors import JsonGuard
 from .web.front import Front
 from .web.protocol import protocol_class
 from .web.proxy import Proxy
@@ -129,7 +130,7 @@ class Daemon:
             raise
 
     def _server(self, app: App | Front) -> _Server:
-        return _Server(uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
+        return _Server(uvicorn.Config(JsonGuard(app), lifespan="off", log_config=None, access_log=False,
                                       http=protocol_class(self.cfg), server_header=False,
                                       timeout_graceful_shutdown=max(1, int(self.cfg.drain_s))))
 

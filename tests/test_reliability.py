@@ -345,3 +345,19 @@ async def test_killed_while_serving_again_and_again_is_never_given_up(tmp_path: 
         m = d.runner.machine
         assert m.restarts == 5 and not m.crash_loop and m.attempt == 1
         assert all(t.dst is not State.FAILED for t in m.history)
+
+
+async def test_request_cut_by_the_shutdown_timeout_gets_json_503(tmp_path: Path, write_profile) -> None:
+    """A request still without an answer when the graceful shutdown runs out (drain_s) is cancelled by uvicorn,
+    which would answer a plain-text 500: the client gets the supervisor's JSON 503 with Retry-After."""
+    long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3800, "ignore_eos": True}
+    async with running(tmp_path, write_profile(ctx_size=4096, parallel=1), drain_s=1) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        waiting = asyncio.ensure_future(c.post("/v1/chat/completions", json=long))
+        await wait_for(lambda: d.proxy.in_flight == 1, what="the long request in flight")
+        d.request_stop()
+        r = await waiting
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"] == "application/json" and r.headers["retry-after"] == "5"
+        assert "could not finish this request in time (drain_s)" in r.json()["error"]["message"]

@@ -3,10 +3,13 @@ so the official clients raise a readable APIError from it. llama-server's own er
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+import structlog
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,6 +18,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
+log = structlog.get_logger("http")
 
 
 def error_doc(status: int, message: str, kind: str, **extra: Any) -> dict[str, Any]:
@@ -54,3 +58,33 @@ async def _json_server_error(request: Request, exc: Exception) -> Response:
 
 # For the supervisor's Starlette apps (its own routes, the ops page).
 EXCEPTION_HANDLERS: dict[Any, Any] = {HTTPException: _json_http_error, Exception: _json_server_error}
+
+
+class JsonGuard:
+    """The outermost ASGI layer. uvicorn answers a request whose task ends without a response with a plain-text
+    500; the one left that way is a request cancelled when the graceful shutdown ran out (`drain_s`): it gets
+    a JSON 503 with Retry-After instead (another box, or this one restarted, can serve it)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def watched(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if started or scope["type"] != "http":
+                raise  # a response under way is cut: uvicorn closes the connection
+            log.warning("request_cancelled", path=scope.get("path"), reason="graceful shutdown ran out (drain_s)")
+            with contextlib.suppress(Exception):  # the client may be gone already
+                await send_simple(send, *json_error(
+                    503, "the supervisor is shutting down and could not finish this request in time (drain_s)",
+                    "unavailable_error", [(b"retry-after", b"5"), (b"connection", b"close")]))
+            # Answered: the task ends normally. uvicorn cancelled it and does not wait for it, so nothing is
+            # held back by not re-raising, and it logs no traceback for a request that did get an answer.
