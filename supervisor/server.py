@@ -107,6 +107,7 @@ class Daemon:
                        key_ok=key_checker(cfg.admin_key), sample_interval_s=cfg.sample_interval_s)
         pool.on_runner.append(self.ops.watch)
         pool.on_swap.append(self.ops.timeline.swapped)
+        self.reloader.observers.append(self.ops.timeline.folder_reloaded)
         sock = bind(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"

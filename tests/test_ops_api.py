@@ -158,3 +158,12 @@ async def test_several_models_every_card_and_swaps_in_the_timeline(tmp_path: Pat
                     if m["profile"]["name"] == "beta")
         assert beta["state"] == "unloaded" and beta["reason"].startswith("unloaded (admin)") and beta["since"]
         assert beta["residency"]["loads"] == 1 and beta["residency"]["memory"]["measured"] is not None
+
+        # Reloads of the folder: one timeline event per model touched, one per rejected file.
+        (profiles / "alpha.yaml").write_text((profiles / "alpha.yaml").read_text().replace("threads: 1", "threads: 2"))
+        (profiles / "gamma.yaml").write_text("name: gamma\nmodel: 12\n")
+        r = await c.post("/admin/reload", headers=KEY)
+        assert r.status_code == 422 and r.json()["restarted"] == ["alpha"]
+        reloads = [(e["model"], e["title"], e["ok"]) for e in
+                   (await c.get("/ui/api/events", headers=KEY)).json()["events"] if e["kind"] == "reload"]
+        assert reloads == [("alpha", "reload: restart", True), ("gamma", "reload rejected", False)], reloads

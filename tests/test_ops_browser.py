@@ -320,6 +320,8 @@ def test_ops_page_with_several_models(tmp_path: Path, write_profile, llama_serve
                 By.CSS_SELECTOR, f'#timeline li[data-kind="swap"][data-action="{a}"][data-model="beta"]'))
             assert f"{action}: admin" in item.text
         assert models()["beta"]["state"] == "unloaded" and models()["beta"]["last_unload"]["reason"] == "admin"
+        press("alpha", "reload")  # the folder is reloaded: nothing changed in it
+        _until("the reload's toast", lambda: "Reload: nothing changed" in text("#toast"))
         time.sleep(1.5)
         _shot(drv, "ops-page-models.png")
         assert _errors(drv) == [], "console errors after load, restart and unload"

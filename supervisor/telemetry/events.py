@@ -12,6 +12,7 @@ import itertools
 import re
 import time
 from collections import Counter, deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -113,3 +114,16 @@ class Timeline:
         else:
             title = "reload: restart" if outcome.get("restarted") else "reload: applied, no restart"
             self.add(model, "reload", title, "", source=source, ok=True, restarted=bool(outcome.get("restarted")))
+
+    def folder_reloaded(self, source: str, outcome: dict[str, Any]) -> None:
+        """A profiles_dir reload: one event per model it touched, and one per file it rejected."""
+        titles = {"added": "reload: added", "removed": "reload: removed", "restarted": "reload: restart",
+                  "updated": "reload: applied, no restart"}
+        for key, title in titles.items():
+            for model in outcome.get(key) or []:
+                self.add(model, "reload", title, "", source=source, ok=True, restarted=key == "restarted")
+        for err in outcome.get("errors") or []:
+            problems = "; ".join(f"{p.get('field', '')}: {p.get('message', '')}" for p in err.get("errors", [])
+                                 if isinstance(p, dict))
+            self.add(Path(str(err.get("file", ""))).stem, "reload", "reload rejected",
+                     f"{err.get('file', '')}: {problems}", source=source, ok=False)

@@ -209,7 +209,7 @@
       toast("Refused (401): " + ((body.error && body.error.message) || "admin key required"), false);
       checkKey();
     } else if (r.ok) {
-      toast(what === "reload" ? "Reload: " + (body.restarted ? "restarting with the new profile" : "applied, no restart needed")
+      toast(what === "reload" ? "Reload: " + reloadSummary(body)
         : what === "load" || what === "unload" ? (r.status === 202 ? (what === "load" ? "Load" : "Unload") +
           " requested (" + model + ")" : model + " is already " + body.state)
         : "Restart requested (" + model + ")", true);
@@ -217,6 +217,13 @@
     } else {
       toast("Failed (" + r.status + "): " + ((body.error && (body.error.message || JSON.stringify(body.error))) || r.statusText), false);
     }
+  }
+
+  function reloadSummary(body) {
+    if (!Array.isArray(body.restarted)) return body.restarted ? "restarting with the new profile" : "applied, no restart needed";
+    var parts = ["added", "removed", "restarted", "updated"].filter(function (k) { return (body[k] || []).length; })
+      .map(function (k) { return k + " " + body[k].join(", "); });
+    return parts.length ? parts.join("; ") : "nothing changed";
   }
 
   // ---- timeline -----------------------------------------------------------------------------------
