@@ -13,13 +13,15 @@ from typing import Any
 
 from .core.catalog import Entry, name_problems
 from .loading import Loaded, load_checked
-from .profile import ProfileError
+from .profile import ProfileError, named_files
 
 
 @dataclass
 class Catalog:
     models: dict[str, Loaded] = field(default_factory=dict)  # id → profile
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # file → ProfileError.as_dict()
+    # file → what a rejected profile names (its model may be missing or half copied): watched, to look again
+    waiting_on: dict[str, list[str]] = field(default_factory=dict)
 
     def names(self) -> dict[str, str]:
         """Every id and alias → its id."""
@@ -51,6 +53,7 @@ def scan(folder: Path, default: Loaded) -> Catalog:
             loaded = load_checked(path)
         except ProfileError as exc:
             cat.errors[str(path)] = exc.as_dict()
+            cat.waiting_on[str(path)] = named_files(path)
             continue
         entry = Entry(loaded.profile.name, tuple(loaded.profile.aliases), str(path))
         clashes = name_problems([*entries, entry])

@@ -8,6 +8,7 @@ file that does not validate changes nothing that runs; its error is shown until 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import watchfiles
 
 from .catalog import Catalog, scan
 from .config import Config
+from .core.lifecycle import State
 from .host import gpu, room
 from .loading import Loaded, child_identity, load_checked
 from .pool import Pool
@@ -115,12 +117,50 @@ class FolderReloader:
             slot.holding = False
             slot.notify()
 
+    def _depends(self) -> dict[str, set[str]]:
+        """Each file a start depends on → who needs it: the models (model, projector, binary) and, as "", the
+        rejected profiles that name it (a model file missing or half copied when the folder was read)."""
+        deps: dict[str, set[str]] = {}
+        for mid, slot in self.pool.slots.items():
+            p = slot.loaded.profile
+            for f in (p.model, p.mmproj, slot.loaded.caps.binary):
+                if f is not None:
+                    deps.setdefault(os.path.abspath(f), set()).add(mid)
+        for files in self.pool.waiting_on.values():
+            for f in files:
+                deps.setdefault(f, set()).add("")
+        return deps
+
+    def _retry_failed(self, mids: set[str], changed: str) -> None:
+        for mid in sorted(mids):
+            slot = self.pool.slots.get(mid)
+            if slot is not None and slot.runner is not None and slot.runner.machine.state is State.FAILED:
+                log.info("retry_failed_model", model=mid, changed=changed)
+                self.pool.request_load(mid)
+
     async def watch(self) -> None:
-        dirs = sorted({str(self.folder), str(self.default_path.parent)})
+        """The folder's profiles, and the files each start depends on, as with one model: a profile rejected
+        for a missing model file is read again when that file appears, and a model that failed to start (a
+        corrupt file, a broken binary) is tried again when one of its files changes. The watch moves when a
+        reload changes which files those are."""
+        while True:
+            await self._watch(self._depends())
 
-        def relevant(_change: watchfiles.Change, p: str) -> bool:
-            return p.endswith(".yaml")
+    async def _watch(self, deps: dict[str, set[str]]) -> None:
+        profile_dirs = {str(self.folder), str(self.default_path.parent)}
+        dirs = await asyncio.to_thread(lambda: sorted(
+            profile_dirs | {d for d in map(os.path.dirname, deps) if os.path.isdir(d)}))
 
-        async for _changes in watchfiles.awatch(*dirs, watch_filter=relevant, debounce=max(1600, 4 * self.debounce_ms),
-                                                 step=self.debounce_ms, recursive=False):
-            await self.reload("file change")
+        def profile(p: str) -> bool:
+            return p.endswith(".yaml") and os.path.dirname(p) in profile_dirs
+
+        async for changes in watchfiles.awatch(*dirs, watch_filter=lambda _c, p: profile(p) or p in deps,
+                                               debounce=max(1600, 4 * self.debounce_ms), step=self.debounce_ms,
+                                               recursive=False):
+            paths = {p for _, p in changes}
+            if any(profile(p) or "" in deps.get(p, ()) for p in paths):
+                await self.reload("file change")
+            for p in paths & deps.keys():
+                self._retry_failed(deps[p] - {""}, p)
+            if self._depends().keys() != deps.keys():
+                return  # other files now: watch those

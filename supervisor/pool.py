@@ -116,7 +116,7 @@ class Pool:
             if mid not in self.slots:
                 self.slots[mid] = Slot(mid, loaded, self.metrics.for_model(mid))
         self.names = catalog.names()
-        self.errors = catalog.errors
+        self.errors, self.waiting_on = catalog.errors, catalog.waiting_on
 
     def resolve(self, requested: str | None) -> str | None:
         return resolve(requested, self.names, self.default, strict=True)

@@ -179,6 +179,33 @@ def _expand(value: Any, problems: list[tuple[str, str]], where: str) -> Any:
 _PATH_FIELDS = ("model", "mmproj", "binary")
 
 
+def _resolve_paths(data: dict[str, Any], path: Path) -> None:
+    for key in _PATH_FIELDS:
+        v = data.get(key)
+        if isinstance(v, str) and v:
+            expanded = os.path.expanduser(v)
+            is_path = key != "binary" or "/" in expanded
+            if is_path and not os.path.isabs(expanded):
+                expanded = str(path.parent / expanded)
+            data[key] = expanded
+
+
+def named_files(path: Path) -> list[str]:
+    """The files a profile names (model, projector, a binary given as a path), as the profile would resolve
+    them, read from a file that may not validate (best effort: [] when it cannot be read as a mapping).
+    Blocking. A profile rejected for a missing model is looked at again when one of these appears."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    if not isinstance(raw, dict):
+        return []
+    data = _expand(raw, [], "")
+    _resolve_paths(data, path)
+    return [os.path.abspath(data[k]) for k in _PATH_FIELDS
+            if isinstance(data.get(k), str) and data[k] and (k != "binary" or "/" in data[k])]
+
+
 def parse_profile(text: str, path: Path) -> Profile:
     """Validate profile YAML `text` read from `path` (relative paths resolve against its folder)."""
     try:
@@ -196,14 +223,7 @@ def parse_profile(text: str, path: Path) -> Profile:
     if problems:
         raise ProfileError(path, problems)
     data.setdefault("name", path.stem)
-    for key in _PATH_FIELDS:
-        v = data.get(key)
-        if isinstance(v, str) and v:
-            expanded = os.path.expanduser(v)
-            is_path = key != "binary" or "/" in expanded
-            if is_path and not os.path.isabs(expanded):
-                expanded = str(path.parent / expanded)
-            data[key] = expanded
+    _resolve_paths(data, path)
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -279,3 +280,38 @@ async def test_oom_with_another_model_loaded_unloads_it_and_keeps_the_layers(
         assert runner.machine.last_exit is not None and runner.machine.last_exit.cause.value == "oom_load"
         metrics = (await c.get("/metrics")).text
         assert 'llama_supervisor_model_unloads_total{model="vision",reason="oom"} 1.0' in metrics
+
+
+async def test_models_come_by_themselves_when_their_files_arrive(
+        tmp_path: Path, write_profile: Callable[..., Path], tiny_model: Path) -> None:
+    """As with one model, nobody has to edit a profile or call an admin route: a profile rejected because its
+    model file is missing is read again when the file appears (copied in, then renamed into place), and a
+    model that failed to start on a half-copied file is tried again when the whole file is there."""
+    profiles, models = tmp_path / "profiles", tmp_path / "models"
+    profiles.mkdir()
+    models.mkdir()
+    write_profile("alpha").rename(profiles / "alpha.yaml")
+    write_profile("late", model=str(models / "late.gguf")).rename(profiles / "late.yaml")
+    data = await asyncio.to_thread(tiny_model.read_bytes)
+    (models / "half.gguf").write_bytes(data[: len(data) // 2])  # GGUF's magic, then the file ends
+    write_profile("half", model=str(models / "half.gguf")).rename(profiles / "half.yaml")
+    async with running(tmp_path, profiles / "alpha.yaml", profiles_dir=profiles) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        await wait_for(lambda: state(d, "alpha") == "loaded", what="alpha loaded")
+        listed = (await c.get("/v1/models")).json()
+        assert [m["id"] for m in listed["data"]] == ["alpha", "half"]
+        assert "file not found" in json.dumps(listed["profile_errors"])
+        assert (await c.post("/v1/completions", json={"model": "late", "prompt": "hi"})).status_code == 404
+
+        (models / "late.part").write_bytes(data)
+        (models / "late.part").rename(models / "late.gguf")
+        await wait_for(lambda: d.pool is not None and "late" in d.pool.slots, what="late offered once its file came")
+        r = await c.post("/v1/completions", json={"model": "late", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+
+        r = await c.post("/v1/completions", json={"model": "half", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and "model is corrupted or incomplete" in r.json()["error"]["message"]
+        assert state(d, "half") == "failed"
+        (models / "half.part").write_bytes(data)
+        (models / "half.part").rename(models / "half.gguf")
+        await wait_for(lambda: state(d, "half") == "loaded", timeout=30, what="half loaded once its file was whole")
