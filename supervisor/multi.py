@@ -23,21 +23,27 @@ from .host import gpu, room
 from .loading import Loaded, child_identity, load_checked
 from .pool import Pool
 from .profile import ProfileError
+from .reload import active_profile
 from .sdnotify import Notifier
 
 log = structlog.get_logger("reload")
 
 
-def build(cfg: Config, default: Loaded, catalog: Catalog, notifier: Notifier) -> tuple[Pool, FolderReloader]:
+def build(cfg: Config, default: Loaded, catalog: Catalog, notifier: Notifier, settings_file: Path | None = None,
+          overrides: dict[str, Any] | None = None) -> tuple[Pool, FolderReloader]:
     assert cfg.profiles_dir is not None
     pool = Pool(cfg, catalog, default.profile.name, notifier=notifier)
     pool.metrics.attach_sampler(lambda: {"gpus": [g.as_dict() for g in gpu.snapshot()]})
-    return pool, FolderReloader(pool, Path(cfg.profiles_dir), default.path)
+    return pool, FolderReloader(pool, Path(cfg.profiles_dir), default.path, settings_file, overrides or {})
 
 
 class FolderReloader:
-    def __init__(self, pool: Pool, folder: Path, default_path: Path, debounce_ms: int = 300) -> None:
+    def __init__(self, pool: Pool, folder: Path, default_path: Path, settings_file: Path | None = None,
+                 overrides: dict[str, Any] | None = None, debounce_ms: int = 300) -> None:
         self.pool, self.folder, self.default_path, self.debounce_ms = pool, folder, default_path, debounce_ms
+        # The settings file names the default (`profile:`), unless the command line did (--profile wins).
+        self.settings_file = settings_file
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         self._lock = asyncio.Lock()
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []  # told of every outcome (the ops page)
 
@@ -48,15 +54,19 @@ class FolderReloader:
     async def _reload(self, source: str) -> dict[str, Any]:
         pool = self.pool
         default = pool.slots[pool.default].loaded
+        path = await asyncio.to_thread(active_profile, self.settings_file, self.overrides, self.default_path)
+        rejected: dict[str, Any] | None = None
         try:
-            fresh_default = await asyncio.to_thread(load_checked, self.default_path)
+            fresh_default = await asyncio.to_thread(load_checked, path)
         except ProfileError as exc:
-            log.error("reload_rejected", source=source, file=exc.path, errors=exc.problems)
-            fresh_default = default  # the default keeps running as it is
+            log.error("reload_rejected", source=source, file=exc.path, errors=exc.problems,
+                      keeping=str(default.path))
+            fresh_default, path = default, self.default_path  # the default keeps running as it is
+            rejected = exc.as_dict()
+            rejected["errors"].append({"field": "", "message": f"kept out: the default stays {default.path}"})
         catalog = await asyncio.to_thread(scan, self.folder, fresh_default)
-        if fresh_default is default and str(self.default_path) not in catalog.errors:
-            catalog.errors[str(self.default_path)] = {"file": str(self.default_path), "errors": [
-                {"field": "", "message": "invalid edit kept out; the running profile stays"}]}
+        if rejected is not None:
+            catalog.errors[str(rejected["file"])] = rejected
         added, removed, restarted, updated = [], [], [], []
         for mid in list(pool.slots):
             if mid not in catalog.models:
@@ -77,6 +87,10 @@ class FolderReloader:
                     slot.runner.apply_profile(loaded)
                     slot.proxy.sync_profile()
         pool.set_catalog(catalog)
+        switched = fresh_default.profile.name != pool.default
+        if switched:
+            pool.set_default(fresh_default.profile.name)
+        self.default_path = path
         for mid in added:
             slot = pool.slots[mid]
             slot.estimate = await asyncio.to_thread(room.estimate, slot.loaded.profile)
@@ -84,7 +98,8 @@ class FolderReloader:
                 pool.request_load(mid)
         pool.wake()
         outcome = {"ok": not catalog.errors, "added": added, "removed": removed, "restarted": restarted,
-                   "updated": updated, "errors": list(catalog.errors.values())}
+                   "updated": updated, "errors": list(catalog.errors.values()),
+                   "default": pool.default, "default_changed": switched}
         log.info("reload_folder", source=source, **{k: v for k, v in outcome.items() if v})
         for observer in self.observers:
             observer(source, outcome)
@@ -148,11 +163,13 @@ class FolderReloader:
 
     async def _watch(self, deps: dict[str, set[str]]) -> None:
         profile_dirs = {str(self.folder), str(self.default_path.parent)}
+        # (os.path.abspath: string work, no file access)
+        settings = os.path.abspath(self.settings_file) if self.settings_file is not None else None  # noqa: ASYNC240
         dirs = await asyncio.to_thread(lambda: sorted(
-            profile_dirs | {d for d in map(os.path.dirname, deps) if os.path.isdir(d)}))
+            profile_dirs | {d for d in map(os.path.dirname, [*deps, settings or ""]) if os.path.isdir(d)}))
 
         def profile(p: str) -> bool:
-            return p.endswith(".yaml") and os.path.dirname(p) in profile_dirs
+            return (p.endswith(".yaml") and os.path.dirname(p) in profile_dirs) or p == settings
 
         async for changes in watchfiles.awatch(*dirs, watch_filter=lambda _c, p: profile(p) or p in deps,
                                                debounce=max(1600, 4 * self.debounce_ms), step=self.debounce_ms,
@@ -162,5 +179,5 @@ class FolderReloader:
                 await self.reload("file change")
             for p in paths & deps.keys():
                 self._retry_failed(deps[p] - {""}, p)
-            if self._depends().keys() != deps.keys():
+            if self._depends().keys() != deps.keys() or str(self.default_path.parent) not in profile_dirs:
                 return  # other files now: watch those

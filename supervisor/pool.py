@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -25,68 +24,16 @@ from .core import residency as rs
 from .core.catalog import resolve
 from .core.lifecycle import Machine, State
 from .host import room
-from .loading import Loaded
-from .metrics import Metrics
 from .pool_metrics import PoolMetrics
 from .sdnotify import Notifier
+from .slot import Slot
 from .web.proxy import Proxy
 
 log = structlog.get_logger("pool")
-# Lifecycle state → what residency sees.
-_SEEN = {State.READY: rs.ModelState.LOADED, State.FAILED: rs.ModelState.FAILED}
 
 
 class Unavailable(Exception):
     """A request the pool cannot serve now: the proxy answers 503 with Retry-After."""
-
-
-@dataclass
-class Slot:
-    id: str
-    loaded: Loaded
-    metrics: Metrics
-    estimate: rs.Mem = field(default_factory=rs.Mem)
-    runner: Runner | None = None
-    proxy: Proxy | None = None
-    measured: rs.Mem | None = None
-    in_flight: int = 0  # admitted requests not yet finished (including those waiting for a (re)start)
-    waiting: int = 0  # requests waiting for this model to be loaded
-    since: float | None = None  # when the oldest of them began waiting
-    wanted_since: float | None = None  # a load asked for without a request: start, preload, admin
-    wanted_by: str = ""  # which of those (the load's cause in metrics and on the timeline)
-    draining: str = ""  # why it is going (set: no new requests are admitted)
-    unloading: bool = False
-    holding: bool = False  # a reload restarts it: new requests wait, it stays loaded
-    last_used: float = 0.0
-    waiting_why: str = ""
-    rejected: tuple[int, str] = (0, "")  # (count, message): waiters compare the count they started with
-    loads: int = 0
-    last_unload: dict[str, Any] | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-    @property
-    def admitting(self) -> bool:
-        return self.runner is not None and not self.draining and not self.unloading and not self.holding
-
-    def seen(self) -> rs.ModelState:
-        if self.runner is None:
-            return rs.ModelState.UNLOADED
-        if self.unloading:
-            return rs.ModelState.LOADING  # memory in flux until the child is gone
-        state = _SEEN.get(self.runner.machine.state, rs.ModelState.LOADING)
-        if self.draining and state is rs.ModelState.LOADED:
-            return rs.ModelState.DRAINING
-        return state
-
-    def as_model(self) -> rs.Model:
-        p = self.loaded.profile
-        return rs.Model(self.id, self.seen(), self.measured or self.estimate, self.measured is not None,
-                        self.in_flight, p.pinned, p.ttl_s, self.last_used, self.draining)
 
 
 class Pool:
@@ -211,6 +158,15 @@ class Pool:
 
     # ---- operator actions ----------------------------------------------------------------------
 
+    def set_default(self, mid: str) -> None:
+        """The settings file names another default: requests without a model and /health follow it now."""
+        log.info("default_model", old=self.default, new=mid)
+        self.default = mid
+        slot = self.slots[mid]
+        if slot.runner is None and slot.wanted_since is None:
+            slot.wanted_since, slot.wanted_by = time.monotonic(), "start"
+        self.wake()
+
     def request_load(self, mid: str) -> None:
         slot = self.slots[mid]
         if slot.runner is not None and slot.runner.machine.state is State.FAILED:
@@ -294,8 +250,7 @@ class Pool:
         cause = "request" if slot.waiting else (slot.wanted_by or "admin")
         log.info("model_load", model=slot.id, cause=cause, waiting=slot.waiting,
                  need=(slot.measured or slot.estimate).__dict__, measured=slot.measured is not None)
-        notifier = self.notifier if slot.id == self.default else Notifier({})
-        runner = Runner(self.cfg, slot.loaded, metrics=slot.metrics, notifier=_NoStopping(notifier, slot))
+        runner = Runner(self.cfg, slot.loaded, metrics=slot.metrics, notifier=_BoxNotifier(self, slot))
         proxy = Proxy(runner)
         runner.observe(_Watch(self, slot))
         runner.on_oom(lambda: self.after_oom(slot.id))
@@ -385,19 +340,20 @@ class _Watch:
         pass
 
 
-class _NoStopping(Notifier):
-    """The default model's systemd notifications, less STOPPING=1 and the states of an unload: evicting a model
-    is not the service stopping (the daemon sends STOPPING=1 itself at shutdown)."""
+class _BoxNotifier(Notifier):
+    """systemd hears about the box from its default model only, and never STOPPING=1 or the states of an
+    unload: evicting a model is not the service stopping (the daemon sends STOPPING=1 itself at shutdown).
+    Which model is the default is read at each message: the settings file may name another one."""
 
-    def __init__(self, inner: Notifier, slot: Slot) -> None:
+    def __init__(self, pool: Pool, slot: Slot) -> None:
         super().__init__({})
-        self.inner, self.slot = inner, slot
-        self.address, self.watchdog_s = inner.address, inner.watchdog_s
+        self.pool, self.slot = pool, slot
+        self.address, self.watchdog_s = pool.notifier.address, pool.notifier.watchdog_s
 
     def send(self, *fields: str) -> bool:
-        if self.slot.unloading or any(f == "STOPPING=1" for f in fields):
+        if self.slot.id != self.pool.default or self.slot.unloading or any(f == "STOPPING=1" for f in fields):
             return False
-        return self.inner.send(*fields)
+        return self.pool.notifier.send(*fields)
 
     def close(self) -> None:
         pass

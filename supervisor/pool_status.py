@@ -13,7 +13,8 @@ from .core.agent import Load
 from .core.lifecycle import State
 from .core.residency import Mem
 from .loading import base_settings
-from .pool import Pool, Slot
+from .pool import Pool
+from .slot import Slot
 
 
 def _mem(m: Mem | None) -> dict[str, Any] | None:

@@ -25,6 +25,21 @@ from .profile import ProfileError
 log = structlog.get_logger("reload")
 
 
+def active_profile(settings_file: Path | None, overrides: dict[str, Any], current: Path) -> Path:
+    """The settings file may name another active profile (with several models: the default): read it again on
+    every reload, with the command line's values on top (a --profile given there wins over the file, as at
+    start). Blocking."""
+    if settings_file is None or "profile" in overrides:
+        return current
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(**overrides).resolved_profile()
+    except ConfigError as exc:
+        log.warning("settings_invalid", error=str(exc))
+        return current
+
+
 class Reloader:
     def __init__(self, runner: Runner, profile_path: Path, settings_file: Path | None = None,
                  debounce_ms: int = 300, *, overrides: dict[str, Any] | None = None,
@@ -43,17 +58,7 @@ class Reloader:
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []  # (source, outcome), e.g. the timeline
 
     def _active_path(self) -> Path:
-        """The settings file may name another active profile: read it again on every reload, with the
-        command line's values on top (a --profile given there wins over the file, as at start)."""
-        if self.settings_file is None or "profile" in self.overrides:
-            return self.path
-        from .config import ConfigError, load_config
-
-        try:
-            return load_config(**self.overrides).resolved_profile()
-        except ConfigError as exc:
-            log.warning("settings_invalid", error=str(exc))
-            return self.path
+        return active_profile(self.settings_file, self.overrides, self.path)
 
     async def reload(self, source: str) -> dict[str, Any]:
         if self.runner.closing:

@@ -102,7 +102,8 @@ class Daemon:
     async def _start_pool(self, loaded: Loaded) -> None:
         cfg = self.cfg
         catalog = await asyncio.to_thread(scan, Path(cfg.profiles_dir or "."), loaded)
-        self.pool, self.reloader = pool, _ = multi.build(cfg, loaded, catalog, self.notifier)
+        self.pool, self.reloader = pool, _ = multi.build(cfg, loaded, catalog, self.notifier, self.settings_file,
+                                                         self.overrides)
         self.ops = Ops(pool.runners, RING, has_admin_key=cfg.admin_key is not None,
                        key_ok=key_checker(cfg.admin_key), sample_interval_s=cfg.sample_interval_s)
         pool.on_runner.append(self.ops.watch)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -315,3 +314,36 @@ async def test_models_come_by_themselves_when_their_files_arrive(
         (models / "half.part").write_bytes(data)
         (models / "half.part").rename(models / "half.gguf")
         await wait_for(lambda: state(d, "half") == "loaded", timeout=30, what="half loaded once its file was whole")
+
+
+async def test_the_settings_file_names_a_new_default(tmp_path: Path, write_profile: Callable[..., Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`profile:` in the settings file is the default model: an edit there moves requests without a model and
+    /health to the new default (loaded at once); a default that does not validate changes nothing."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    for name in ("alpha", "beta"):
+        write_profile(name).rename(profiles / f"{name}.yaml")
+    (profiles / "broken.yaml").write_text("name: broken\nctx_size: lots\n")
+    settings = tmp_path / "supervisor.yaml"
+    settings.write_text(f"profiles_dir: {profiles}\nprofile: alpha\n")
+    monkeypatch.setenv("LLAMA_SUPERVISOR_CONFIG", str(settings))
+    async with running(tmp_path, profiles / "alpha.yaml", settings_file=settings, profiles_dir=profiles) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        assert d.pool is not None
+        await wait_for(lambda: state(d, "alpha") == "loaded", what="alpha loaded")
+        settings.write_text(f"profiles_dir: {profiles}\nprofile: beta\n")
+        await wait_for(lambda: d.pool is not None and d.pool.default == "beta" and state(d, "beta") == "loaded",
+                       what="beta the default, loaded")
+        r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "beta"
+        health = await c.get("/health")
+        assert health.status_code == 200 and health.json()["models"] == {"beta": "ready"}
+        assert [m["id"] for m in (await c.get("/v1/models")).json()["data"] if m["default"]] == ["beta"]
+
+        settings.write_text(f"profiles_dir: {profiles}\nprofile: broken\n")
+        outcome = await d.reloader.reload("test")
+        assert d.pool.default == "beta" and outcome["default"] == "beta" and not outcome["default_changed"]
+        kept = next(e for e in outcome["errors"] if e["file"] == str(profiles / "broken.yaml"))
+        assert any("ctx_size" == p["field"] for p in kept["errors"])
+        assert any("the default stays" in p["message"] for p in kept["errors"])

@@ -16,7 +16,8 @@ from starlette.routing import Route
 from .. import pool_status, status
 from ..child.runner import Runner
 from ..drain import Drain
-from ..pool import Pool, Slot, Unavailable
+from ..pool import Pool, Unavailable
+from ..slot import Slot
 from . import ui
 from .app import _key_ok
 from .errors import EXCEPTION_HANDLERS, Receive, Scope, Send, error_doc, error_response, json_error, send_simple
