@@ -199,7 +199,7 @@ async def test_restart_while_the_next_child_is_being_spawned(tmp_path: Path, wri
         d.runner._perform = perform_and_interrupt  # type: ignore[method-assign]
         d.runner.restart("first")
         await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 3, what="ready after two restarts")
-        assert d.runner._child_gen == 3  # the child that runs is the last one spawned
+        assert d.runner.driver.gen == 3  # the child that runs is the last one spawned
 
 
 async def test_no_tasks_or_connections_leak(tmp_path: Path, write_profile) -> None:

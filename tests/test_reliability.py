@@ -17,7 +17,7 @@ from doubles.oom_llama_server import write_double
 from doubles.poison_llama_server import write_poison_double
 from support import make_config, running, wait_for
 
-import supervisor.child.runner as runner_module
+import supervisor.child.driver as driver_module
 from supervisor.core.lifecycle import State
 from supervisor.host import gpu
 from supervisor.server import Daemon
@@ -61,7 +61,7 @@ async def test_bad_environment_value_fails_cleanly_instead_of_wedging(tmp_path: 
 
 async def test_unexpected_error_while_starting_is_retried(tmp_path: Path, write_profile,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    real_spawn = runner_module.spawn
+    real_spawn = driver_module.spawn
     calls: list[int] = []
 
     async def flaky_spawn(*args: Any, **kwargs: Any) -> Any:
@@ -70,7 +70,7 @@ async def test_unexpected_error_while_starting_is_retried(tmp_path: Path, write_
             raise RuntimeError("something nobody expected")
         return await real_spawn(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "spawn", flaky_spawn)
+    monkeypatch.setattr(driver_module, "spawn", flaky_spawn)
     async with running(tmp_path, write_profile()) as d:
         await wait_for(lambda: d.runner.ready, timeout=30, what="ready after two internal errors")
         causes = [t.cause for t in d.runner.machine.history]
@@ -84,7 +84,7 @@ async def test_stop_is_bounded_when_a_child_task_hangs(tmp_path: Path, write_pro
     async def hang(*_args: Any, **_kwargs: Any) -> Any:
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(runner_module, "spawn", hang)
+    monkeypatch.setattr(driver_module, "spawn", hang)
     d = Daemon(make_config(tmp_path, stop_timeout_s=1.0), write_profile())
     await d.start()
     await wait_for(lambda: d.runner.machine.state is State.STARTING, what="starting")

@@ -1,42 +1,34 @@
-"""The runner: owns the one lifecycle Machine and carries out its actions (processes, probes, timers).
+"""The runner: owns the one lifecycle Machine and hands its actions to whoever carries them out.
 
 Everything that happens is turned into an event and passed to `dispatch`, which applies the pure
-transition function and then performs the returned actions. Nothing else changes lifecycle state, and
+transition function and then performs the returned actions: the child's own (spawn, warmup, stop) go to
+child/driver.py, timers and learned settings are handled here. Nothing else changes lifecycle state, and
 nothing outside the runner writes to it: the web side and /status read `view()` and the read-only
 properties, and tell the runner things only through its methods.
 
-One owner of the truth about the child: the instant a child's wait() returns, `ChildGone` takes the
-machine out of `ready` and the upstream address goes with it, in one step; the classification and the
-out-of-memory evidence follow as `ChildExited`. Every task that runs a child ends with both events,
-whatever was raised inside it.
+Elsewhere: what an exit was (child/exits.py), liveness probes (child/liveness.py), climbing back after the
+out-of-memory ladder (child/climber.py), the snapshot and observer hooks (child/view.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import random
-import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from functools import partial
 from typing import Any
 
 import httpx
 import structlog
 
 from ..config import Config
-from ..core.command import CommandError, build_argv, child_env, redact
-from ..core.crash import FATAL_WHILE_RUNNING, Cause, Verdict
-from ..core.ladder import Evidence, RunSettings
+from ..core.command import build_argv
+from ..core.crash import FATAL_WHILE_RUNNING
+from ..core.ladder import RunSettings
 from ..core.lifecycle import (
     Action,
     BackoffElapsed,
-    ChildExited,
-    ChildGone,
     Event,
     Finished,
-    Healthy,
     Kill,
     Machine,
     Policy,
@@ -50,7 +42,6 @@ from ..core.lifecycle import (
     State,
     StopRequested,
     Unresponsive,
-    WarmedUp,
     Warmup,
     initial,
     transition,
@@ -62,20 +53,13 @@ from ..metrics import Metrics
 from ..sdnotify import Notifier
 from . import vram
 from .climber import Climber
-from .exits import examine
+from .driver import ChildDriver
 from .liveness import liveness
-from .process import Child, oom_kill_count, spawn
-from .readiness import NotReady, wait_healthy, warmup
+from .process import Child
 from .view import ExitListener, Observer, RunnerView
 
 log = structlog.get_logger("supervisor")
 SETTLED = (State.READY, State.FAILED, State.STOPPING, State.STOPPED)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Runner:
@@ -88,32 +72,21 @@ class Runner:
         self._memory = memory.SettingsMemory(cfg.state_dir)
         self._policy = policy_for(cfg, loaded.profile)
         self._machine: Machine = initial(base_settings(loaded.profile))
-        self._child: Child | None = None
-        self._child_gen = 0  # the generation `_child` belongs to
-        self._child_url: str | None = None
-        self._argv: list[str] = []
-        self._last_tail: list[str] = []  # the last child's output, kept after it is gone
         self._model_layers: int | None = None
         self._last_estimate: dict[str, Any] | None = None
-        self._load_s: float | None = None
-        self._warmup: dict[str, Any] | None = None
         self._started_mono = time.monotonic()
         self._last_progress = 0.0  # monotonic time of the last sign of life from the child (traffic, probes)
         self._closing = False
         self._traffic: Callable[[], int] = lambda: 0  # requests in flight or waiting (the proxy counts them)
-        self._exit_listeners: list[ExitListener] = []
-        self._oom_hook: Callable[[], Awaitable[bool]] | None = None
         self.finished = asyncio.Event()
         self._settled = asyncio.Event()  # replaced on every state change: wakes everyone waiting for one
         self._observers: list[Observer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}  # one per kind: a new one replaces (cancels) the old
-        # Awaited after a child's warmup, before it is reported ready (generation, warmup info): the proxy's
-        # context guard learns the child's figures there. A hook handles its own errors.
-        self._after_warmup: list[Callable[[int, dict[str, Any]], Awaitable[None]]] = []
         # Probes and warmup keep no idle connection: it would pin one of llama-server's HTTP threads (see proxy.py).
         self._http = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0))
         self.climber = Climber(self)
+        self.driver = ChildDriver(self, task=self._task, on_line=self._on_line)
 
     # ---- the read-only surface ---------------------------------------------------------------
 
@@ -131,15 +104,15 @@ class Runner:
 
     @property
     def child(self) -> Child | None:
-        return self._child
+        return self.driver.child
 
     @property
     def child_url(self) -> str | None:
-        return self._child_url
+        return self.driver.url
 
     @property
     def argv(self) -> list[str]:
-        return list(self._argv)
+        return list(self.driver.argv)
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -147,7 +120,7 @@ class Runner:
 
     @property
     def warmup(self) -> dict[str, Any] | None:
-        return self._warmup
+        return self.driver.warmup
 
     @property
     def model_layers(self) -> int | None:
@@ -162,12 +135,13 @@ class Runner:
         return self._last_progress
 
     def view(self) -> RunnerView:
-        child = self._child
+        d = self.driver
+        child = d.child
         return RunnerView(
             machine=self._machine, loaded=self._loaded, child_pid=child.pid if child else None,
-            child_started_at=child.started_at if child else None, child_url=self._child_url,
-            argv=tuple(self._argv), log_tail=tuple(child.tail if child else self._last_tail),
-            load_s=self._load_s, warmup=self._warmup, model_layers=self._model_layers,
+            child_started_at=child.started_at if child else None, child_url=d.url,
+            argv=tuple(d.argv), log_tail=tuple(d.log_tail()),
+            load_s=d.load_s, warmup=d.warmup, model_layers=self._model_layers,
             vram_estimate=self._last_estimate, climb=self.climber.status(), started_mono=self._started_mono)
 
     # ---- what the web side and the reloader tell the runner -----------------------------------
@@ -185,16 +159,16 @@ class Runner:
 
     def on_warmed(self, hook: Callable[[int, dict[str, Any]], Awaitable[None]]) -> None:
         """Awaited with (generation, warmup info) after a child's warmup, before it is reported ready."""
-        self._after_warmup.append(hook)
+        self.driver.after_warmup.append(hook)
 
     def on_oom(self, hook: Callable[[], Awaitable[bool]]) -> None:
         """Asked after an out-of-memory exit, before the ladder: True when it freed memory (the pool unloaded
         idle models), so the same settings are tried again."""
-        self._oom_hook = hook
+        self.driver.oom_hook = hook
 
     def on_exit(self, listener: ExitListener) -> None:
         """Called with (generation, verdict, returncode) for every classified exit."""
-        self._exit_listeners.append(listener)
+        self.driver.exit_listeners.append(listener)
 
     def observe(self, observer: Observer) -> None:
         """Told of every Machine change and every child log line (the ops page's timeline and log ring)."""
@@ -241,11 +215,11 @@ class Runner:
     def _perform(self, a: Action) -> None:
         match a:
             case Spawn(gen=gen, settings=settings):
-                self._task(self._run_child(gen, settings))
+                self._task(self.driver.run(gen, settings))
             case Kill(gen=gen, reason=reason):
-                self._task(self._kill(gen, reason))
+                self._task(self.driver.kill(gen, reason))
             case Warmup(gen=gen):
-                self._task(self._warmup_child(gen))
+                self._task(self.driver.warm(gen))
             case SetTimer(kind=kind, gen=gen, delay_s=delay):
                 event = BackoffElapsed if kind == "backoff" else StableElapsed
                 if kind == "backoff":
@@ -314,125 +288,8 @@ class Runner:
         self._task(self.climber.run())
         self.dispatch(Start(time.monotonic()))
 
-    async def _run_child(self, gen: int, settings: RunSettings) -> None:
-        """Start child `gen`, watch it, and end with ChildGone + ChildExited whatever happens in between."""
-        child: Child | None = None
-        verdict: Verdict | None = None
-        rc: int | None = None
-        evidence = Evidence(model_layers=self._model_layers)
-        try:
-            t0 = time.monotonic()
-            oom_before = await asyncio.to_thread(oom_kill_count)
-            child, verdict = await self._spawn_child(gen, settings)
-            if child is not None:
-                rc, verdict, evidence = await self._watch_child(gen, child, oom_before, t0)
-        except asyncio.CancelledError:
-            verdict = verdict or Verdict(Cause.STOPPED, "the supervisor is shutting down")
-            raise
-        except Exception as exc:  # whatever it was, the machine must hear that this child is over
-            log.error("child_task_error", gen=gen, error=repr(exc), exc_info=exc)
-            verdict = Verdict(Cause.INTERNAL, f"supervisor error while running llama-server: {exc!r}"[:500])
-        finally:
-            if child is not None and child.returncode is None:
-                child.kill_now()  # never leave it behind: the kernel reaps it, the group goes with it
-            self._gone(gen, child)
-            self.dispatch(ChildExited(time.monotonic(), gen, verdict or Verdict(Cause.INTERNAL, "unknown exit"),
-                                      rc, evidence, random.random()))
-            for listener in self._exit_listeners:
-                listener(gen, verdict or Verdict(Cause.INTERNAL, ""), rc)
-
-    async def _spawn_child(self, gen: int, settings: RunSettings) -> tuple[Child | None, Verdict | None]:
-        p = self._loaded.profile
-        port = p.port or free_port()
-        try:
-            argv = build_argv(p, self._loaded.caps, settings, port)
-        except CommandError as exc:
-            return None, Verdict(Cause.BAD_ARGS, str(exc))
-        cause = self._machine.history[-1].cause if self._machine.history else "start"
-        log.info("child_spawn", gen=gen, cause=cause, settings=settings.as_dict(),
-                 adjustment=self._machine.adjustment, argv=redact(argv))
-        try:
-            child = await spawn(argv, child_env(os.environ, p), on_line=partial(self._on_line, gen),
-                                echo=self.cfg.log_child_output)
-        except OSError as exc:
-            return None, Verdict(Cause.SPAWN_FAILED, f"cannot start {argv[0]}: {exc.strerror or exc}")
-        except (ValueError, TypeError) as exc:  # e.g. a NUL byte in an environment value
-            return None, Verdict(Cause.BAD_ARGS, f"cannot start {argv[0]}: {exc}")
-        self._child, self._child_gen, self._argv = child, gen, argv
-        self._child_url, self._load_s = f"http://127.0.0.1:{port}", None
-        if self._machine.gen == gen and self._machine.pending is not None:
-            # A stop or restart was asked for while this child was being spawned: carry it out now.
-            self._task(self._kill(gen, self._machine.kill_reason))
-        return child, None
-
-    async def _watch_child(self, gen: int, child: Child, oom_before: int | None, t0: float
-                           ) -> tuple[int, Verdict, Evidence]:
-        health = asyncio.create_task(self._await_health(gen, child, t0))
-        try:
-            rc = await child.wait()
-        finally:
-            health.cancel()
-        self._gone(gen, child)  # from this instant nothing is sent to it; the examination follows
-        verdict, ev = await examine(child, rc, oom_before, gen, profile=self._loaded.profile,
-                                    ctx_size=self._machine.effective.ctx_size, model_layers=self._model_layers,
-                                    release_wait_s=self.cfg.vram_release_wait_s, metrics=self.metrics,
-                                    free_others=self._oom_hook)
-        return rc, verdict, ev
-
-    def _gone(self, gen: int, child: Child | None) -> None:
-        """The child of `gen` is gone: drop its address and tell the machine, in one step (no await)."""
-        if child is not None and self._child is child:
-            self._last_tail = list(child.tail)
-            self._child, self._child_url = None, None
-        if self._machine.gen == gen and self._machine.child_alive:
-            self.dispatch(ChildGone(time.monotonic(), gen))
-
-    async def _await_health(self, gen: int, child: Child, t0: float) -> None:
-        try:
-            await wait_healthy(self._http, self._child_url or "", child, stall_s=self.cfg.load_stall_s,
-                               max_s=self.cfg.load_max_s)
-        except NotReady as exc:
-            if child.returncode is None:
-                self.dispatch(Unresponsive(time.monotonic(), gen, f"load: {exc}"))
-            return
-        self._load_s = time.monotonic() - t0
-        self.metrics.load_seconds.set(self._load_s)
-        self.dispatch(Healthy(time.monotonic(), gen))
-
-    async def _warmup_child(self, gen: int) -> None:
-        p = self._loaded.profile
-        if not p.warmup:
-            self._warmup = {"skipped": True}
-            await self._warmed(gen)
-            return
-        try:
-            info = await warmup(self._http, self._child_url or "", image=p.images if p.mmproj is not None else None,
-                                timeout_s=self.cfg.warmup_timeout_s)
-        except NotReady as exc:
-            self.dispatch(Unresponsive(time.monotonic(), gen, f"warmup: {exc}"))
-            return
-        self._warmup = info
-        self.metrics.warmup_seconds.set(float(info["seconds"]))  # type: ignore[arg-type]
-        eff = self._machine.effective
-        self.metrics.gpu_layers.set(eff.n_gpu_layers if isinstance(eff.n_gpu_layers, int) else -1)
-        self.metrics.ctx_size.set(eff.ctx_size)
-        self.note_progress()
-        await self._warmed(gen)
-
-    async def _warmed(self, gen: int) -> None:
-        for hook in self._after_warmup:
-            await hook(gen, self._warmup or {})
-        self.dispatch(WarmedUp(time.monotonic(), gen))
-
-    async def _kill(self, gen: int, reason: str) -> None:
-        child = self._child
-        if child is None or self._child_gen != gen:
-            return  # not spawned yet: _spawn_child sees machine.pending and comes back here
-        log.info("child_stop", gen=gen, pid=child.pid, reason=reason)
-        timeout = 2.0 if self._machine.pending is Cause.WEDGED else self.cfg.stop_timeout_s
-        await child.stop(timeout)
-
     def _on_line(self, gen: int, line: str) -> None:
+        """Every line the child prints (the driver's spawn wires it): observers see it; a fatal one ends the child."""
         for obs in self._observers:
             obs.child_line(self, gen, line)
         if FATAL_WHILE_RUNNING.search(line) and self._machine.gen == gen:
@@ -502,9 +359,10 @@ class Runner:
         try:
             await asyncio.wait_for(self.finished.wait(), self.cfg.stop_timeout_s + 5.0)
         except TimeoutError:
-            log.error("stop_timeout", state=self._machine.state.value, pid=self._child.pid if self._child else None)
-            if self._child is not None:
-                self._child.kill_now()
+            child = self.driver.child
+            log.error("stop_timeout", state=self._machine.state.value, pid=child.pid if child else None)
+            if child is not None:
+                child.kill_now()
         for t in self._timers.values():
             t.cancel()
         for task in list(self._tasks):
