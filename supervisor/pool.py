@@ -301,7 +301,7 @@ class Pool:
         self._tell(slot.id, "unload", reason, detail)
         pid = runner.child.pid if runner.child is not None else None
         try:
-            await runner.stop()
+            await runner.stop("shutdown" if reason == "shutdown" else f"unload ({reason})")
             if proxy is not None:
                 await proxy.aclose()
             if pid is not None and slot.measured is not None and any(slot.measured.gpu_mib):

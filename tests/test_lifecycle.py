@@ -94,6 +94,7 @@ def apply(m: Machine, event: object) -> tuple[Machine, list[object]]:
         (at(State.READY), Unresponsive(1, 1, "liveness"), State.BACKOFF, [Kill(1, "liveness")]),
         (at(State.STARTING), Unresponsive(1, 1, "load: stalled"), State.BACKOFF, [Kill(1, "load: stalled")]),
         (at(State.READY), StopRequested(1), State.STOPPING, [Kill(1, "shutdown")]),
+        (at(State.READY), StopRequested(1, "unload (lru)"), State.STOPPING, [Kill(1, "unload (lru)")]),
         (at(State.STOPPING, pending=Cause.STOPPED), Exit(Verdict(Cause.STOPPED, "")), State.STOPPED, [Finished()]),
         (at(State.BACKOFF, child_alive=False), StopRequested(1), State.STOPPED, [Finished()]),
         (at(State.FAILED, child_alive=False), StopRequested(1), State.STOPPED, [Finished()]),

@@ -154,6 +154,9 @@ async def test_several_models_every_card_and_swaps_in_the_timeline(tmp_path: Pat
                  (await c.get("/ui/api/events", headers=KEY)).json()["events"] if e["kind"] == "swap"]
         assert swaps == [("alpha", "load", "start"), ("beta", "load", "request"), ("beta", "drain", "admin"),
                          ("beta", "unload", "admin")], swaps
+        stops = [(e["title"], e["detail"]) for e in (await c.get("/ui/api/events", headers=KEY)).json()["events"]
+                 if e["kind"] == "state" and e["model"] == "beta" and e["dst"] in ("stopping", "stopped")]
+        assert stops == [("ready → stopping", "unload (admin)"), ("stopping → stopped", "unload (admin)")], stops
         beta = next(m for m in (await c.get("/ui/api/overview", headers=KEY)).json()["models"]
                     if m["profile"]["name"] == "beta")
         assert beta["state"] == "unloaded" and beta["reason"].startswith("unloaded (admin)") and beta["since"]

@@ -352,10 +352,10 @@ class Runner:
         """From now on no reload, restart or retry starts a child (a late SIGHUP included)."""
         self._closing = True
 
-    async def stop(self) -> None:
+    async def stop(self, reason: str = "shutdown") -> None:
         """Stop the child (SIGTERM, then SIGKILL after stop_timeout_s) and every task; bounded."""
         self._closing = True
-        self.dispatch(StopRequested(time.monotonic()))
+        self.dispatch(StopRequested(time.monotonic(), reason))
         try:
             await asyncio.wait_for(self.finished.wait(), self.cfg.stop_timeout_s + 5.0)
         except TimeoutError:

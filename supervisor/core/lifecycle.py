@@ -116,6 +116,7 @@ class RestartRequested:
 @dataclass(frozen=True)
 class StopRequested:
     now: float
+    reason: str = "shutdown"  # or why the pool unloads the model (lru, ttl, admin, reload...)
 
 
 @dataclass(frozen=True)
@@ -310,9 +311,9 @@ def transition(m: Machine, ev: Event, p: Policy) -> tuple[Machine, list[Action]]
         ):
             m = replace(m, effective=new, climb_from=m.effective, adjustment=None if new == m.base else why)
             return _kill(m, now, State.STARTING, Cause.STOPPED, why, restart=True)
-        case StopRequested(now=now) if s not in (State.STOPPING, State.STOPPED):
+        case StopRequested(now=now, reason=why) if s not in (State.STOPPING, State.STOPPED):
             if m.child_alive:
-                return _kill(m, now, State.STOPPING, Cause.STOPPED, "shutdown", restart=False)
+                return _kill(m, now, State.STOPPING, Cause.STOPPED, why, restart=False)
             return _move(m, now, State.STOPPED, "stop", pending=None, retry_at=None), [Finished()]
     return m, []
 
@@ -322,7 +323,7 @@ def _gone(m: Machine, now: float) -> tuple[Machine, list[Action]]:
     served = now - m.ready_at if m.ready_at is not None and m.state is State.READY else 0.0
     m = replace(m, child_alive=False, exiting=m.gen, ready_at=None, served_s=served)
     if m.state is State.STOPPING:
-        return _move(m, now, State.STOPPED, "stopped", "shutdown", pending=None), [Finished()]
+        return _move(m, now, State.STOPPED, "stopped", m.kill_reason or "shutdown", pending=None), [Finished()]
     if m.restart_after_exit:
         return _spawn(m, now, "restart", m.kill_reason, restarts=m.restarts + 1)
     detail = m.kill_reason or "llama-server exited; examining the exit"
