@@ -74,7 +74,6 @@ class Runner:
         self._machine: Machine = initial(base_settings(loaded.profile))
         self._model_layers: int | None = None
         self._last_estimate: dict[str, Any] | None = None
-        self._started_mono = time.monotonic()
         self._last_progress = 0.0  # monotonic time of the last sign of life from the child (traffic, probes)
         self._closing = False
         self._traffic: Callable[[], int] = lambda: 0  # requests in flight or waiting (the proxy counts them)
@@ -142,7 +141,7 @@ class Runner:
             child_started_at=child.started_at if child else None, child_url=d.url,
             argv=tuple(d.argv), log_tail=tuple(d.log_tail()),
             load_s=d.load_s, warmup=d.warmup, model_layers=self._model_layers,
-            vram_estimate=self._last_estimate, climb=self.climber.status(), started_mono=self._started_mono)
+            vram_estimate=self._last_estimate, climb=self.climber.status())
 
     # ---- what the web side and the reloader tell the runner -----------------------------------
 

@@ -33,7 +33,6 @@ class RunnerView:
     model_layers: int | None
     vram_estimate: dict[str, Any] | None
     climb: dict[str, Any] | None
-    started_mono: float
 
 
 class Observer(Protocol):
