@@ -157,6 +157,9 @@ async def test_several_models_every_card_and_swaps_in_the_timeline(tmp_path: Pat
         stops = [(e["title"], e["detail"]) for e in (await c.get("/ui/api/events", headers=KEY)).json()["events"]
                  if e["kind"] == "state" and e["model"] == "beta" and e["dst"] in ("stopping", "stopped")]
         assert stops == [("ready → stopping", "unload (admin)"), ("stopping → stopped", "unload (admin)")], stops
+        exits = [e["detail"] for e in (await c.get("/ui/api/events", headers=KEY)).json()["events"]
+                 if e["kind"] == "exit" and e["model"] == "beta"]
+        assert exits and all("unload (admin)" in x or "stopped by the supervisor" in x for x in exits), exits
         beta = next(m for m in (await c.get("/ui/api/overview", headers=KEY)).json()["models"]
                     if m["profile"]["name"] == "beta")
         assert beta["state"] == "unloaded" and beta["reason"].startswith("unloaded (admin)") and beta["since"]

@@ -78,7 +78,8 @@ class ChildDriver:
             if child is not None:
                 rc, verdict, evidence = await self._watch(gen, child, oom_before, t0)
         except asyncio.CancelledError:
-            verdict = verdict or Verdict(Cause.STOPPED, "the supervisor is shutting down")
+            # Cancelled by the runner's stop: say why it stopped (a shutdown, or the pool's unload).
+            verdict = verdict or Verdict(Cause.STOPPED, self.r.machine.kill_reason or "the supervisor is shutting down")
             raise
         except Exception as exc:  # whatever it was, the machine must hear that this child is over
             log.error("child_task_error", gen=gen, error=repr(exc), exc_info=exc)
