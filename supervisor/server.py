@@ -8,30 +8,35 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
 
-from . import multi, pool_status, status
-from .catalog import scan
+from . import status
 from .child.runner import Runner
 from .config import Config
-from .core.agent import Load
 from .core.lifecycle import State
 from .drain import Drain
 from .loading import Loaded, load_checked
-from .pool import Pool
 from .reload import Reloader
 from .sdnotify import Notifier
 from .telemetry.logring import RING
-from .web.agent import AgentListener, RunnerLoad
 from .web.app import App, key_checker
 from .web.errors import JsonGuard
-from .web.front import Front
 from .web.protocol import protocol_class
 from .web.proxy import Proxy
 from .web.ui import Ops
+
+# Several models (profiles_dir) and HAProxy's agent check are imported where they are set up, only when the
+# settings ask for them: a single-model supervisor (the common case) starts without loading them (start
+# time and idle memory, benchmark P3/P6).
+if TYPE_CHECKING:
+    from . import multi
+    from .core.agent import Load
+    from .pool import Pool
+    from .web.agent import AgentListener
+    from .web.front import Front
 
 log = structlog.get_logger("server")
 
@@ -94,12 +99,16 @@ class Daemon:
         self.server = self._server(App(runner, self.proxy, self.reloader, self.drain, self.ops))
         log.info("listening", url=self.url, profile=str(self.profile_path), binary=loaded.caps.binary,
                  llama_server_version=loaded.caps.version)
-        await self._start_agent(RunnerLoad(runner, self.drain, lambda: proxy.in_flight), sock)
+        await self._start_agent(sock)
         self._background_tasks()
         await runner.start()
         await self._serve(sock)
 
     async def _start_pool(self, loaded: Loaded) -> None:
+        from . import multi, pool_status  # several models only (see the imports at the top)
+        from .catalog import scan
+        from .web.front import Front
+
         cfg = self.cfg
         catalog = await asyncio.to_thread(scan, Path(cfg.profiles_dir or "."), loaded)
         self.pool, self.reloader = pool, _ = multi.build(cfg, loaded, catalog, self.notifier, self.settings_file,
@@ -115,15 +124,21 @@ class Daemon:
         self.server = self._server(Front(pool, self.reloader, self.drain, self.ops))
         log.info("listening", url=self.url, profile=str(self.profile_path), models=pool.ids,
                  binary=loaded.caps.binary, llama_server_version=loaded.caps.version)
-        await self._start_agent(lambda: pool_status.agent_load(pool, self.drain.reason), sock)
+        await self._start_agent(sock, lambda: pool_status.agent_load(pool, self.drain.reason))
         self._background_tasks()
         await pool.start()
         await self._serve(sock)
 
-    async def _start_agent(self, load: Callable[[], Load], sock: socket.socket) -> None:
-        """HAProxy's agent check, when `agent_port` is set; the main socket is closed if its port is taken."""
+    async def _start_agent(self, sock: socket.socket, load: Callable[[], Load] | None = None) -> None:
+        """HAProxy's agent check, when `agent_port` is set; the main socket is closed if its port is taken.
+        `load` is the pool's; None: the one runner's."""
         if self.cfg.agent_port is None:
             return
+        from .web.agent import AgentListener, RunnerLoad  # only with an agent port (see the imports at the top)
+
+        if load is None:
+            proxy = self.proxy
+            load = RunnerLoad(self.runner, self.drain, lambda: proxy.in_flight)
         self.agent = AgentListener(load, self.cfg.agent_host or self.cfg.host, self.cfg.agent_port)
         try:
             await self.agent.start()
