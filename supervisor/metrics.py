@@ -17,29 +17,44 @@ GUARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+_CHILD_SERIES = (("child_rss_bytes", "rss_bytes", "Resident memory of llama-server"),
+                 ("child_cpu_percent", "cpu_percent", "CPU use of llama-server, percent of one core"))
+
+
+def _gpu_families() -> dict[str, GaugeMetricFamily]:
+    return {
+        "memory_used_mib": GaugeMetricFamily(f"{NS}_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu", "name"]),
+        "memory_total_mib": GaugeMetricFamily(f"{NS}_gpu_memory_total_bytes", "GPU memory", labels=["gpu", "name"]),
+        "utilization_pct": GaugeMetricFamily(f"{NS}_gpu_utilization_percent", "GPU utilisation", labels=["gpu", "name"]),
+        "temperature_c": GaugeMetricFamily(f"{NS}_gpu_temperature_celsius", "GPU temperature", labels=["gpu", "name"]),
+    }
+
+
 class _Sampled(Collector):
     """Series read at scrape time (child RSS/CPU, GPUs) so nothing polls when nobody scrapes."""
 
     def __init__(self, sample: Callable[[], dict[str, Any]]) -> None:
         self._sample = sample
 
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        """The series' names, read nothing. The registry asks at registration (for name clashes); without
+        this it would call collect(), which reads /proc and NVML (importing and initialising it) on the
+        event loop while the supervisor starts."""
+        for name, _, doc in _CHILD_SERIES:
+            yield GaugeMetricFamily(f"{NS}_{name}", doc)
+        yield from _gpu_families().values()
+
     def collect(self) -> Iterable[GaugeMetricFamily]:
         s = self._sample()
         child = s.get("child") or {}
-        for name, key, doc in (("child_rss_bytes", "rss_bytes", "Resident memory of llama-server"),
-                               ("child_cpu_percent", "cpu_percent", "CPU use of llama-server, percent of one core")):
+        for name, key, doc in _CHILD_SERIES:
             if child.get(key) is not None:
                 g = GaugeMetricFamily(f"{NS}_{name}", doc)
                 g.add_metric([], float(child[key]))
                 yield g
         gpus = s.get("gpus") or []
         if gpus:
-            fams = {
-                "memory_used_mib": GaugeMetricFamily(f"{NS}_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu", "name"]),
-                "memory_total_mib": GaugeMetricFamily(f"{NS}_gpu_memory_total_bytes", "GPU memory", labels=["gpu", "name"]),
-                "utilization_pct": GaugeMetricFamily(f"{NS}_gpu_utilization_percent", "GPU utilisation", labels=["gpu", "name"]),
-                "temperature_c": GaugeMetricFamily(f"{NS}_gpu_temperature_celsius", "GPU temperature", labels=["gpu", "name"]),
-            }
+            fams = _gpu_families()
             for gpu in gpus:
                 for key, fam in fams.items():
                     v = gpu.get(key)
