@@ -147,7 +147,10 @@ class Daemon:
             raise
 
     def _server(self, app: App | Front) -> _Server:
-        return _Server(uvicorn.Config(JsonGuard(app), lifespan="off", log_config=None, access_log=False,
+        # ws="none": nothing here speaks WebSocket, so an upgrade is answered as the plain HTTP request it also
+        # is (like any other upgrade), not by a WebSocket handshake that fails with a text 500; and the
+        # websockets library is not imported on the event loop at every start.
+        return _Server(uvicorn.Config(JsonGuard(app), lifespan="off", log_config=None, access_log=False, ws="none",
                                       http=protocol_class(self.cfg), server_header=False,
                                       timeout_graceful_shutdown=max(1, int(self.cfg.drain_s))))
 

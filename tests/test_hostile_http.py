@@ -51,6 +51,21 @@ def test_odd_paths_never_500(d: LiveDaemon) -> None:
     alive(d)
 
 
+def test_upgrade_requests_are_answered_as_plain_http(d: LiveDaemon) -> None:
+    """Nothing here speaks WebSocket (or h2c): an upgrade is the HTTP request it also is, judged by the same
+    rules (a WebSocket handshake that the app never accepted used to end in a plain-text 500)."""
+    ws = (b"connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n"
+          b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    h2c = b"connection: upgrade, http2-settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+    for extra in (ws, h2c):
+        for path in (b"/v1/models", b"/health", b"/v1/nowhere", b"/ui/api/overview"):
+            status, body = raw(d, b"GET " + path + b" HTTP/1.1\r\nhost: x\r\n" + extra + b"\r\n")
+            judged(status, body, f"{extra[:40]!r} {path!r}")
+            if path in (b"/v1/models", b"/health"):
+                assert status == 200, body
+    alive(d)
+
+
 def test_oversized_headers_get_431(d: LiveDaemon) -> None:
     status, body = raw(d, get(b"/v1/models", b"x-big: " + b"a" * 100_000 + b"\r\n"))
     assert status == 431, body
