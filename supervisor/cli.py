@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # The daemon runs on asyncio alone, but httpcore imports trio whenever it is installed (selenium, a test
+    # dependency, puts it in development environments): about 0.1 s and 4 MB of every start for a library
+    # it never uses. A None entry makes that import fail the way it does where trio is absent (httpcore then
+    # uses anyio, as it does in production). Only here, in the daemon's own process: tests keep trio.
+    sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
     from . import logs
     from .config import ConfigError, load_config
     from .profile import ProfileError
