@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import compileall
 import io
 import json
 import os
@@ -402,6 +403,9 @@ async def p6_under_load(sup: Supervisor, direct: str) -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     binary = str(build_llama_server.cached_binary("cpu"))
+    # The supervisor as installed: `pip install` (scripts/install-systemd.sh) compiles its bytecode, while this
+    # checkout's editable install under PYTHONDONTWRITEBYTECODE would compile every module at every start.
+    compileall.compile_dir(str(ROOT / "supervisor"), quiet=1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     if args.only == "models":
         print("P8 several models ...", file=sys.stderr)
