@@ -325,7 +325,8 @@ async def p4_recovery(sup: Supervisor) -> dict[str, Any]:
     failed = [s for t, s in results if s != 200]
     during = [s for t, s in results if t_kill <= t <= ready]
     return {"detection_ms": round((exit_ev["_t"] - t_kill) * 1000, 1), "back_to_ready_s": round(ready - t_kill, 3),
-            "requests": len(results), "requests_during_restart": len(during), "failed_requests": len(failed)}
+            "requests": len(results), "requests_during_restart": len(during), "failed_requests": len(failed),
+            "failed_statuses": sorted(failed)}  # 0: the client saw no HTTP answer at all
 
 
 # ---- P5: images ------------------------------------------------------------------------------------
