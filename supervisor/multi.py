@@ -8,6 +8,7 @@ file that does not validate changes nothing that runs; its error is shown until 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -67,15 +68,21 @@ class FolderReloader:
         catalog = await asyncio.to_thread(scan, self.folder, fresh_default)
         if rejected is not None:
             catalog.errors[str(rejected["file"])] = rejected
-        added, removed, restarted, updated = [], [], [], []
+        added = [mid for mid in catalog.models if mid not in pool.slots]
+        removed, restarted, updated = [], [], []
+        # A new default first (its slot made now if it is new): nothing below may leave pool.default naming a
+        # model that is gone, and the old default may be among those removed.
+        switched = fresh_default.profile.name != pool.default
+        if switched:
+            pool.set_catalog(catalog)
+            pool.set_default(fresh_default.profile.name)
         for mid in list(pool.slots):
             if mid not in catalog.models:
                 removed.append(mid)
                 await self._remove(mid)
         for mid, loaded in catalog.models.items():
             slot = pool.slots.get(mid)
-            if slot is None:
-                added.append(mid)
+            if slot is None or mid in added:
                 continue
             if loaded.path != slot.loaded.path or child_identity(loaded) != child_identity(slot.loaded):
                 restarted.append(mid)
@@ -87,15 +94,13 @@ class FolderReloader:
                     slot.runner.apply_profile(loaded)
                     slot.proxy.sync_profile()
         pool.set_catalog(catalog)
-        switched = fresh_default.profile.name != pool.default
-        if switched:
-            pool.set_default(fresh_default.profile.name)
         self.default_path = path
         for mid in added:
             slot = pool.slots[mid]
             slot.estimate = await asyncio.to_thread(room.estimate, slot.loaded.profile)
-            if slot.loaded.profile.pinned or slot.loaded.profile.preload:
-                pool.request_load(mid)
+            p = slot.loaded.profile
+            if p.pinned or p.preload:
+                pool.request_load(mid, "pinned" if p.pinned else "preload")
         pool.wake()
         outcome = {"ok": not catalog.errors, "added": added, "removed": removed, "restarted": restarted,
                    "updated": updated, "errors": list(catalog.errors.values()),
@@ -106,12 +111,19 @@ class FolderReloader:
         return outcome
 
     async def _remove(self, mid: str) -> None:
+        """A profile file is gone: drain its model (requests in flight finish, bounded by drain_s), unload it,
+        forget it. Residency unloads only a ready model: one failed or still starting is unloaded here."""
         pool = self.pool
-        if pool.request_unload(mid, "reload"):
-            slot = pool.slots[mid]
-            while slot.runner is not None:
-                await slot.changed.wait()
-        slot = pool.slots.pop(mid)
+        slot = pool.slots[mid]
+        loop = asyncio.get_running_loop()
+        if slot.runner is not None and slot.runner.ready and pool.request_unload(mid, "reload"):
+            deadline = loop.time() + pool.cfg.drain_s + pool.cfg.stop_timeout_s
+            while slot.runner is not None and loop.time() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(slot.changed.wait(), deadline - loop.time())
+        if slot.runner is not None:
+            await pool.unload(mid, "reload", "profile removed")
+        pool.slots.pop(mid)
         slot.notify()  # its waiting requests learn it is gone
 
     async def _replace(self, mid: str, loaded: Loaded) -> None:
@@ -159,10 +171,18 @@ class FolderReloader:
         corrupt file, a broken binary) is tried again when one of its files changes. The watch moves when a
         reload changes which files those are."""
         while True:
-            await self._watch(self._depends())
+            try:
+                await self._watch(self._depends())
+            except Exception as exc:  # a bug here must not end hot reload for good
+                log.error("watch_error", error=repr(exc), exc_info=exc)
+                await asyncio.sleep(1.0)
+            # Whatever changed while no watch ran (moving to other files, or after an error) is caught here.
+            with contextlib.suppress(Exception):
+                await self.reload("watch moved")
 
     async def _watch(self, deps: dict[str, set[str]]) -> None:
-        profile_dirs = {str(self.folder), str(self.default_path.parent)}
+        # watchfiles reports absolute paths: a relative profiles_dir must compare as one too.
+        profile_dirs = {os.path.abspath(self.folder), os.path.abspath(self.default_path.parent)}  # noqa: ASYNC240
         # (os.path.abspath: string work, no file access)
         settings = os.path.abspath(self.settings_file) if self.settings_file is not None else None  # noqa: ASYNC240
         dirs = await asyncio.to_thread(lambda: sorted(
@@ -179,5 +199,5 @@ class FolderReloader:
                 await self.reload("file change")
             for p in paths & deps.keys():
                 self._retry_failed(deps[p] - {""}, p)
-            if self._depends().keys() != deps.keys() or str(self.default_path.parent) not in profile_dirs:
+            if self._depends().keys() != deps.keys() or os.path.abspath(self.default_path.parent) not in profile_dirs:  # noqa: ASYNC240
                 return  # other files now: watch those

@@ -162,19 +162,23 @@ class Pool:
         """The settings file names another default: requests without a model and /health follow it now."""
         log.info("default_model", old=self.default, new=mid)
         self.default = mid
-        slot = self.slots[mid]
-        if slot.runner is None and slot.wanted_since is None:
-            slot.wanted_since, slot.wanted_by = time.monotonic(), "start"
-        self.wake()
+        self.request_load(mid, "start")
 
-    def request_load(self, mid: str) -> None:
+    def request_load(self, mid: str, cause: str = "admin") -> None:
+        """Load `mid` (or keep it: a drain is called off; a failed start is tried again). Once an unload under
+        way is done, the wish loads it again."""
         slot = self.slots[mid]
         if slot.runner is not None and slot.runner.machine.state is State.FAILED:
-            slot.runner.retry_failed("operator load request")
-        elif slot.runner is None and slot.wanted_since is None:
-            slot.wanted_since, slot.wanted_by = time.monotonic(), "admin"
-        slot.draining = ""
+            slot.runner.retry_failed(f"{cause} load request")
+        elif (slot.runner is None or slot.unloading) and slot.wanted_since is None:
+            slot.wanted_since, slot.wanted_by = time.monotonic(), cause
+        if not slot.unloading:
+            slot.draining = ""
         self.wake()
+
+    async def unload(self, mid: str, reason: str, detail: str) -> None:
+        """Unload now, whatever the model's state (a removed profile): requests in flight are cut."""
+        await self._unload(self.slots[mid], reason, detail)
 
     def request_unload(self, mid: str, reason: str = "admin") -> bool:
         """Drain `mid` and unload it once idle. False when there is nothing to unload."""

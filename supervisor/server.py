@@ -171,7 +171,8 @@ class Daemon:
         default is not a starting service)."""
         if self.pool is None:
             return self.runner.machine.state
-        default = self.pool.slots[self.pool.default].runner
+        slot = self.pool.slots.get(self.pool.default)
+        default = slot.runner if slot is not None else None
         return default.machine.state if default is not None else State.READY
 
     def in_flight(self) -> int:
@@ -263,7 +264,11 @@ async def _keepalive(notifier: Notifier, state: Callable[[], State]) -> None:
     """Watchdog pings and first-start extensions, from the event loop itself: a hung loop stops both, and
     systemd kills and restarts us within WatchdogSec (or one extension, while the first start goes on)."""
     while True:
-        fields = notifier.keepalive_fields(state())
-        if fields:
-            notifier.send(*fields)
+        try:
+            fields = notifier.keepalive_fields(state())
+            if fields:
+                notifier.send(*fields)
+        except Exception as exc:  # noqa: BLE001  (a bug here must not stop the pings: systemd would kill us)
+            log.error("keepalive_error", error=repr(exc))
+            notifier.send("WATCHDOG=1")
         await asyncio.sleep(notifier.keepalive_period_s)

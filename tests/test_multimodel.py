@@ -347,3 +347,62 @@ async def test_the_settings_file_names_a_new_default(tmp_path: Path, write_profi
         kept = next(e for e in outcome["errors"] if e["file"] == str(profiles / "broken.yaml"))
         assert any("ctx_size" == p["field"] for p in kept["errors"])
         assert any("the default stays" in p["message"] for p in kept["errors"])
+
+
+async def test_reload_removes_a_failed_model_and_a_relative_folder_is_watched(
+        tmp_path: Path, write_profile: Callable[..., Path], tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profile whose model failed to start can be removed (residency unloads only ready models: the reload
+    must not wait for it forever), and a relative profiles_dir is watched like an absolute one."""
+    monkeypatch.chdir(tmp_path)
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    write_profile("alpha").rename(profiles / "alpha.yaml")
+    data = await asyncio.to_thread(tiny_model.read_bytes)
+    (tmp_path / "half.gguf").write_bytes(data[: len(data) // 2])
+    write_profile("half", model=str(tmp_path / "half.gguf")).rename(profiles / "half.yaml")
+    async with running(tmp_path, profiles / "alpha.yaml", profiles_dir=Path("profiles")) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        assert d.pool is not None
+        await wait_for(lambda: state(d, "alpha") == "loaded", what="alpha loaded")
+        r = await c.post("/v1/completions", json={"model": "half", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and state(d, "half") == "failed"
+        (profiles / "half.yaml").unlink()
+        await wait_for(lambda: d.pool is not None and "half" not in d.pool.slots, timeout=30,
+                       what="the failed model removed by the watched (relative) folder")
+        outcome = await asyncio.wait_for(d.reloader.reload("test"), 30)  # the reload lock is free again
+        assert outcome["ok"] and "half" not in [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
+        write_profile("gamma").rename(profiles / "gamma.yaml")
+        await wait_for(lambda: d.pool is not None and "gamma" in d.pool.slots, timeout=30, what="gamma added")
+
+
+async def test_switching_to_a_default_in_the_folder_drops_the_old_one_from_outside(
+        tmp_path: Path, write_profile: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old default lives outside profiles_dir, so the switch removes it: the pool's default must never
+    name a removed model (a request without a model, /status and systemd's keepalive all read it)."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    outside = write_profile("alpha")  # tmp_path/alpha.yaml, not in the folder
+    write_profile("beta").rename(profiles / "beta.yaml")
+    settings = tmp_path / "supervisor.yaml"
+    settings.write_text(f"profiles_dir: {profiles}\nprofile: {outside}\n")
+    monkeypatch.setenv("LLAMA_SUPERVISOR_CONFIG", str(settings))
+    async with running(tmp_path, outside, settings_file=settings, profiles_dir=profiles) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        assert d.pool is not None
+        await wait_for(lambda: state(d, "alpha") == "loaded", what="alpha loaded")
+        settings.write_text(f"profiles_dir: {profiles}\nprofile: beta\n")
+        errors: list[str] = []
+
+        async def probe() -> None:  # during the switch: never a 500, never a KeyError in the daemon's state
+            while d.pool is not None and (d.pool.default != "beta" or "alpha" in d.pool.slots):
+                d._state()
+                s = await c.get("/status")
+                if s.status_code >= 500:
+                    errors.append(s.text)
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(probe(), 30)
+        assert errors == []
+        await wait_for(lambda: state(d, "beta") == "loaded", what="beta loaded as the default")
+        r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "beta"

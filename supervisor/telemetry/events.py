@@ -57,6 +57,7 @@ class Timeline:
         self.exits: dict[str, Counter[str]] = {}
         self.logs = logs
         self._ids = itertools.count(1)
+        self._rejected: dict[str, str] = {}  # file → its problems, as last written down (folder reloads)
 
     def add(self, model: str, kind: str, title: str, detail: str = "", t: float | None = None,
             **fields: Any) -> None:
@@ -122,8 +123,14 @@ class Timeline:
         for key, title in titles.items():
             for model in outcome.get(key) or []:
                 self.add(model, "reload", title, "", source=source, ok=True, restarted=key == "restarted")
+        # A file still bad at the next reload (reloads also come from the files a rejected profile names, e.g.
+        # every few seconds while a model is copied in) is written down again only when its errors change.
+        seen = {}
         for err in outcome.get("errors") or []:
-            problems = "; ".join(f"{p.get('field', '')}: {p.get('message', '')}" for p in err.get("errors", [])
-                                 if isinstance(p, dict))
-            self.add(Path(str(err.get("file", ""))).stem, "reload", "reload rejected",
-                     f"{err.get('file', '')}: {problems}", source=source, ok=False)
+            file = str(err.get("file", ""))
+            seen[file] = problems = "; ".join(f"{p.get('field', '')}: {p.get('message', '')}"
+                                              for p in err.get("errors", []) if isinstance(p, dict))
+            if self._rejected.get(file) != problems:
+                self.add(Path(file).stem, "reload", "reload rejected", f"{file}: {problems}", source=source,
+                         ok=False)
+        self._rejected = seen

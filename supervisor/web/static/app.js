@@ -178,7 +178,7 @@
     var btn = function (a) { return el.querySelector('[data-act="' + a + '"]'); };
     btn("load").hidden = btn("unload").hidden = !r;
     if (r) {
-      btn("load").disabled = r.state === "loaded" || r.state === "loading";
+      btn("load").disabled = (r.state === "loaded" && !r.draining) || r.state === "loading";  // Load calls off a drain
       btn("unload").disabled = r.state === "unloaded" || r.settings.pinned;
       btn("unload").title = r.settings.pinned ? "pinned: never unloaded" : "";
     }
