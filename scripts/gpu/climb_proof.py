@@ -12,7 +12,7 @@ model of proof.py (24 layers of ~416 MiB), and holds VRAM with another process (
      with the VRAM given back, a new supervisor on the same state directory starts higher at once.
 Prints a markdown table and writes climb.json / climb.md to --out.
 
-Usage (see scripts/gpu/run-climb.sh):
+Usage (see scripts/gpu/run.sh climb):
     python3 scripts/gpu/climb_proof.py --source .gpu/llama-src.tar.gz --out $OUT
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Several models on one real NVIDIA GPU: residency by measured VRAM, swaps without out-of-memory exits.
 
-Runs on the lent GPU machine (see run-multimodel.sh): builds llama-server with CUDA from the source bundle,
+Runs on the lent GPU machine (see run.sh multimodel): builds llama-server with CUDA from the source bundle,
 writes two ~3.3 GiB random f16 models (8 layers of ~416 MiB), holds all but --leave-gib of VRAM with
 another process (PyTorch), then runs the supervisor on a profiles folder holding both (all layers on the GPU):
   1. they do not fit together: requests alternate A, B, A, B, ... — every one must be answered, no child may

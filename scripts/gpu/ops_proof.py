@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the ops page and the HAProxy agent show on a real NVIDIA GPU, with two models on it.
 
-Runs on the lent GPU machine (see run-ops.sh): builds llama-server with CUDA from the source bundle, writes two
+Runs on the lent GPU machine (see run.sh ops): builds llama-server with CUDA from the source bundle, writes two
 random f16 models (4 layers of ~416 MiB each), runs the supervisor on a profiles folder holding both (all
 layers on the GPU, sampler at 1 s, agent on), loads the second from the admin route, sends requests to both,
 unloads one, and reads what the page reads:

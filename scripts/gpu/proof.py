@@ -8,7 +8,7 @@ Runs on a GPU machine (the lent H100): builds llama-server with CUDA from a sour
   3. runs it with n_gpu_layers: auto (llama.cpp's own fitting).
 Prints a markdown table and writes proof.json / proof.md to --out.
 
-Usage (see scripts/gpu/run-proof.sh):
+Usage (see scripts/gpu/run.sh proof):
     python3 scripts/gpu/proof.py --source .gpu/llama-src.tar.gz --out $OUT
 """
 

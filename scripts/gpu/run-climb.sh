@@ -1,9 +1,0 @@
-#!/usr/bin/env bash
-# Device-tool command for scripts/gpu/climb_proof.py (same carried .whl/ and .gpu/ as run-proof.sh).
-# Prints the table at the end and leaves climb.json, climb.md and climb.log under $OUT.
-set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
-python3 scripts/gpu/climb_proof.py --source .gpu/llama-src.tar.gz --out "${OUT:-/tmp/out}" "$@" 2>&1 \
-    | grep -v '^\[[0-9]*/[0-9]*\] ' | tee "${OUT:-/tmp/out}/climb.log"
