@@ -361,3 +361,20 @@ async def test_request_cut_by_the_shutdown_timeout_gets_json_503(tmp_path: Path,
         assert r.status_code == 503, r.text
         assert r.headers["content-type"] == "application/json" and r.headers["retry-after"] == "5"
         assert "could not finish this request in time (drain_s)" in r.json()["error"]["message"]
+
+
+async def test_stream_cut_by_the_shutdown_timeout_is_cut_not_answered_twice(tmp_path: Path, write_profile) -> None:
+    """A stream under way when drain_s runs out is cut: no second answer is written into it."""
+    long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3800, "ignore_eos": True, "stream": True}
+    async with running(tmp_path, write_profile(ctx_size=4096, parallel=1), drain_s=1) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        await wait_for(lambda: d.runner.ready, what="ready")
+        async with c.stream("POST", "/v1/chat/completions", json=long) as r:
+            assert r.status_code == 200
+            seen = b""
+            with pytest.raises(httpx.RemoteProtocolError):  # the connection closes mid-stream
+                async for chunk in r.aiter_raw():
+                    if not seen:
+                        d.request_stop()
+                    seen += chunk
+        assert b"data: " in seen and b"shutting down" not in seen and b"[DONE]" not in seen

@@ -63,28 +63,28 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {HTTPException: _json_http_error, Exception
 class JsonGuard:
     """The outermost ASGI layer. uvicorn answers a request whose task ends without a response with a plain-text
     500; the one left that way is a request cancelled when the graceful shutdown ran out (`drain_s`): it gets
-    a JSON 503 with Retry-After instead (another box, or this one restarted, can serve it)."""
+    a JSON 503 with Retry-After instead (another box, or this one restarted, can serve it). Nothing is added
+    to a request's path until then: whether a response was under way is learnt from the server, which refuses
+    a second response start."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def watched(message: MutableMapping[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, receive, watched)
+            await self.app(scope, receive, send)
         except asyncio.CancelledError:
-            if started or scope["type"] != "http":
-                raise  # a response under way is cut: uvicorn closes the connection
+            if scope["type"] != "http":
+                raise
+            status, headers, body = json_error(
+                503, "the supervisor is shutting down and could not finish this request in time (drain_s)",
+                "unavailable_error", [(b"retry-after", b"5"), (b"connection", b"close")])
+            try:
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+            except Exception:  # noqa: BLE001  (a response was under way: it is cut, uvicorn closes the connection)
+                raise asyncio.CancelledError from None
             log.warning("request_cancelled", path=scope.get("path"), reason="graceful shutdown ran out (drain_s)")
             with contextlib.suppress(Exception):  # the client may be gone already
-                await send_simple(send, *json_error(
-                    503, "the supervisor is shutting down and could not finish this request in time (drain_s)",
-                    "unavailable_error", [(b"retry-after", b"5"), (b"connection", b"close")]))
+                await send({"type": "http.response.body", "body": body})
             # Answered: the task ends normally. uvicorn cancelled it and does not wait for it, so nothing is
             # held back by not re-raising, and it logs no traceback for a request that did get an answer.
