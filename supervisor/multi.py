@@ -163,7 +163,7 @@ class FolderReloader:
             slot = self.pool.slots.get(mid)
             if slot is not None and slot.runner is not None and slot.runner.machine.state is State.FAILED:
                 log.info("retry_failed_model", model=mid, changed=changed)
-                self.pool.request_load(mid)
+                self.pool.request_load(mid, "file change")
 
     async def watch(self) -> None:
         """The folder's profiles, and the files each start depends on, as with one model: a profile rejected
@@ -181,9 +181,9 @@ class FolderReloader:
                 await self.reload("watch moved")
 
     async def _watch(self, deps: dict[str, set[str]]) -> None:
-        # watchfiles reports absolute paths: a relative profiles_dir must compare as one too.
+        # watchfiles reports absolute paths: a relative profiles_dir must compare as one too. (abspath is string
+        # work, no file access.)
         profile_dirs = {os.path.abspath(self.folder), os.path.abspath(self.default_path.parent)}  # noqa: ASYNC240
-        # (os.path.abspath: string work, no file access)
         settings = os.path.abspath(self.settings_file) if self.settings_file is not None else None  # noqa: ASYNC240
         dirs = await asyncio.to_thread(lambda: sorted(
             profile_dirs | {d for d in map(os.path.dirname, [*deps, settings or ""]) if os.path.isdir(d)}))
