@@ -62,10 +62,10 @@ def _run(args: argparse.Namespace) -> int:
     # it never uses. A None entry makes that import fail the way it does where trio is absent (httpcore then
     # uses anyio, as it does in production). Only here, in the daemon's own process: tests keep trio.
     sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
-    from . import logs
-    from .config import ConfigError, load_config
-    from .profile import ProfileError
-    from .server import serve
+    from .daemon import serve
+    from .spec.profile import ProfileError
+    from .spec.settings import ConfigError, load_config
+    from .telemetry import logs
 
     if args.config:
         os.environ["LLAMA_SUPERVISOR_CONFIG"] = args.config
@@ -101,8 +101,8 @@ def _loop_factory() -> Any:
 
 def _check(args: argparse.Namespace) -> int:
     from .core.command import build_argv
-    from .loading import base_settings, load_checked
-    from .profile import ProfileError
+    from .spec.loaded import base_settings, load_checked
+    from .spec.profile import ProfileError
 
     try:
         loaded = load_checked(Path(args.profile))
@@ -142,7 +142,7 @@ def _estimate_line(p: Any) -> str:
 def _remote(args: argparse.Namespace) -> int:
     import httpx
 
-    from .config import ConfigError, load_config
+    from .spec.settings import ConfigError, load_config
 
     try:
         cfg = load_config()

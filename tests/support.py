@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from supervisor.config import Config
-from supervisor.sdnotify import Notifier
-from supervisor.server import Daemon
+from supervisor.daemon import Daemon
+from supervisor.host.sdnotify import Notifier
+from supervisor.spec.settings import Config
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:

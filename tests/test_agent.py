@@ -10,10 +10,10 @@ import httpx
 import pytest
 from support import running, wait_for
 
-from supervisor.config import Config
 from supervisor.core.agent import MIN_WEIGHT_PCT, Load, reply, weight_pct
 from supervisor.core.lifecycle import State
-from supervisor.web.agent import AgentListener
+from supervisor.fleet.agent import AgentListener
+from supervisor.spec.settings import Config
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

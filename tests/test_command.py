@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.child.probe import probe
 from supervisor.core.capabilities import Capabilities, parse_help
 from supervisor.core.command import CommandError, build_argv, check_extra_args, child_env
 from supervisor.core.ladder import RunSettings
-from supervisor.profile import load_profile
+from supervisor.host.probe import probe
+from supervisor.spec.profile import load_profile
 
 
 @pytest.fixture
@@ -138,8 +138,8 @@ def test_metal_false_on_a_mac_means_cpu_only(write_profile, caps: Capabilities) 
 def test_metal_true_with_a_binary_built_without_metal(write_profile, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from supervisor.loading import load_checked
-    from supervisor.profile import ProfileError
+    from supervisor.spec.loaded import load_checked
+    from supervisor.spec.profile import ProfileError
 
     monkeypatch.setattr(sys, "platform", "darwin")  # as on a Mac, with this CPU-only build
     path = write_profile(metal=True)

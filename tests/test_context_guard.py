@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from support import running, wait_for
 
-from supervisor.web.images import OMITTED
+from supervisor.media.images import OMITTED
 
 CTX = 2048
 
@@ -192,7 +192,7 @@ async def test_feature_off_keeps_llama_servers_own_answer_and_a_reload_turns_it_
 
 
 def test_apply_plan_and_what_is_counted_as_text() -> None:
-    from supervisor.web.context import apply_plan, message_text, requested_reply, strip_images
+    from supervisor.web.guard.context import apply_plan, message_text, requested_reply, strip_images
 
     img = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     msgs = [{"role": "system", "content": "sys"},

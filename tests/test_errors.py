@@ -16,10 +16,10 @@ import pytest
 from support import make_config
 
 from supervisor.child.runner import Runner
-from supervisor.loading import load_checked
-from supervisor.reload import Reloader
+from supervisor.models.reload import Reloader
+from supervisor.spec.loaded import load_checked
+from supervisor.web.api.proxy import Proxy
 from supervisor.web.app import App
-from supervisor.web.proxy import Proxy
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 API = {"Authorization": "Bearer api-secret"}

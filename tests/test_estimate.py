@@ -118,7 +118,7 @@ async def test_pre_launch_estimate_with_fake_nvml(tmp_path: Path, write_profile,
 def test_check_prints_the_estimate_with_fake_nvml(write_profile, tiny_model: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from supervisor.cli import _estimate_line
-    from supervisor.profile import load_profile
+    from supervisor.spec.profile import load_profile
 
     monkeypatch.setattr(gpu, "snapshot", lambda: fake_gpu(769.0))
     line = _estimate_line(load_profile(write_profile(n_gpu_layers=99)))

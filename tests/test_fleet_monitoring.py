@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import running, wait_for
 
 from supervisor.host.gpu import GpuInfo
-from supervisor.metrics import Metrics
+from supervisor.telemetry.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"

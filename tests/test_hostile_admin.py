@@ -11,7 +11,7 @@ import httpx
 import pytest
 from hostile import CLI, alive, check, start_daemon, stop_daemon
 
-from supervisor.config import ConfigError, is_loopback, load_config
+from supervisor.spec.settings import ConfigError, is_loopback, load_config
 
 pytestmark = pytest.mark.timeout(300)
 API_KEY = "api-secret-4f1c9e"

@@ -11,11 +11,11 @@ from PIL import Image
 
 from supervisor.core.ladder import RunSettings
 from supervisor.core.lifecycle import initial
-from supervisor.profile import ImagePolicy, load_profile
-from supervisor.web import media
-from supervisor.web.images import OMITTED, ImageError, decode_base64, process_image, rewrite_chat
-from supervisor.web.predict import chat_to_predict, predict_to_chat
-from supervisor.web.relay import context_hint
+from supervisor.media import policy as media
+from supervisor.media.images import OMITTED, ImageError, decode_base64, process_image, rewrite_chat
+from supervisor.spec.profile import ImagePolicy, load_profile
+from supervisor.web.api.predict import chat_to_predict, predict_to_chat
+from supervisor.web.api.relay import context_hint
 
 POLICY = ImagePolicy()
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ConfigError, load_config
-from supervisor.web.models import unknown_model
+from supervisor.spec.settings import ConfigError, load_config
+from supervisor.web.api.models import unknown_model
 
 
 def test_memory_budget_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -118,7 +118,7 @@ async def test_only_last_k_images_reach_the_server(tmp_path: Path, vl_profile) -
         assert r.status_code == 200
         assert _images_total((await c.get("/metrics")).text) - before == 3
         # Same prompt size as sending the placeholders ourselves, straight to llama-server.
-        from supervisor.web.images import OMITTED
+        from supervisor.media.images import OMITTED
 
         manual = {"messages": [dict(m) for m in history["messages"]], "max_tokens": 1}
         for m in manual["messages"][:6:2]:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from support import running, wait_for
 
-from supervisor.server import Daemon
+from supervisor.daemon import Daemon
 
 FEW_SHOT = "Q: What is the capital of Germany?\nA: Berlin\nQ: What is the capital of Italy?\nA: Rome\n" \
            "Q: What is the capital of France?\nA:"

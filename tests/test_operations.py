@@ -16,8 +16,8 @@ import pytest
 import yaml
 from support import running, wait_for
 
-from supervisor.config import ConfigError, load_config
-from supervisor.sdnotify import Notifier
+from supervisor.host.sdnotify import Notifier
+from supervisor.spec.settings import ConfigError, load_config
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "ignore_eos": True}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.profile import ProfileError, load_profile, parse_profile
+from supervisor.spec.profile import ProfileError, load_profile, parse_profile
 
 
 def _problems(path: Path) -> list[tuple[str, str]]:

@@ -16,7 +16,7 @@ from doubles.oom_llama_server import write_double
 from support import running, wait_for
 
 from supervisor.core.lifecycle import Spawn
-from supervisor.web.proxy import KEEPALIVE_IDLE
+from supervisor.web.api.proxy import KEEPALIVE_IDLE
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 

@@ -19,8 +19,8 @@ from support import make_config, running, wait_for
 
 import supervisor.child.driver as driver_module
 from supervisor.core.lifecycle import State
+from supervisor.daemon import Daemon
 from supervisor.host import gpu
-from supervisor.server import Daemon
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

@@ -15,7 +15,7 @@ import httpx
 import psutil
 from support import running, wait_for
 
-from supervisor.web.proxy import KEEPALIVE_IDLE
+from supervisor.web.api.proxy import KEEPALIVE_IDLE
 
 SOAK_S = 35.0
 KILLS = 4

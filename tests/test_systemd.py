@@ -17,9 +17,9 @@ import pytest
 import sdbox
 from support import running, wait_for
 
-from supervisor.config import load_config
 from supervisor.core.lifecycle import State
-from supervisor.sdnotify import Notifier, extends_start
+from supervisor.host.sdnotify import Notifier, extends_start
+from supervisor.spec.settings import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = "llama-supervisor"

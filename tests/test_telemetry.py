@@ -22,12 +22,12 @@ from supervisor.core.lifecycle import (
     initial,
     transition,
 )
-from supervisor.metrics import Metrics
 from supervisor.telemetry.events import Timeline, child_level
 from supervisor.telemetry.logring import LogRing
+from supervisor.telemetry.metrics import Metrics
 from supervisor.telemetry.sampler import Sampler, Source, quantile, rates, read_counters
 from supervisor.telemetry.series import SeriesRing
-from supervisor.web.logstream import LogStream
+from supervisor.web.ops.logstream import LogStream
 
 # ---- series ring ------------------------------------------------------------------------------------
 

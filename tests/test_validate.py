@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.web import media, routes, validate
-from supervisor.web.images import ImageError
-from supervisor.web.validate import Rejected, parse_json, serialise
+from supervisor.media import policy as media
+from supervisor.media.images import ImageError
+from supervisor.web.api import routes
+from supervisor.web.guard import validate
+from supervisor.web.guard.validate import Rejected, parse_json, serialise
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
                     | st.text(max_size=8),

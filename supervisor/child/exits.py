@@ -10,8 +10,8 @@ import structlog
 
 from ..core.crash import OOM_CAUSES, Cause, Exit, Verdict, classify
 from ..core.ladder import Evidence
-from ..metrics import Metrics
-from ..profile import Profile
+from ..spec.profile import Profile
+from ..telemetry.metrics import Metrics
 from . import vram
 from .process import Child, oom_kill_count
 

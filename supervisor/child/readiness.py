@@ -10,8 +10,8 @@ import time
 
 import httpx
 
-from ..profile import ImagePolicy
-from ..web.images import process_image
+from ..media.images import process_image
+from ..spec.profile import ImagePolicy
 from .process import Child
 
 MIN_POLL_GAP_S = 0.003

@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import structlog
 
-from ..config import Config
 from ..core.command import build_argv
 from ..core.crash import FATAL_WHILE_RUNNING
 from ..core.ladder import RunSettings
@@ -48,9 +47,10 @@ from ..core.lifecycle import (
 )
 from ..host import memory
 from ..host.gguf import block_count
-from ..loading import Loaded, base_settings, policy_for
-from ..metrics import Metrics
-from ..sdnotify import Notifier
+from ..host.sdnotify import Notifier
+from ..spec.loaded import Loaded, base_settings, policy_for
+from ..spec.settings import Config
+from ..telemetry.metrics import Metrics
 from . import vram
 from .climber import Climber
 from .driver import ChildDriver

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core.crash import Verdict
 from ..core.lifecycle import Machine
-from ..loading import Loaded
+from ..spec.loaded import Loaded
 
 if TYPE_CHECKING:
     from .runner import Runner

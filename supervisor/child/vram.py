@@ -18,7 +18,7 @@ from ..core.climb import Fit
 from ..core.ladder import RunSettings
 from ..host import gpu
 from ..host.gguf import footprint
-from ..profile import Profile
+from ..spec.profile import Profile
 
 log = structlog.get_logger("supervisor")
 

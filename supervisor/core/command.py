@@ -9,7 +9,7 @@ from .capabilities import Capabilities
 from .ladder import RunSettings
 
 if TYPE_CHECKING:  # the schema only: core imports nothing outside core at run time
-    from ..profile import Profile
+    from ..spec.profile import Profile
 
 CHILD_HOST = "127.0.0.1"
 

@@ -4,14 +4,17 @@ and what a profile will need before it ever ran. Blocking (NVML, /proc, GGUF rea
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 import psutil
 
 from ..core.estimate import MIB
 from ..core.residency import Mem, Room, estimate_need
-from ..profile import Profile
 from . import gpu
 from .gguf import footprint
+
+if TYPE_CHECKING:
+    from ..spec.profile import Profile
 
 
 def room(budget_mib: float | None) -> Room:

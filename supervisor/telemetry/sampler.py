@@ -20,7 +20,7 @@ import psutil
 import structlog
 
 from ..host import gpu
-from ..metrics import Metrics
+from .metrics import Metrics
 from .series import SeriesRing
 
 log = structlog.get_logger("telemetry")

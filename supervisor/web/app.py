@@ -15,12 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .. import status
 from ..child.runner import Runner
-from ..drain import Drain
-from . import ui
+from ..fleet.drain import Drain
+from ..models import status
+from .api.proxy import Proxy
 from .errors import EXCEPTION_HANDLERS, Receive, Scope, Send, error_doc, error_response, json_error, send_simple
-from .proxy import Proxy
+from .ops import page as ui
 
 OWN_PATHS = frozenset({"/health", "/status", "/metrics", "/child/metrics", "/admin/restart", "/admin/reload"})
 ADMIN_PATHS = frozenset({"/status", "/metrics", "/child/metrics", "/admin/restart", "/admin/reload"})

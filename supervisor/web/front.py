@@ -13,17 +13,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .. import pool_status, status
 from ..child.runner import Runner
-from ..drain import Drain
-from ..pool import Pool, Unavailable
-from ..slot import Slot
-from . import ui
+from ..fleet.drain import Drain
+from ..models import pool_status, status
+from ..models.model import Slot
+from ..models.pool import Pool, Unavailable
+from .api.body import read_body, requested_model, too_large
+from .api.models import unknown_model
+from .api.proxy import BIG_BODY
 from .app import _key_ok
 from .errors import EXCEPTION_HANDLERS, Receive, Scope, Send, error_doc, error_response, json_error, send_simple
-from .models import unknown_model
-from .proxy import BIG_BODY
-from .route import read_body, requested_model, too_large
+from .ops import page as ui
 
 ADMIN_PREFIX = "/admin/"
 OPEN_PATHS = frozenset({"/health"})

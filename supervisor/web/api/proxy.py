@@ -1,0 +1,390 @@
+"""Reverse proxy to llama-server, as a plain ASGI app: this is the hot path, so it stays small.
+
+Requests wait (bounded) while the child (re)starts; a request refused or reset before any response
+byte is retried once after recovery; streams pass through chunk by chunk; a client that goes away
+closes the upstream request so llama-server stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpcore
+import structlog
+
+from ...child.runner import Runner
+from ...core import quarantine
+from ...media import policy as media
+from ...media.images import ImageError, Stats, rewrite_chat
+from ...media.workers import ImageWorkers
+from ..errors import Receive, Scope, Send, json_error, send_simple
+from ..guard.context import ContextGuard, ContextRejected, CountError
+from ..guard.poison import PoisonGuard
+from ..guard.validate import Rejected, parse_json, serialise
+from . import routes
+from .gate import Gate, upstream_limit
+from .predict import predict_to_chat
+from .relay import HOP_BY_HOP, ctx_words, relay
+from .routes import PREDICT, Route
+from .upstream import AsyncioBackend
+
+log = structlog.get_logger("proxy")
+
+# Bodies larger than this are parsed in a thread, not on the event loop.
+BIG_BODY = 256 * 1024
+# Failures that mean the request never reached a live llama-server: safe to send again.
+RETRYABLE = (httpcore.ConnectError, httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
+TIMEOUTS = {"connect": 5.0, "read": None, "write": 60.0, "pool": None}
+KEEPALIVE_IDLE = 4  # within llama-server's "+4" spare HTTP threads
+TRIMMED_HEADER = b"x-context-trimmed"  # what the context guard left out: images=N; turns=N; messages=N; tokens=N
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _printable(query: bytes) -> bytes:
+    """HTTP/1.1 allows only printable ASCII in a request target: other bytes go percent-encoded (same meaning)."""
+    if all(0x21 <= b <= 0x7E for b in query):
+        return query
+    return b"".join(bytes([b]) if 0x21 <= b <= 0x7E else b"%%%02X" % b for b in query)
+
+
+class Proxy:
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.metrics = runner.metrics
+        self.remote_hosts = frozenset(h.lower() for h in runner.cfg.remote_image_hosts)
+        cfg = runner.cfg
+        self.images = ImageWorkers(cfg.image_workers, cfg.image_queue_wait_s, cfg.image_queue_max)
+        self.in_flight = 0  # requests inside the proxy (any stage)
+        self.waiting = 0  # ... of which waiting for the child to be ready
+        self.gate = Gate(upstream_limit(runner.cfg, runner.loaded.profile), self.metrics)
+        self.poison = PoisonGuard(self.metrics, quarantine.Policy(window_s=runner.cfg.quarantine_window_s,
+                                                                  duration_s=runner.cfg.quarantine_s))
+        runner.on_exit(self.poison.on_exit)
+        runner.set_traffic(lambda: self.in_flight)
+        # httpcore directly, not httpx: on this hot path httpx's request/response models cost a third of the
+        # proxy's CPU per request, and nothing here needs them (no redirects, cookies, auth or decoding).
+        # Keep few idle connections, and not for long: every idle keep-alive connection pins one of
+        # llama-server's fixed HTTP threads (parallel + 4 of them) until its 5 s keep-alive timeout, and a
+        # new connection that finds them all pinned waits for that timeout (measured: 5 s stalls).
+        # The network layer is our asyncio one (see upstream.py): cheaper per streamed token.
+        self.pool = httpcore.AsyncConnectionPool(max_connections=512, max_keepalive_connections=KEEPALIVE_IDLE,
+                                                 keepalive_expiry=4.0, network_backend=AsyncioBackend())
+        self.context = ContextGuard(runner, self.pool)
+        runner.on_warmed(self.context.after_warmup)
+
+    async def aclose(self) -> None:
+        self.images.close()
+        await self.pool.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+        route = routes.lookup(raw_path)
+        refusal = self._refusal(scope, raw_path, route)
+        if refusal is not None:
+            await send_simple(send, *refusal)
+            self.metrics.requests.labels(route.label if route else "other", str(refusal[0])).inc()
+            return
+        assert route is not None
+        body = await self._read_body(scope, receive, send, route)
+        if body is None:
+            return
+        label = route.label
+        t0 = time.perf_counter()
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        status = [499]  # what the client got; stays 499 if it left first
+        work = asyncio.ensure_future(self._forward(scope, raw_path, route, body, send, status))
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, watch):
+                task.cancel()
+            await asyncio.gather(work, watch, return_exceptions=True)
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(label, str(status[0])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
+        if work.done() and not work.cancelled() and (exc := work.exception()) is not None:
+            log.error("proxy_error", path=scope["path"], error=repr(exc), exc_info=exc)
+            if status[0] == 499:  # nothing was sent yet: the client still gets an answer
+                await send_simple(send, *json_error(500, f"supervisor error: {type(exc).__name__}", "server_error"))
+
+    def _refusal(self, scope: Scope, raw_path: bytes, route: Route | None
+                 ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """The allow-list (routes.py): unknown paths, refused routes and wrong methods never reach llama-server."""
+        method = scope["method"]
+        shown = raw_path.decode("ascii", "backslashreplace")[:200]
+        if route is None:
+            why = routes.REFUSED.get(raw_path)
+            if why is not None:
+                return json_error(403, f"{shown}: refused by the supervisor: {why}", "invalid_request_error")
+            return json_error(404, f"{method} {shown}: not a route the supervisor forwards", "invalid_request_error")
+        if method not in route.methods:
+            allow = ", ".join(sorted(route.methods))
+            return json_error(405, f"{method} {shown}: method not allowed (allowed: {allow})",
+                              "invalid_request_error", [(b"allow", allow.encode())])
+        return None
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send, route: Route) -> bytes | None:
+        """The body, with the limit enforced before (Content-Length) and while reading; None when answered."""
+        limit = self.runner.cfg.max_body_bytes
+        for k, v in scope["headers"]:
+            if k == b"content-length" and (not v.isdigit() or int(v) > limit):
+                break
+        else:
+            v = b""
+        chunks, size = [], 0
+        while not v:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+            if not msg.get("more_body"):
+                return b"".join(chunks)
+        # The rest of the body is not read: close the connection rather than drain it.
+        await send_simple(send, *json_error(413, f"request body over the limit of {limit} bytes (max_body_bytes)",
+                                            "invalid_request_error", [(b"connection", b"close")]))
+        self.metrics.requests.labels(route.label, "413").inc()
+        return None
+
+    async def _check_body(self, route: Route, body: bytes) -> tuple[bytes, Chat | None]:
+        """Parse once, decide on the parsed request, forward what was decided on: shape errors are 400s that name
+        the field; every media slot goes through the media policy; /predict becomes a chat completion.
+
+        A big body (images, usually) is parsed on the image workers too: bodies waiting for a turn stay bytes,
+        and only `image_workers` of them are expanded into documents and pixels at a time.
+        Returns the body to send and, for the context guard, the chat request (document and image sizes)."""
+        if not body:
+            raise Rejected(400, f"{route.label}: expected a JSON object body")
+        if len(body) > BIG_BODY:
+            new, sent, stats = await self.images.run(self._decide, route, body)
+        else:
+            sent, found, changed = self._parse(route, body)
+            if found is not None and found.images:
+                media.check_urls(found, self.remote_hosts)  # cheap: refuse before queueing for image work
+                new, stats = await self.images.run(self._apply, found, sent, changed)
+            else:
+                new, stats = self._apply(found, sent, changed)
+        if stats.images:
+            self.metrics.images.inc(stats.images)
+            self.metrics.image_bytes.labels("in").inc(stats.bytes_in)
+            self.metrics.image_bytes.labels("out").inc(stats.bytes_out)
+        guard = sent is not None and route.chat and self.context.enabled(self.runner.loaded.profile)
+        return (new if new is not None else body), (Chat(sent, stats.sizes) if guard and sent is not None else None)
+
+    def _parse(self, route: Route, body: bytes) -> tuple[dict[str, Any] | None, media.Found | None, bool]:
+        """(document, its media, changed by the context policy). The document is None for a route without media
+        and the media None for a body that cannot hold any: both are forwarded as sent, once checked."""
+        doc = parse_json(body)
+        if not isinstance(doc, dict):
+            raise Rejected(400, f"request body must be a JSON object, not {type(doc).__name__}")
+        assert route.check is not None
+        route.check(doc)
+        if not route.media:
+            return None, None, False
+        changed = route is PREDICT
+        if changed:
+            doc = predict_to_chat(doc)
+        profile = self.runner.loaded.profile
+        policy = profile.images
+        if route.chat and (policy.keep_last_turns or policy.keep_last_images is not None):
+            changed = rewrite_chat(doc, policy)[0] is not None or changed
+        if not media.possible(body):
+            return doc, None, changed
+        found = media.find(doc)
+        if found.images and profile.mmproj is None:
+            # llama-server would answer 500 ("image input is not supported"): it is the client's request.
+            raise Rejected(400, f"profile '{profile.name}' has no vision projector (mmproj): "
+                                "this model does not take images")
+        return doc, found, changed
+
+    def _apply(self, found: media.Found | None, doc: dict[str, Any] | None, changed: bool
+               ) -> tuple[bytes | None, Stats]:
+        """The media policy and serialisation (blocking when there are images: runs on the image workers).
+        None: nothing to decide on, the body goes as sent."""
+        if doc is None or ((found is None or not found.slots) and not changed):
+            return None, Stats()
+        stats = media.apply(found, self.runner.loaded.profile.images, self.remote_hosts,
+                            self.runner.cfg.image_max_pixels) if found is not None else Stats()
+        return serialise(doc), stats
+
+    def _decide(self, route: Route, body: bytes) -> tuple[bytes | None, dict[str, Any] | None, Stats]:
+        doc, found, changed = self._parse(route, body)
+        new, stats = self._apply(found, doc, changed)
+        return new, doc, stats
+
+    def sync_profile(self) -> None:
+        """The profile changed (reload): follow its parallel slots."""
+        self.gate.set_limit(upstream_limit(self.runner.cfg, self.runner.loaded.profile))
+
+    async def _wait_ready(self) -> tuple[bool, str]:
+        r = self.runner
+        if r.ready:
+            return True, ""
+        if self.waiting >= r.cfg.queue_max:
+            return False, f"llama-server is {r.machine.state.value} and {self.waiting} requests are already waiting"
+        self.waiting += 1
+        self.metrics.queued.inc()
+        t0 = time.perf_counter()
+        try:
+            ok = await r.wait_ready(r.cfg.queue_wait_s)
+        finally:
+            self.waiting -= 1
+            self.metrics.queued.dec()
+            self.metrics.queue_wait.observe(time.perf_counter() - t0)
+        if ok:
+            return True, ""
+        m = r.machine
+        return False, f"llama-server is not ready ({m.state.value}{': ' + m.reason if m.reason else ''})"
+
+    async def _settle(self, gen: int, within_s: float = 0.3) -> None:
+        """After a refused or reset upstream request, give the runner a moment to notice a dead child (it
+        usually does within milliseconds), so the retry waits for the next one instead of hitting a closed
+        port. If the child stays up, the cause was a keep-alive connection it had just closed: retry then."""
+        deadline = time.monotonic() + within_s
+        while self.runner.ready and self.runner.machine.gen == gen and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    def _headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        out = []
+        forwarded = None
+        for k, v in scope["headers"]:
+            if k in HOP_BY_HOP:
+                continue
+            if k == b"x-forwarded-for":
+                forwarded = v
+                continue
+            out.append((k, v))
+        client = scope.get("client")
+        if client:
+            ip = client[0].encode()
+            out.append((b"x-forwarded-for", forwarded + b", " + ip if forwarded else ip))
+        return out
+
+    async def _forward(self, scope: Scope, raw_path: bytes, route: Route, body: bytes, send: Send,
+                       status: list[int]) -> None:
+        chat: Chat | None = None
+        digest = await self.poison.digest(scope["method"], scope["path"], body)
+        if (refusal := self.poison.refusal(digest)) is not None:
+            status[0] = 422
+            await send_simple(send, *json_error(422, refusal, "invalid_request_error"))
+            return
+        what = f"{scope['method']} {route.label} ({len(body)} bytes)"
+        try:
+            if scope["method"] == "POST" and route.check is not None:
+                body, chat = await self._check_body(route, body)
+        except (Rejected, ImageError) as exc:
+            status[0] = exc.status
+            kind = "unavailable_error" if exc.status == 503 else "invalid_request_error"
+            await send_simple(send, *json_error(exc.status, exc.message, kind,
+                                                exc.headers if isinstance(exc, Rejected) else None))
+            return
+        headers = self._headers(scope)
+        query = scope.get("query_string", b"")
+        # The raw bytes the client sent, as routes.py matched them: never the decoded path (%2F, %23, UTF-8).
+        target = (b"/v1/chat/completions" if route is PREDICT else raw_path) + (b"?" + _printable(query) if query else b"")
+        extra: list[tuple[bytes, bytes]] = []
+        fitted_gen = -1
+        attempt = 0
+        while attempt < 2:
+            ok, why = await self._wait_ready()
+            if ok and not await self.gate.acquire(self.runner.cfg.queue_wait_s):
+                ok, why = False, (f"llama-server is busy: {self.gate.active} requests in progress, "
+                                  f"{self.gate.waiting} waiting")
+            if not ok:
+                status[0] = 503
+                await send_simple(send, *json_error(503, why, "unavailable_error", [(b"retry-after", b"5")]))
+                return
+            if not self.runner.ready:  # the child went while this request waited for a slot: wait for the next
+                self.gate.release()
+                continue
+            attempt += 1
+            gen = self.runner.machine.gen
+            answered: bool | None = False
+            sent = False
+            try:
+                if chat is not None and fitted_gen != gen:
+                    fitted_gen = gen
+                    try:
+                        body, extra = await self._fit_context(chat, body, gen)
+                    except Rejected as exc:
+                        status[0] = exc.status
+                        await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
+                        return
+                self.poison.sent(gen, digest, what)
+                sent = True
+                answered = await self._exchange(scope["method"], target, body, headers, send, status, attempt,
+                                                predict=route is PREDICT, extra=extra)
+            finally:
+                self.gate.release()
+                if sent:
+                    self.poison.finished(gen, digest, bool(answered))
+            if answered is not None:
+                return
+            await self._settle(gen)
+
+    async def _exchange(self, method: str, target: bytes, body: bytes, headers: list[tuple[bytes, bytes]], send: Send,
+                        status: list[int], attempt: int, predict: bool, extra: list[tuple[bytes, bytes]]) -> bool | None:
+        """One exchange with the child. Returns whether it answered in full, or None when the request never
+        reached a live llama-server and may be sent again."""
+        base = self.runner.child_url
+        try:
+            if base is None:  # gone since the last look (the context guard awaits): as good as refused
+                raise httpcore.ConnectError("llama-server is gone")
+            host, _, port = base.removeprefix("http://").partition(":")
+            url = httpcore.URL(scheme=b"http", host=host.encode(), port=int(port or 80), target=target)
+            req = httpcore.Request(method, url, content=body, extensions={"timeout": TIMEOUTS},
+                                   headers=[(b"host", f"{host}:{port}".encode()), *headers,
+                                            (b"content-length", str(len(body)).encode())])
+            upstream = await self.pool.handle_async_request(req)
+        except RETRYABLE as exc:
+            if attempt == 2:
+                status[0] = 502
+                msg = f"llama-server did not answer: {type(exc).__name__}"
+                await send_simple(send, *json_error(502, msg, "server_error"))
+                return False
+            log.info("proxy_retry", path=target.decode("ascii", "replace"), error=type(exc).__name__)
+            return None
+        try:
+            return await relay(self.runner, upstream, send, status, predict=predict, extra=extra)
+        finally:
+            await upstream.aclose()
+
+    async def _fit_context(self, chat: Chat, body: bytes, gen: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The context guard (web/context.py): the body to send and the header that says what was dropped.
+        If llama-server cannot count, the request goes as it came (and llama-server's own 400 applies)."""
+        r = self.runner
+        t0 = time.perf_counter()
+        try:
+            fit = await self.context.fit(chat.doc, chat.sizes, gen, r.loaded.profile,
+                                         ctx_words(r.loaded.profile, r.machine))
+        except ContextRejected as exc:
+            raise Rejected(400, f"context guard: {exc.message}") from None
+        except CountError as exc:
+            self.metrics.context_checks.labels("error").inc()
+            log.warning("context_count_failed", error=str(exc))
+            return body, []
+        finally:
+            self.metrics.context_seconds.observe(time.perf_counter() - t0)
+        if fit.body is None:
+            return body, []
+        return fit.body, [(TRIMMED_HEADER, fit.header or b"")]
+
+@dataclass
+class Chat:
+    """A chat request as it will be sent, for the context guard: the document and its images' sizes."""
+
+    doc: dict[str, Any]
+    sizes: list[tuple[int, int] | None]

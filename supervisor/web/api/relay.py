@@ -1,0 +1,145 @@
+"""What llama-server answered, turned into what the client gets: relayed chunk by chunk for streams, and for
+whole answers made JSON in the one error shape, with the operator's hints where llama-server gives none."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import httpcore
+
+from ...core.lifecycle import Machine
+from ...spec.profile import Profile
+from ..errors import Send, error_doc, json_error, send_simple
+from .predict import chat_to_predict
+
+if TYPE_CHECKING:
+    from ...child.runner import Runner
+    from ...telemetry.metrics import Metrics
+
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                        b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
+# Anything that can break an upstream exchange once it has started.
+UPSTREAM_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
+
+
+def ctx_words(profile: Profile, m: Machine) -> str:
+    """The context in force, in words: the out-of-memory ladder may have lowered it, slots share it."""
+    ctx = f"ctx_size {m.effective.ctx_size}"
+    if m.effective.ctx_size != m.base.ctx_size:
+        ctx += f" (lowered from {m.base.ctx_size}: {m.adjustment})"
+    if profile.parallel and profile.parallel > 1:
+        ctx += f" shared by {profile.parallel} parallel slots"
+    return ctx
+
+
+def context_hint(data: bytes, profile: Profile, m: Machine) -> bytes:
+    """llama-server's 'exceeds the available context size' says 'try increasing it'; the operator also needs
+    the size in force (the out-of-memory ladder may have lowered it) and which profile knobs bear on it."""
+    try:
+        doc = json.loads(data)
+        err = doc["error"]
+        ctx = ctx_words(profile, m)
+        policy = profile.images
+        kept = [f"the last {policy.keep_last_images} images"] if policy.keep_last_images is not None else []
+        kept += [f"the last {policy.keep_last_turns} turns"] if policy.keep_last_turns else []
+        err["message"] = (f"{err['message']}. Profile '{profile.name}' runs with {ctx}"
+                          + (f"; the proxy keeps {' and '.join(kept)}" if kept else "")
+                          + ": shorten the conversation, or raise ctx_size"
+                          + (" in the profile" if policy.keep_last_turns else " or set images.keep_last_turns in the profile"))
+        return json.dumps(doc).encode()
+    except (ValueError, KeyError, TypeError):
+        return data  # not the shape we know: llama-server's answer goes through as it is
+
+
+def client_error_from_500(data: bytes) -> bytes | None:
+    """llama-server answers 500 when its JSON library throws on a field of the wrong type: that is the client's
+    request, so the client gets a 400 saying so (fields the proxy checks never get this far)."""
+    if b"[json.exception." not in data:
+        return None
+    try:
+        message = json.loads(data)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = data.decode("utf-8", "replace")[:300]
+    return json_error(400, f"llama-server could not read a field of the request: {message}",
+                      "invalid_request_error")[2]
+
+
+async def relay(runner: Runner, upstream: httpcore.Response, send: Send, status: list[int], predict: bool = False,
+                extra: list[tuple[bytes, bytes]] | None = None) -> bool:
+    """Pass the answer on; True when the child's answer came in full."""
+    code = status[0] = upstream.status
+    headers = [(k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP] + (extra or [])
+    sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+    stream: Any = upstream.stream
+    if not sse:
+        try:
+            data = b"".join([chunk async for chunk in stream])
+        except UPSTREAM_ERRORS as exc:
+            status[0] = 502
+            await send_simple(send, *json_error(502, f"llama-server failed mid-response: {exc!r}", "server_error"))
+            return False
+        runner.note_progress()  # it answered: alive, whatever the status
+        if 200 <= code < 300:
+            if b'"usage"' in data:
+                count_tokens(runner.metrics, data)
+            if predict:
+                data = json.dumps(chat_to_predict(json.loads(data))).encode()
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+                headers.append((b"content-type", b"application/json"))
+        elif code == 500 and (fixed := client_error_from_500(data)) is not None:
+            code = status[0] = 400
+            data = fixed
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
+        elif code == 400 and b"exceed_context_size_error" in data:
+            data = context_hint(data, runner.loaded.profile, runner.machine)
+        if code >= 400 and not data.lstrip().startswith(b"{"):
+            # llama-server's HTTP library answers some errors with an empty or plain-text body
+            text = data.decode("utf-8", "replace").strip()[:300] or "no details"
+            data = json_error(code, f"llama-server answered {code}: {text}",
+                              "server_error" if code >= 500 else "invalid_request_error")[2]
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
+        await send_simple(send, code, headers + [(b"content-length", str(len(data)).encode())], data)
+        return True
+    await send({"type": "http.response.start", "status": code, "headers": headers})
+    runner = runner
+    whole = True
+    try:
+        async for chunk in stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            runner.note_progress()  # a flowing stream is proof of life for liveness
+            if b'"timings"' in chunk:
+                count_tokens(runner.metrics, chunk)
+    except UPSTREAM_ERRORS as exc:
+        whole = False
+        m = runner.machine
+        err = error_doc(502, f"llama-server stream was cut ({type(exc).__name__}); state: {m.state.value}",
+                        "server_error")
+        await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n",
+                    "more_body": True})
+        status[0] = 502
+    await send({"type": "http.response.body", "body": b""})
+    return whole
+
+
+def count_tokens(metrics: Metrics, data: bytes) -> None:
+    """Token counts from llama-server's own usage/timings, parsed only from the chunk that has them."""
+    text = data.decode("utf-8", "replace")
+    for part in text.split("\n"):
+        part = part.removeprefix("data: ").strip()
+        if not part.startswith("{"):
+            continue
+        try:
+            obj = json.loads(part)
+        except ValueError:
+            continue
+        usage, timings = obj.get("usage") or {}, obj.get("timings") or {}
+        prompt = usage.get("prompt_tokens", timings.get("prompt_n"))
+        completion = usage.get("completion_tokens", timings.get("predicted_n"))
+        if isinstance(prompt, int):
+            metrics.tokens.labels("prompt").inc(prompt)
+        if isinstance(completion, int):
+            metrics.tokens.labels("completion").inc(completion)
+        return
