@@ -4,7 +4,7 @@ Progress counts as life: bytes from the child on any proxied request, a complete
 probe (the proxy and the probes call `Runner.note_progress`). A probe is sent only when nothing showed
 progress for a whole interval, and a failed probe does not count when progress came in meanwhile (a busy
 server answers its requests before its probes). The proxy caps its upstream connections below
-llama-server's HTTP threads (see web/proxy.py), so a probe always finds a thread.
+llama-server's HTTP threads (see web/api/proxy.py), so a probe always finds a thread.
 """
 
 from __future__ import annotations

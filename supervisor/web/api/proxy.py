@@ -363,7 +363,7 @@ class Proxy:
             await upstream.aclose()
 
     async def _fit_context(self, chat: Chat, body: bytes, gen: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """The context guard (web/context.py): the body to send and the header that says what was dropped.
+        """The context guard (web/guard/context.py): the body to send and the header that says what was dropped.
         If llama-server cannot count, the request goes as it came (and llama-server's own 400 applies)."""
         r = self.runner
         t0 = time.perf_counter()
