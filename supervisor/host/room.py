@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 
 def room(budget_mib: float | None) -> Room:
-    gpus = gpu.snapshot()
-    return Room(gpu_free_mib=tuple(g.memory_free_mib for g in gpus), host_budget_mib=budget_mib,
+    free = {g.index: g.memory_free_mib for g in gpu.snapshot()}
+    # A GPU NVML could not read has no room to offer: 0 keeps the others at their NVML index.
+    return Room(gpu_free_mib=tuple(free.get(i, 0.0) for i in range(max(free, default=-1) + 1)), host_budget_mib=budget_mib,
                 host_available_mib=available_host_mib())
 
 
@@ -40,10 +41,7 @@ def measure(pid: int) -> Mem | None:
         rss = psutil.Process(pid).memory_info().rss / MIB
     except psutil.Error:
         return None
-    per_gpu = [sum(m for p, m in g.processes if p == pid) for g in gpu.snapshot()]
-    while per_gpu and per_gpu[-1] == 0:
-        per_gpu.pop()
-    return Mem(tuple(round(x, 1) for x in per_gpu), round(rss, 1))
+    return Mem(gpu.held_by(pid), round(rss, 1))
 
 
 def estimate(p: Profile) -> Mem:
