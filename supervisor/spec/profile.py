@@ -79,6 +79,7 @@ class Profile(BaseModel):
     pinned: bool = False  # never unloaded to make room (loaded at start)
     ttl_s: float = Field(0.0, ge=0, description="unload after this many idle seconds; 0: never")
     preload: bool = False  # load at start, not on the first request
+    capture: Literal["off", "errors", "all"] | None = None  # the activity log's capture for this model (None: settings')
 
     @field_validator("aliases")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -126,6 +126,14 @@ class Config(BaseSettings):
     # the ops page (/ui): seconds between chart samples (an hour of them is kept, then one a minute for a day);
     # 0 turns the sampler off
     sample_interval_s: float = Field(2.0, ge=0, le=60)
+    # the activity log: one record per proxied request in state_dir/activity.sqlite3, kept this many rows and days
+    activity: bool = True
+    activity_max_rows: int = Field(100_000, ge=100)
+    activity_days: float = Field(14.0, gt=0)
+    # capture of requests and answers for reading and replay (a profile's own `capture:` wins): off, errors, all
+    capture: Literal["off", "errors", "all"] = "off"
+    capture_max_kib: int = Field(64, ge=1, le=16384)  # per request, for the request and for the answer
+    capture_images: bool = False  # false: inline images and audio are kept as size + SHA-256 only
 
     @model_validator(mode="after")
     def _keys_from_files(self) -> Config:

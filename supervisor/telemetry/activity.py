@@ -1,0 +1,420 @@
+"""The activity log: one record per proxied request (timings, tokens, what the supervisor did to it), kept
+in SQLite in the state directory, read by /activity, the ops page and the CLI; optionally with the request
+and its answer captured for replay.
+
+Nothing here may slow or fail a request. The proxy fills a Record with what it already knows (clocks it
+reads anyway, references to bytes it already holds) and hands it over with one non-blocking put into a
+bounded queue. A writer thread of its own does the rest in batches: llama-server's numbers parsed from the
+answer (telemetry/answer.py), the histograms, the capture, the SQLite transaction, retention. A full queue,
+a locked, read-only or full database: the record is dropped and counted
+(llama_supervisor_activity_dropped_total), the page shows the state, the request never notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from . import answer
+from .activity_store import COLUMNS, Filters, Store
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+log = structlog.get_logger("activity")
+NS = "llama_supervisor"
+DB_NAME = "activity.sqlite3"
+QUEUE_MAX = 4096  # records waiting for the writer; beyond, dropped (memory stays bounded)
+BATCH_MAX = 256
+FLUSH_S = 0.25  # a record is on disk within about this long
+RECENT_MAX = 512  # the newest records, also kept in memory: readable before their batch lands, or with no disk
+PENDING_BYTES_MAX = 64 << 20  # capture material (bodies, stream chunks) held for the writer at once, at most
+PRUNE_EVERY_S = 60.0
+REOPEN_AFTER_S = 5.0  # a failed database is opened again at most this often
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
+WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+Capture = Literal["off", "errors", "all"]
+_STOP = object()
+
+
+@dataclass(slots=True, eq=False)
+class Record:
+    """One request. Fields named as in the table (activity_store.COLUMNS); the rest is hand-over material."""
+
+    id: int
+    at: float  # Unix seconds
+    model: str
+    route: str
+    method: str = "POST"
+    client: str | None = None
+    replay_of: int | None = None
+    status: int = 499  # what the client got (499: it left first)
+    stream: bool = False
+    queue_ms: float = 0.0
+    load_ms: float = 0.0
+    ttft_ms: float | None = None
+    duration_ms: float | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+    prompt_tps: float | None = None
+    decode_tps: float | None = None
+    prompt_ms: float | None = None
+    decode_ms: float | None = None
+    finish_reason: str | None = None
+    images_in: int = 0
+    images_downscaled: int = 0
+    context_trimmed: str | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the supervisor did: waited, retried, trimmed...
+    captured: bool = False
+    # hand-over to the writer thread (not stored as such)
+    t0: float = 0.0  # perf_counter at the start
+    capture: Capture = "off"
+    capture_media: bool = False
+    answer: bytes | None = None  # a whole answer, or a stream's last chunks (those with timings)
+    request_body: bytes | None = None  # as sent upstream, when captured
+    chunks: list[bytes] | None = None  # a stream's raw chunks, when captured
+    chunks_complete: bool = True
+    pending: int = 0  # bytes held for the writer
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def row(self) -> tuple[Any, ...]:
+        return tuple(json.dumps(self.notes) if c == "notes" else getattr(self, c) for c in COLUMNS)
+
+    def as_dict(self) -> dict[str, Any]:
+        return public({c: getattr(self, c) for c in COLUMNS})
+
+
+def public(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row as /activity shows it: ISO time, booleans, images and notes as objects."""
+    d = dict(row)
+    d["at"] = datetime.fromtimestamp(d["at"], UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    d["stream"] = bool(d["stream"])
+    d["captured"] = bool(d.get("captured"))
+    d["images"] = {"in": d.pop("images_in") or 0, "downscaled": d.pop("images_downscaled") or 0}
+    notes = d.get("notes")
+    d["notes"] = json.loads(notes) if isinstance(notes, str) else list(notes or [])
+    for k in ("queue_ms", "load_ms", "ttft_ms", "duration_ms", "prompt_ms", "decode_ms"):
+        if d.get(k) is not None:
+            d[k] = round(d[k], 2)
+    for k in ("prompt_tps", "decode_tps"):
+        if d.get(k) is not None:
+            d[k] = round(d[k], 1)
+    return d
+
+
+def _matches(r: Record, f: Filters) -> bool:
+    rng = f.status_range()
+    return ((f.before is None or r.id < f.before) and (f.model is None or r.model == f.model)
+            and (rng is None or rng[0] <= r.status <= rng[1])
+            and (f.min_duration_ms is None or (r.duration_ms or 0) >= f.min_duration_ms))
+
+
+def percentiles(xs: list[float]) -> dict[str, float | None]:
+    xs = sorted(xs)
+    pick = (lambda p: round(xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))], 2)) if xs else (lambda p: None)
+    return {"p50": pick(50), "p95": pick(95), "p99": pick(99)}
+
+
+class ActivityMetrics:
+    """Histograms per model, observed on the writer thread (prometheus_client is thread-safe)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.ttft = Histogram(f"{NS}_time_to_first_token_seconds", "Time to the first byte of an answer (streams: "
+                              "the first generated token)", ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.decode = Histogram(f"{NS}_decode_tokens_per_second", "Generation speed llama-server reported per "
+                                "request", ["model"], buckets=TPS_BUCKETS, registry=r)
+        self.queue = Histogram(f"{NS}_request_queue_seconds", "Time a request waited for a ready llama-server or "
+                               "a place at the upstream gate", ["model"], buckets=WAIT_BUCKETS, registry=r)
+        self.load = Histogram(f"{NS}_request_load_seconds", "Time a request waited for its model to load or swap "
+                              "in (requests that waited)", ["model"], buckets=WAIT_BUCKETS, registry=r)
+        self.dropped = Counter(f"{NS}_activity_dropped_total", "Activity records lost (the request was served): "
+                               "queue full, or the database could not be written", ["reason"], registry=r)
+
+    def observe(self, rec: Record) -> None:
+        if rec.ttft_ms is not None:
+            self.ttft.labels(rec.model).observe(rec.ttft_ms / 1000)
+        if rec.decode_tps is not None:
+            self.decode.labels(rec.model).observe(rec.decode_tps)
+        if rec.status != 499 or rec.queue_ms:
+            self.queue.labels(rec.model).observe(rec.queue_ms / 1000)
+        if rec.load_ms:
+            self.load.labels(rec.model).observe(rec.load_ms / 1000)
+
+
+class Activity:
+    """The log of one supervisor: `begin`/`finish` for the proxy, `list`/`get`/`stats` for readers."""
+
+    def __init__(self, state_dir: Path, *, enabled: bool = True, max_rows: int = 100_000, days: float = 14.0,
+                 capture_max_kib: int = 64, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.enabled = enabled
+        self.store = Store(Path(state_dir) / DB_NAME, max_rows, days * 86400)
+        self.capture_limit = capture_max_kib * 1024
+        self.metrics = ActivityMetrics(registry if registry is not None else CollectorRegistry())
+        self.clock = clock
+        self.recent: deque[Record] = deque(maxlen=RECENT_MAX)
+        self._q: queue.Queue[Any] = queue.Queue(QUEUE_MAX)
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self.dropped: dict[str, int] = {}
+        self.state, self.since = "off" if not enabled else "starting", clock()
+        self.error: str | None = None
+        self._opened_at = 0.0
+        self._pruned_at = 0.0
+
+    @classmethod
+    def from_settings(cls, cfg: Config, registry: CollectorRegistry | None = None) -> Activity:
+        return cls(cfg.state_dir, enabled=cfg.activity, max_rows=cfg.activity_max_rows, days=cfg.activity_days,
+                   capture_max_kib=cfg.capture_max_kib, registry=registry)
+
+    # ---- life ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self.enabled:
+            return
+        last = await asyncio.to_thread(self._open)
+        # Ids go on from the file's highest; without a readable file, from the clock (in ms: above any count).
+        self._ids = itertools.count(last + 1 if last is not None else int(self.clock() * 1000))
+        self._thread = threading.Thread(target=self._run, name="activity-writer", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Flush what is queued (a few seconds at most), then close."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        await asyncio.to_thread(self._stop_thread, thread)
+        await asyncio.to_thread(self.store.close_reader)
+
+    def _stop_thread(self, thread: threading.Thread) -> None:
+        try:
+            self._q.put(_STOP, timeout=5)
+        except queue.Full:
+            pass
+        thread.join(timeout=10)
+
+    # ---- the proxy's side (event loop; cheap) --------------------------------------------------------
+
+    def begin(self, model: str, route: str, method: str, client: str | None, *, capture: Capture = "off",
+              capture_media: bool = False, replay_of: int | None = None) -> Record | None:
+        if self._thread is None:
+            return None
+        return Record(next(self._ids), self.clock(), model, route, method, client, replay_of, t0=time.perf_counter(),
+                      capture=capture, capture_media=capture_media)
+
+    def keep_raw(self, rec: Record, size: int) -> bool:
+        """May this many more bytes of capture material be held for the writer? (bounded across requests)"""
+        with self._pending_lock:
+            if self._pending + size > PENDING_BYTES_MAX:
+                return False
+            self._pending += size
+        rec.pending += size
+        return True
+
+    def finish(self, rec: Record) -> None:
+        rec.duration_ms = (time.perf_counter() - rec.t0) * 1000
+        if rec.capture == "off" or (rec.capture == "errors" and rec.status < 400 and rec.chunks_complete):
+            self._release(rec)  # nothing of it is captured: the bodies need not wait for the writer
+        self.recent.append(rec)
+        try:
+            self._q.put_nowait(rec)
+        except queue.Full:
+            rec.answer = None
+            self._release(rec)
+            self._drop("queue_full", 1)
+
+    def _release(self, rec: Record) -> None:
+        rec.request_body = rec.chunks = None
+        rec.capture = "off"
+        if rec.pending:
+            with self._pending_lock:
+                self._pending -= rec.pending
+            rec.pending = 0
+
+    def _drop(self, reason: str, n: int) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+        self.metrics.dropped.labels(reason).inc(n)
+
+    # ---- the writer thread --------------------------------------------------------------------------
+
+    def _open(self) -> int | None:
+        self._opened_at = time.monotonic()
+        try:
+            last = self.store.open()
+            self._prune()
+        except Exception as exc:  # noqa: BLE001 - sqlite3.Error or OSError: no log for now, requests go on
+            self.store.close()
+            self._set_state("unavailable", f"{self.store.path}: {exc}")
+            log.warning("activity_unavailable", path=str(self.store.path), error=str(exc))
+            return None
+        self._set_state("ok", None)
+        return last
+
+    def _set_state(self, state: str, error: str | None) -> None:
+        if (state, error) != (self.state, self.error):
+            self.state, self.error, self.since = state, error, self.clock()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self._q.get()]
+            if batch[0] is _STOP:
+                break
+            deadline = time.monotonic() + FLUSH_S
+            while len(batch) < BATCH_MAX and (left := deadline - time.monotonic()) > 0:
+                try:
+                    item = self._q.get(timeout=left)
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._write(batch)
+        rest = []
+        while True:  # stopping: what is still queued goes in one last batch
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                rest.append(item)
+        if rest:
+            self._write(rest)
+        self.store.close()
+
+    def _write(self, batch: list[Record]) -> None:
+        rows, captures = [], []
+        for rec in batch:
+            try:
+                cap = self._settle(rec)
+            except Exception as exc:  # noqa: BLE001 - a bug in reading one answer must not stop the log
+                log.error("activity_settle_error", id=rec.id, error=repr(exc))
+                cap = None
+            finally:
+                rec.answer = None
+                self._release(rec)
+            rows.append(rec.row())
+            if cap is not None:
+                captures.append((rec.id, cap.request, cap.response, cap.text, int(cap.truncated), cap.images_hashed))
+        if not self.store.is_open:
+            if time.monotonic() - self._opened_at < REOPEN_AFTER_S or self._open() is None:
+                self._drop("unavailable", len(rows))
+                return
+        try:
+            self.store.write(rows, captures)
+            if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
+                self._prune()
+        except Exception as exc:  # noqa: BLE001 - sqlite3.Error (locked, read-only, full, I/O) or OSError
+            self._drop("write_error", len(rows))
+            self._set_state("error", f"{self.store.path}: {exc}")
+            log.warning("activity_write_failed", path=str(self.store.path), error=str(exc), dropped=len(rows))
+            self.store.close()
+            self._opened_at = time.monotonic()
+            return
+        self._set_state("ok", None)
+
+    def _prune(self) -> None:
+        self._pruned_at = time.monotonic()
+        removed = self.store.prune(self.clock())
+        if removed:
+            log.debug("activity_pruned", rows=removed)
+
+    def _settle(self, rec: Record) -> answer.Captured | None:
+        """What the hot path left for later: llama-server's numbers, the error text, the histograms, the capture."""
+        data = rec.answer
+        if data is not None:
+            if rec.status < 400:
+                for k, v in answer.answer_numbers(data, rec.stream).items():
+                    setattr(rec, k, v)
+            elif rec.error is None:
+                rec.error = answer.error_message(data)
+        self.metrics.observe(rec)
+        if rec.capture == "off" or (rec.capture == "errors" and rec.status < 400 and rec.chunks_complete):
+            return None
+        cap = answer.Captured()
+        if rec.request_body is not None:
+            answer.capture_request(rec.request_body, self.capture_limit, rec.capture_media, cap)
+        if rec.chunks is not None:
+            answer.capture_response(b"".join(rec.chunks), True, self.capture_limit, cap, rec.chunks_complete)
+        elif data is not None:
+            answer.capture_response(data, rec.stream, self.capture_limit, cap, True)
+        rec.captured = True
+        return cap
+
+    # ---- reads (off the event loop) -----------------------------------------------------------------
+
+    async def list(self, f: Filters) -> list[dict[str, Any]]:
+        """Newest first: the file's rows, with the newest records not written yet (or not writable)."""
+        mem = [r for r in self.recent if _matches(r, f)]
+        rows: list[dict[str, Any]] = []
+        if self.enabled:
+            try:
+                rows = [public(r) for r in await asyncio.to_thread(self.store.read_list, f)]
+            except Exception as exc:  # noqa: BLE001 - sqlite3.Error/OSError: the memory part is still worth showing
+                log.debug("activity_read_failed", error=str(exc))
+        seen = {r["id"] for r in rows}
+        rows += [r.as_dict() for r in mem if r.id not in seen]
+        rows.sort(key=lambda r: r["id"], reverse=True)
+        return rows[:f.limit]
+
+    async def get(self, rid: int) -> dict[str, Any] | None:
+        """One record with its capture (under "capture", when kept)."""
+        row, cap = None, None
+        if self.enabled:
+            try:
+                row, cap = await asyncio.to_thread(self.store.read_one, rid)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("activity_read_failed", error=str(exc))
+        doc = public(row) if row else next((r.as_dict() for r in self.recent if r.id == rid), None)
+        if doc is not None:
+            doc["capture"] = ({k: (bool(v) if k == "truncated" else v) for k, v in cap.items() if k != "id"}
+                              if cap else None)
+        return doc
+
+    async def stats(self, window_s: float) -> dict[str, Any]:
+        """Per model over the window: count, errors, and p50/p95/p99 of TTFT and decode tokens/s."""
+        since = self.clock() - window_s
+        rows: list[tuple[str, int, float | None, float | None]] = []
+        if self.enabled:
+            try:
+                rows = await asyncio.to_thread(self.store.read_window, since)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("activity_read_failed", error=str(exc))
+        if not rows:  # nothing on disk: what memory holds
+            rows = [(r.model, r.status, r.ttft_ms, r.decode_tps) for r in self.recent if r.at >= since]
+        per: dict[str, list[tuple[int, float | None, float | None]]] = {}
+        for model, status, ttft, tps in rows:
+            per.setdefault(model, []).append((status, ttft, tps))
+        return {model: {"count": len(xs), "errors": sum(1 for s, _, _ in xs if s >= 400),
+                        "ttft_ms": percentiles([t for _, t, _ in xs if t is not None]),
+                        "decode_tps": percentiles([v for _, _, v in xs if v is not None])}
+                for model, xs in sorted(per.items())}
+
+    def status(self) -> dict[str, Any]:
+        """For the page and /status: is the log being written, and what was lost."""
+        return {"enabled": self.enabled, "state": self.state, "error": self.error,
+                "since": datetime.fromtimestamp(self.since, UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "path": str(self.store.path), "queued": self._q.qsize(), "dropped": dict(self.dropped),
+                "max_rows": self.store.max_rows, "days": self.store.max_age_s / 86400}
