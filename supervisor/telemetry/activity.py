@@ -32,7 +32,7 @@ from . import answer
 from .activity_store import COLUMNS, Filters, Store
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..spec.settings import Config
 
 log = structlog.get_logger("activity")
 NS = "llama_supervisor"
