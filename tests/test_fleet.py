@@ -179,7 +179,7 @@ async def test_fleet_behind_haproxy(tmp_path: Path, llama_server: str, tiny_vl: 
             await asyncio.sleep(1.5)
 
             # 2. SIGKILL box1's llama-server while no stream is flowing from it (the tokens of a stream already
-            #    flowing from a child that dies cannot be taken back by anyone: README "Running a fleet").
+            #    flowing from a child that dies cannot be taken back by anyone: docs/fleet.md).
             killed_pid = int((await boxes[0].status(admin))["child"]["pid"])
             kill_at = await _kill_between_streams(admin, boxes[0])
             # HAProxy takes box1 out when its agent (every second) or health check sees the restart. On a quiet

@@ -182,7 +182,7 @@ def test_ops_page_in_a_real_browser(tmp_path: Path, write_profile, llama_server:
             http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}],
                                                     "max_tokens": 32, "ignore_eos": True})
         time.sleep(2.5)
-        drv.set_window_size(1400, 2100)  # the whole page, logs included, for the README
+        drv.set_window_size(1400, 2100)  # the whole page, logs included, for the README and docs/operations.md
         time.sleep(1.0)
         _shot(drv, "ops-page.png")
         drv.set_window_size(1400, 1900)

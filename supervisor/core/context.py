@@ -1,6 +1,6 @@
 """The context guard's decisions: what a conversation costs and what to drop so it fits one slot. Pure.
 
-Trimming order (fixed, documented in the README): the oldest images first (each becomes a short text
+Trimming order (fixed, documented in docs/configuration.md): the oldest images first (each becomes a short text
 placeholder), then the oldest turns (a user message with the replies that follow it). System messages and
 the last user turn (with everything after it) are never touched; when they alone do not fit, the request
 cannot be answered and the plan says how many tokens they need.

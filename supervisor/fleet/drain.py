@@ -2,7 +2,7 @@
 
 Set by the daemon on SIGTERM and by the reloader around a profile change that restarts the child; while
 it is set, /health answers 503 and the agent check says `drain`, so the balancer stops sending new work
-here while the requests in flight finish (README "Running a fleet").
+here while the requests in flight finish (docs/fleet.md).
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class Config(BaseSettings):
     # several models (every profile in profiles_dir): residency
     memory_budget_mib: int | None = Field(None, gt=0)  # host RAM all children together may use (None: no budget)
     swap_pass_over_s: float = Field(5.0, ge=0)  # how long requests for an unloaded model let loaded ones go first
-    # behind a load balancer (README "Running a fleet")
+    # behind a load balancer (docs/fleet.md)
     agent_port: int | None = Field(None, ge=0, le=65535)  # HAProxy agent check listener; None: off
     agent_host: str | None = None  # where it listens; None: the same address as `host`
     drain_notice_s: float = Field(0.0, ge=0)  # /health 503 + agent `drain` this long before the drain starts

@@ -57,7 +57,7 @@ ROUTES[b"/predict"] = PREDICT
 _SLOT = re.compile(rb"/slots/[0-9]{1,6}")
 SLOT = Route("/slots/{id}", POST, validate.any_object)
 
-# Refused on purpose (README, Security): llama-server fetches or decodes what the supervisor cannot check there.
+# Refused on purpose (docs/security.md): llama-server fetches or decodes what the supervisor cannot check there.
 REFUSED: dict[bytes, str] = {
     b"/v1/audio/transcriptions": "audio uploads (multipart) are not inspected by the supervisor",
     b"/audio/transcriptions": "audio uploads (multipart) are not inspected by the supervisor",
