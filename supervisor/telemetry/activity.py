@@ -29,7 +29,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from . import answer
-from .activity_store import COLUMNS, Filters, Store
+from .activity_store import COLUMNS, Filters, Store, by_model, public
 
 if TYPE_CHECKING:
     from ..spec.settings import Config
@@ -100,37 +100,6 @@ class Record:
 
     def as_dict(self) -> dict[str, Any]:
         return public({c: getattr(self, c) for c in COLUMNS})
-
-
-def public(row: dict[str, Any]) -> dict[str, Any]:
-    """A stored row as /activity shows it: ISO time, booleans, images and notes as objects."""
-    d = dict(row)
-    d["at"] = datetime.fromtimestamp(d["at"], UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    d["stream"] = bool(d["stream"])
-    d["captured"] = bool(d.get("captured"))
-    d["images"] = {"in": d.pop("images_in") or 0, "downscaled": d.pop("images_downscaled") or 0}
-    notes = d.get("notes")
-    d["notes"] = json.loads(notes) if isinstance(notes, str) else list(notes or [])
-    for k in ("queue_ms", "load_ms", "ttft_ms", "duration_ms", "prompt_ms", "decode_ms"):
-        if d.get(k) is not None:
-            d[k] = round(d[k], 2)
-    for k in ("prompt_tps", "decode_tps"):
-        if d.get(k) is not None:
-            d[k] = round(d[k], 1)
-    return d
-
-
-def _matches(r: Record, f: Filters) -> bool:
-    rng = f.status_range()
-    return ((f.before is None or r.id < f.before) and (f.model is None or r.model == f.model)
-            and (rng is None or rng[0] <= r.status <= rng[1])
-            and (f.min_duration_ms is None or (r.duration_ms or 0) >= f.min_duration_ms))
-
-
-def percentiles(xs: list[float]) -> dict[str, float | None]:
-    xs = sorted(xs)
-    pick = (lambda p: round(xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))], 2)) if xs else (lambda p: None)
-    return {"p50": pick(50), "p95": pick(95), "p99": pick(99)}
 
 
 class ActivityMetrics:
@@ -367,7 +336,7 @@ class Activity:
 
     async def list(self, f: Filters) -> list[dict[str, Any]]:
         """Newest first: the file's rows, with the newest records not written yet (or not writable)."""
-        mem = [r for r in self.recent if _matches(r, f)]
+        mem = [r for r in self.recent if f.matches(r.id, r.model, r.status, r.duration_ms)]
         rows: list[dict[str, Any]] = []
         if self.enabled:
             try:
@@ -404,13 +373,7 @@ class Activity:
                 log.debug("activity_read_failed", error=str(exc))
         if not rows:  # nothing on disk: what memory holds
             rows = [(r.model, r.status, r.ttft_ms, r.decode_tps) for r in self.recent if r.at >= since]
-        per: dict[str, list[tuple[int, float | None, float | None]]] = {}
-        for model, status, ttft, tps in rows:
-            per.setdefault(model, []).append((status, ttft, tps))
-        return {model: {"count": len(xs), "errors": sum(1 for s, _, _ in xs if s >= 400),
-                        "ttft_ms": percentiles([t for _, t, _ in xs if t is not None]),
-                        "decode_tps": percentiles([v for _, _, v in xs if v is not None])}
-                for model, xs in sorted(per.items())}
+        return by_model(rows)
 
     def status(self) -> dict[str, Any]:
         """For the page and /status: is the log being written, and what was lost."""

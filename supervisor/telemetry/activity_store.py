@@ -7,10 +7,12 @@ caller to count; nothing here decides whether a request goes on (it always does)
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,13 @@ class Filters:
         code = int(self.status)  # checked by the route
         return code, code
 
+    def matches(self, rid: int, model: str, status: int, duration_ms: float | None) -> bool:
+        """The same test as sql(), for records still in memory."""
+        rng = self.status_range()
+        return ((self.before is None or rid < self.before) and (self.model is None or model == self.model)
+                and (rng is None or rng[0] <= status <= rng[1])
+                and (self.min_duration_ms is None or (duration_ms or 0) >= self.min_duration_ms))
+
     def sql(self) -> tuple[str, list[Any]]:
         where: list[str] = []
         args: list[Any] = []
@@ -78,6 +87,42 @@ class Filters:
             where.append("duration_ms >= ?")
             args.append(self.min_duration_ms)
         return (" WHERE " + " AND ".join(where) if where else ""), args
+
+
+def public(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row as /activity shows it: ISO time, booleans, images and notes as objects."""
+    d = dict(row)
+    d["at"] = datetime.fromtimestamp(d["at"], UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    d["stream"] = bool(d["stream"])
+    d["captured"] = bool(d.get("captured"))
+    d["images"] = {"in": d.pop("images_in") or 0, "downscaled": d.pop("images_downscaled") or 0}
+    notes = d.get("notes")
+    d["notes"] = json.loads(notes) if isinstance(notes, str) else list(notes or [])
+    for k in ("queue_ms", "load_ms", "ttft_ms", "duration_ms", "prompt_ms", "decode_ms"):
+        if d.get(k) is not None:
+            d[k] = round(d[k], 2)
+    for k in ("prompt_tps", "decode_tps"):
+        if d.get(k) is not None:
+            d[k] = round(d[k], 1)
+    return d
+
+
+def percentiles(xs: list[float]) -> dict[str, float | None]:
+    xs = sorted(xs)
+    if not xs:
+        return {"p50": None, "p95": None, "p99": None}
+    return {f"p{p}": round(xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))], 2) for p in (50, 95, 99)}
+
+
+def by_model(rows: Iterable[tuple[str, int, float | None, float | None]]) -> dict[str, Any]:
+    """(model, status, ttft_ms, decode_tps) rows → per model: count, errors, p50/p95/p99 of TTFT and tokens/s."""
+    per: dict[str, list[tuple[int, float | None, float | None]]] = {}
+    for model, status, ttft, tps in rows:
+        per.setdefault(model, []).append((status, ttft, tps))
+    return {model: {"count": len(xs), "errors": sum(1 for s, _, _ in xs if s >= 400),
+                    "ttft_ms": percentiles([t for _, t, _ in xs if t is not None]),
+                    "decode_tps": percentiles([v for _, _, v in xs if v is not None])}
+            for model, xs in sorted(per.items())}
 
 
 def _connect(path: Path) -> sqlite3.Connection:
