@@ -279,3 +279,40 @@ async def test_off_records_nothing(tmp_path: Path) -> None:
     assert a.begin("m", "/x", "POST", None) is None
     assert not (tmp_path / act.DB_NAME).exists() and a.status()["state"] == "off"
     await a.stop()
+
+
+async def test_a_stream_tap_keeps_the_last_chunks_and_the_first_token_time(tmp_path: Path) -> None:
+    a = Activity(tmp_path, capture_max_kib=1)
+    await a.start()
+    try:
+        final = (b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"timings":{"cache_n":19,'
+                 b'"prompt_n":1,"prompt_per_second":1941.7,"predicted_n":3,"predicted_ms":0.6,"predicted_per_second":3322.2}}'
+                 b'\n\n')
+        chunks = [b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}]}\n\n',
+                  b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"a"}}]}\n\n',
+                  *[b'data: {"choices":[{"delta":{"content":"' + b"x" * 400 + b'"}}]}\n\n'] * 30,
+                  final[:40], final[40:], b"data: [DONE]\n\n"]  # the last event cut in two, as TCP may
+        for capture in ("off", "all"):
+            rec = a.begin("m", "/v1/chat/completions", "POST", None, capture=capture)  # type: ignore[arg-type]
+            assert rec is not None
+            tap = act.StreamTap(rec)
+            tap.feed(chunks[0])
+            assert rec.ttft_ms is None  # the role-only first event is not a token
+            tap.feed(chunks[1])
+            assert rec.ttft_ms is not None
+            for chunk in chunks[2:]:
+                tap.feed(chunk)
+            tap.done()
+            assert rec.answer is not None and len(rec.answer) < 1000  # only the last chunks, not the stream
+            rec.status = 200
+            a.finish(rec)
+            await flushed(a, 1 if capture == "off" else 2)
+            doc = await a.get(rec.id)
+            assert doc is not None
+            assert (doc["prompt_tokens"], doc["cached_tokens"], doc["completion_tokens"]) == (20, 19, 3)
+            assert (doc["decode_tps"], doc["finish_reason"], doc["stream"]) == (3322.2, "length", True)
+            if capture == "all":  # raw chunks kept up to RAW_PER_TEXT times the limit, then the capture says cut
+                assert doc["capture"]["truncated"] and doc["capture"]["text"].startswith("ax")
+                assert a._pending == 0  # what was held for the writer is given back
+    finally:
+        await a.stop()

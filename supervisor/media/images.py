@@ -33,6 +33,7 @@ class Stats:
     images: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    downscaled: int = 0  # images re-encoded: smaller, or turned upright
     dropped: int = 0  # messages and image parts removed by the context policy
     # (width, height) of each chat image_url part left in the request, in order (None: a remote URL, size unknown)
     sizes: list[tuple[int, int] | None] = field(default_factory=list)

@@ -164,10 +164,11 @@ def apply(found: Found, policy: ImagePolicy, hosts: frozenset[str], max_pixels: 
         if not slot.image:
             continue
         data = decode_base64(slot.value, slot.where)
-        out, mime, _, size = process_image(data, policy, slot.where, max_pixels)
+        out, mime, changed, size = process_image(data, policy, slot.where, max_pixels)
         if slot.part:
             stats.sizes.append(size)
         stats.images += 1
+        stats.downscaled += changed
         stats.bytes_in += len(data)
         stats.bytes_out += len(out)
         slot.put(out, mime)

@@ -43,11 +43,15 @@ FLUSH_S = 0.25  # a record is on disk within about this long
 RECENT_MAX = 512  # the newest records, also kept in memory: readable before their batch lands, or with no disk
 PENDING_BYTES_MAX = 64 << 20  # capture material (bodies, stream chunks) held for the writer at once, at most
 PRUNE_EVERY_S = 60.0
+TAIL_MAX = 8  # chunks kept after the one with a stream's timings
 REOPEN_AFTER_S = 5.0  # a failed database is opened again at most this often
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 Capture = Literal["off", "errors", "all"]
+# Scope keys between a replay (web/ops/activity.py) and the proxy: the record replayed, the new record's id.
+REPLAY_OF = "llama_supervisor.replay_of"
+RECORD_ID = "llama_supervisor.activity_id"
 _STOP = object()
 
 
@@ -91,6 +95,7 @@ class Record:
     chunks: list[bytes] | None = None  # a stream's raw chunks, when captured
     chunks_complete: bool = True
     pending: int = 0  # bytes held for the writer
+    owner: Activity | None = None
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -99,7 +104,47 @@ class Record:
         return tuple(json.dumps(self.notes) if c == "notes" else getattr(self, c) for c in COLUMNS)
 
     def as_dict(self) -> dict[str, Any]:
-        return public({c: getattr(self, c) for c in COLUMNS})
+        """As /activity shows it, before (or without) its row on disk."""
+        return {**public({c: getattr(self, c) for c in COLUMNS}), "on_disk": False}
+
+
+class StreamTap:
+    """What the activity log takes from a stream as it passes, per chunk a few byte searches: the time of the
+    first generated token, and references to the last chunks (those with llama-server's timings; nothing is
+    parsed here), plus the raw chunks when the request is captured."""
+
+    __slots__ = ("first", "keep", "log", "prev", "rec", "tail")
+
+    def __init__(self, rec: Record) -> None:
+        assert rec.owner is not None
+        self.log, self.rec = rec.owner, rec
+        self.first = False
+        self.prev = b""
+        self.tail: list[bytes] | None = None
+        self.keep = rec.capture != "off"
+        if self.keep:
+            rec.chunks = []
+
+    def feed(self, chunk: bytes) -> None:
+        if self.tail is not None:
+            if len(self.tail) < TAIL_MAX:  # after the timings: `[DONE]`, little else
+                self.tail.append(chunk)
+        elif b'"timings"' in chunk:
+            self.tail = [self.prev, chunk]  # an event cut in two: its start is in the chunk before
+        if not self.first and answer.has_token(chunk):
+            self.first = True
+            self.rec.ttft_ms = (time.perf_counter() - self.rec.t0) * 1000
+        self.prev = chunk
+        if self.keep:
+            raw = self.rec.chunks
+            if raw is not None and self.log.keep_raw(self.rec, len(chunk), answer.RAW_PER_TEXT):
+                raw.append(chunk)
+            else:
+                self.keep, self.rec.chunks_complete = False, False
+
+    def done(self) -> None:
+        self.rec.stream = True
+        self.rec.answer = b"".join(self.tail) if self.tail is not None else self.prev
 
 
 class ActivityMetrics:
@@ -190,12 +235,14 @@ class Activity:
         if self._thread is None:
             return None
         return Record(next(self._ids), self.clock(), model, route, method, client, replay_of, t0=time.perf_counter(),
-                      capture=capture, capture_media=capture_media)
+                      capture=capture, capture_media=capture_media, owner=self)
 
-    def keep_raw(self, rec: Record, size: int) -> bool:
-        """May this many more bytes of capture material be held for the writer? (bounded across requests)"""
+    def keep_raw(self, rec: Record, size: int, per_limit: int | None = None) -> bool:
+        """May this many more bytes of capture material be held for the writer? Bounded across requests
+        (PENDING_BYTES_MAX) and, given per_limit, per request (that many times the capture limit)."""
         with self._pending_lock:
-            if self._pending + size > PENDING_BYTES_MAX:
+            over = per_limit is not None and rec.pending + size > per_limit * self.capture_limit
+            if over or self._pending + size > PENDING_BYTES_MAX:
                 return False
             self._pending += size
         rec.pending += size

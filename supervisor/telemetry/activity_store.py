@@ -92,6 +92,7 @@ class Filters:
 def public(row: dict[str, Any]) -> dict[str, Any]:
     """A stored row as /activity shows it: ISO time, booleans, images and notes as objects."""
     d = dict(row)
+    d["on_disk"] = True
     d["at"] = datetime.fromtimestamp(d["at"], UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     d["stream"] = bool(d["stream"])
     d["captured"] = bool(d.get("captured"))

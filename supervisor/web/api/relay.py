@@ -4,12 +4,14 @@ whole answers made JSON in the one error shape, with the operator's hints where 
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 import httpcore
 
 from ...core.lifecycle import Machine
 from ...spec.profile import Profile
+from ...telemetry.activity import Record, StreamTap
 from ..errors import Send, error_doc, json_error, send_simple
 from .predict import chat_to_predict
 
@@ -66,8 +68,9 @@ def client_error_from_500(data: bytes) -> bytes | None:
 
 
 async def relay(runner: Runner, upstream: httpcore.Response, send: Send, status: list[int], predict: bool = False,
-                extra: list[tuple[bytes, bytes]] | None = None) -> bool:
-    """Pass the answer on; True when the child's answer came in full."""
+                extra: list[tuple[bytes, bytes]] | None = None, rec: Record | None = None) -> bool:
+    """Pass the answer on; True when the child's answer came in full. `rec` (the activity log's record) gets
+    references to what the numbers are read from later, off the event loop."""
     code = status[0] = upstream.status
     headers = [(k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP] + (extra or [])
     sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
@@ -78,8 +81,13 @@ async def relay(runner: Runner, upstream: httpcore.Response, send: Send, status:
         except UPSTREAM_ERRORS as exc:
             status[0] = 502
             await send_simple(send, *json_error(502, f"llama-server failed mid-response: {exc!r}", "server_error"))
+            if rec is not None:
+                rec.error = f"llama-server failed mid-response: {exc!r}"
             return False
         runner.note_progress()  # it answered: alive, whatever the status
+        if rec is not None:
+            rec.ttft_ms = (time.perf_counter() - rec.t0) * 1000
+            rec.answer = data  # llama-server's own, with its timings (an error is replaced below)
         if 200 <= code < 300:
             if b'"usage"' in data:
                 count_tokens(runner.metrics, data)
@@ -101,10 +109,12 @@ async def relay(runner: Runner, upstream: httpcore.Response, send: Send, status:
                               "server_error" if code >= 500 else "invalid_request_error")[2]
             headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
             headers.append((b"content-type", b"application/json"))
+        if rec is not None and code >= 400:
+            rec.answer = data  # the message the client got
         await send_simple(send, code, headers + [(b"content-length", str(len(data)).encode())], data)
         return True
     await send({"type": "http.response.start", "status": code, "headers": headers})
-    runner = runner
+    tap = StreamTap(rec) if rec is not None else None
     whole = True
     try:
         async for chunk in stream:
@@ -112,6 +122,8 @@ async def relay(runner: Runner, upstream: httpcore.Response, send: Send, status:
             runner.note_progress()  # a flowing stream is proof of life for liveness
             if b'"timings"' in chunk:
                 count_tokens(runner.metrics, chunk)
+            if tap is not None:
+                tap.feed(chunk)
     except UPSTREAM_ERRORS as exc:
         whole = False
         m = runner.machine
@@ -120,6 +132,11 @@ async def relay(runner: Runner, upstream: httpcore.Response, send: Send, status:
         await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n",
                     "more_body": True})
         status[0] = 502
+        if rec is not None:
+            rec.error = err["error"]["message"]
+    finally:
+        if tap is not None:
+            tap.done()
     await send({"type": "http.response.body", "body": b""})
     return whole
 
