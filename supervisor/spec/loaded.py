@@ -41,7 +41,12 @@ def policy_for(cfg: Config, p: Profile) -> Policy:
 
 def load_checked(path: Path) -> Loaded:
     """Validate a profile against the binary it names. Blocking; raises ProfileError naming file and field."""
-    profile = load_profile(path)
+    return check(path, load_profile(path))
+
+
+def check(path: Path, profile: Profile) -> Loaded:
+    """Validate a profile against the binary it names (a candidate build: its `binary` replaced). Blocking;
+    raises ProfileError naming file and field."""
     try:
         caps = probe(profile.binary)
     except (CapabilityError, OSError) as exc:

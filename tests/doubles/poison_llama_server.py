@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -31,10 +32,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def main(real: str, poison: str) -> None:
-    args = sys.argv[1:]
-    if args[:1] and args[0] in ("--help", "--version", "--list-devices"):
-        os.execv(real, [real, *args])
+def forward(real: str, args: list[str], on_body: Callable[[str, bytes], None]) -> None:
+    """Run the real llama-server on another port and forward every request to it from the port in `args`;
+    `on_body(path, body)` sees each request first (it may end the process). Returns when the real one exits."""
     port = int(args[args.index("--port") + 1])
     inner = _free_port()
     inner_args = list(args)
@@ -42,7 +42,6 @@ def main(real: str, poison: str) -> None:
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     # The real server dies with this process (the supervisor stops the whole group anyway). No thread runs yet.
     proc = subprocess.Popen([real, *inner_args], preexec_fn=lambda: prctl(1, signal.SIGKILL, 0, 0, 0))
-    marker = poison.encode()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -52,9 +51,7 @@ def main(real: str, poison: str) -> None:
 
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
-            if marker in body:
-                print("GGML_ASSERT(poisoned input) failed", file=sys.stderr, flush=True)
-                os.abort()
+            on_body(self.path, body)
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", inner, timeout=600)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
@@ -77,11 +74,25 @@ def main(real: str, poison: str) -> None:
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
-    print(f"poison double on {port}, real llama-server on {inner}", file=sys.stderr, flush=True)
+    print(f"forwarding double on {port}, real llama-server on {inner}", file=sys.stderr, flush=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     while proc.poll() is None:
         time.sleep(0.1)
     sys.exit(proc.returncode)
+
+
+def main(real: str, poison: str) -> None:
+    args = sys.argv[1:]
+    if args[:1] and args[0] in ("--help", "--version", "--list-devices"):
+        os.execv(real, [real, *args])
+    marker = poison.encode()
+
+    def check(_path: str, body: bytes) -> None:
+        if marker in body:
+            print("GGML_ASSERT(poisoned input) failed", file=sys.stderr, flush=True)
+            os.abort()
+
+    forward(real, args, check)
 
 
 def write_poison_double(path: Path, real: str, poison: str) -> Path:

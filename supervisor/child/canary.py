@@ -1,0 +1,203 @@
+"""The upgrade canary, carried out: the golden set sent to a running llama-server, and a candidate build started
+on a port of its own, warmed up, asked the golden set, measured and stopped.
+
+The decisions (what to ask, what counts as as-good-as, whether the candidate fits beside the old child) are
+core/canary.py's; this module only talks to processes. A candidate never touches the model's own runner:
+it is a separate llama-server, so the old child keeps serving while the candidate is tried beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import httpx
+import psutil
+import structlog
+
+from ..core import canary
+from ..core.canary import Answer, Golden, Measured
+from ..core.command import CommandError, build_argv, child_env, redact
+from ..core.ladder import RunSettings
+from ..core.residency import Mem
+from ..host import gpu
+from ..loading import Loaded
+from ..profile import ImagePolicy
+from .driver import free_port
+from .process import Child, spawn
+from .readiness import NotReady, wait_healthy, warmup, warmup_image
+
+log = structlog.get_logger("canary")
+# The lines of a failed child's output that say why (llama-server's own words), most telling first.
+_TELLING = re.compile(r"error|invalid|not supported|unknown|failed|abort|assert", re.I)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How patient the canary is (the supervisor's own readiness settings) and how often it repeats the text
+    request to measure speed (the best run counts: noise on a busy box only ever slows a run down)."""
+
+    load_stall_s: float = 120.0
+    load_max_s: float = 1800.0
+    request_timeout_s: float = 120.0
+    stop_timeout_s: float = 10.0
+    speed_runs: int = 3
+
+
+async def golden_for(policy: ImagePolicy | None) -> list[Golden]:
+    """The golden set for a profile: with an image (the size its warmup uses) when it has a projector."""
+    if policy is None:
+        return canary.golden_set(None)
+    jpeg = await asyncio.to_thread(warmup_image, policy)
+    return canary.golden_set("data:image/jpeg;base64," + base64.b64encode(jpeg).decode())
+
+
+async def ask(http: httpx.AsyncClient, url: str, g: Golden, timeout_s: float) -> Answer:
+    """One golden request; a transport failure is an answer too (status 0, the error)."""
+    t0 = time.monotonic()
+    try:
+        if not g.stream:
+            r = await http.post(url + g.path, json=g.body, timeout=timeout_s)
+            try:
+                doc = r.json()
+            except ValueError:
+                doc = r.text[:300]
+            return canary.answer_from_json(g.name, r.status_code, doc, time.monotonic() - t0)
+        events: list[object] = []
+        async with http.stream("POST", url + g.path, json=g.body, timeout=timeout_s) as r:
+            if r.status_code != 200:
+                body = (await r.aread()).decode("utf-8", "replace")
+                return canary.answer_from_stream(g.name, r.status_code, [_parse(body)], 0.0)
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    payload = line[6:]
+                    events.append(payload if payload.strip() == "[DONE]" else _parse(payload))
+        return canary.answer_from_stream(g.name, 200, events, time.monotonic() - t0)
+    except httpx.HTTPError as exc:
+        return Answer(g.name, 0, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _parse(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+async def run_golden(http: httpx.AsyncClient, url: str, golden: list[Golden], timing: Timing) -> tuple[Answer, ...]:
+    out = []
+    for g in golden:
+        runs = [await ask(http, url, g, timing.request_timeout_s)]
+        if g.name == "text":
+            for _ in range(timing.speed_runs - 1):
+                runs.append(await ask(http, url, g, timing.request_timeout_s))
+        out.append(canary.best_of(runs))
+    return tuple(out)
+
+
+def memory_of(pid: int) -> Mem | None:
+    """What a child and the processes it started hold (a wrapper script may keep the real server as its child):
+    RSS and NVML's per-process VRAM, summed over the tree. Blocking."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    pids = {p.pid for p in procs}
+    rss = 0.0
+    for p in procs:
+        try:
+            rss += p.memory_info().rss / 2**20
+        except psutil.Error:
+            continue
+    per_gpu = [sum(m for q, m in g.processes if q in pids) for g in gpu.snapshot()]
+    while per_gpu and per_gpu[-1] == 0:
+        per_gpu.pop()
+    return Mem(tuple(round(x, 1) for x in per_gpu), round(rss, 1))
+
+
+async def measure_running(http: httpx.AsyncClient, url: str, pid: int, label: str, golden: list[Golden],
+                          timing: Timing) -> Measured:
+    """The golden set against a child that is already up (the old build, serving), then its memory."""
+    answers = await run_golden(http, url, golden, timing)
+    return Measured(label, "", answers, await asyncio.to_thread(memory_of, pid))
+
+
+def telling_line(tail: list[str]) -> str:
+    """The line of a failed child's output that says why: the last telling one, else the last one."""
+    for line in reversed(tail):
+        if _TELLING.search(line):
+            return line.strip()[:300]
+    return tail[-1].strip()[:300] if tail else ""
+
+
+async def try_candidate(loaded: Loaded, settings: RunSettings, label: str, golden: list[Golden], timing: Timing,
+                        http: httpx.AsyncClient) -> Measured:
+    """Start the candidate build (its own free port, the settings the old child runs with), warm it up as the
+    runner would, ask it the golden set, measure it, and stop it, whatever happened."""
+    p = loaded.profile
+    port = free_port()
+    try:
+        argv = build_argv(p, loaded.caps, settings, port)
+    except CommandError as exc:
+        return Measured(label, f"flags: {exc}")
+    log.info("canary_spawn", argv=redact(argv))
+    try:
+        child = await spawn(argv, child_env(os.environ, p), echo=False)
+    except (OSError, ValueError) as exc:
+        return Measured(label, f"cannot start {argv[0]}: {exc}")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        return await _exercise(child, url, loaded, label, golden, timing, http)
+    finally:
+        await child.stop(timing.stop_timeout_s)
+
+
+async def _exercise(child: Child, url: str, loaded: Loaded, label: str, golden: list[Golden], timing: Timing,
+                    http: httpx.AsyncClient) -> Measured:
+    p = loaded.profile
+    try:
+        await wait_healthy(http, url, child, stall_s=timing.load_stall_s, max_s=timing.load_max_s)
+    except NotReady as exc:
+        await _settle(child)
+        return Measured(label, f"load: {exc}" + _because(child))
+    try:
+        await warmup(http, url, image=p.images if p.mmproj is not None else None, timeout_s=timing.request_timeout_s)
+    except NotReady as exc:
+        await _settle(child)
+        return Measured(label, f"warmup: {exc}" + _because(child))
+    answers = await run_golden(http, url, golden, timing)
+    if child.returncode is not None or not await _alive(http, url):
+        await _settle(child)
+        return Measured(label, f"exited with code {child.returncode} during the golden set" + _because(child),
+                        answers)
+    return Measured(label, "", answers, await asyncio.to_thread(memory_of, child.pid))
+
+
+async def _alive(http: httpx.AsyncClient, url: str) -> bool:
+    try:
+        return (await http.get(f"{url}/health", timeout=5.0)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def _settle(child: Child) -> None:
+    """A child that is going away: give it a moment to finish printing why."""
+    if child.returncode is None:
+        try:
+            await asyncio.wait_for(child.wait(), 1.0)
+        except TimeoutError:
+            return
+
+
+def _because(child: Child) -> str:
+    """Why a child that exited did, in its own words (a live one's log says nothing the answer did not)."""
+    if child.returncode is None:
+        return ""
+    line = telling_line(list(child.tail))
+    return f" ({line})" if line else ""
