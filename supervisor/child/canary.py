@@ -26,8 +26,8 @@ from ..core.command import CommandError, build_argv, child_env, redact
 from ..core.ladder import RunSettings
 from ..core.residency import Mem
 from ..host import gpu
-from ..loading import Loaded
-from ..profile import ImagePolicy
+from ..spec.loaded import Loaded, check
+from ..spec.profile import ImagePolicy, ProfileError
 from .driver import free_port
 from .process import Child, spawn
 from .readiness import NotReady, wait_healthy, warmup, warmup_image
@@ -47,6 +47,16 @@ class Timing:
     request_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
     speed_runs: int = 3
+
+
+async def prepare(loaded: Loaded, binary: str) -> Loaded | str:
+    """The profile with its binary replaced by the candidate's, checked as every profile is (the flags it needs
+    are there, Metal when asked for); a str says why the candidate is refused before it ever runs."""
+    profile = loaded.profile.model_copy(update={"binary": binary})
+    try:
+        return await asyncio.to_thread(check, loaded.path, profile)
+    except ProfileError as exc:
+        return "flags: " + "; ".join(f"{field}: {msg}" if field else msg for field, msg in exc.problems)
 
 
 async def golden_for(policy: ImagePolicy | None) -> list[Golden]:

@@ -136,7 +136,7 @@ class BuildBook:
         """`build` passed: remember it (and its answers), keep a runnable copy, drop the copy of the one before."""
         self._keep(build)
         data = self._read()
-        entry = data.get(profile) if isinstance(data.get(profile), dict) else {}
+        entry: dict[str, Any] = data[profile] if isinstance(data.get(profile), dict) else {}
         entry = {**entry, "last_good": build.as_dict()}
         if golden is not None:
             entry["golden"] = golden
@@ -147,7 +147,7 @@ class BuildBook:
 
     def reject(self, profile: str, build: Build, reasons: list[str], at: str) -> None:
         data = self._read()
-        entry = data.get(profile) if isinstance(data.get(profile), dict) else {}
+        entry: dict[str, Any] = data[profile] if isinstance(data.get(profile), dict) else {}
         rejected = dict(entry.get("rejected") or {})
         rejected[build.sha256] = {"build": build.as_dict(), "reasons": reasons, "at": at}
         # A box sees a handful of releases a month: keep the last few verdicts, not a history.

@@ -102,6 +102,11 @@ class Config(BaseSettings):
     agent_port: int | None = Field(None, ge=0, le=65535)  # HAProxy agent check listener; None: off
     agent_host: str | None = None  # where it listens; None: the same address as `host`
     drain_notice_s: float = Field(0.0, ge=0)  # /health 503 + agent `drain` this long before the drain starts
+    # upgrading llama-server (a profile's binary changes): the canary's limits, and how long a switched build
+    # that dies is still rolled back (README "Upgrading llama-server")
+    upgrade_max_slowdown: float = Field(0.25, ge=0, lt=1)  # tokens/s this share below the old build's at most
+    upgrade_max_memory_growth: float = Field(0.15, ge=0)  # memory this share above the old build's at most
+    upgrade_probation_s: float = Field(600.0, ge=0)
     # request limits
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     remote_image_hosts: list[str] = []  # hosts llama-server may fetch image URLs from (empty: none)

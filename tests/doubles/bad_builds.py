@@ -6,7 +6,7 @@ Kinds:
 - `no-vision`: drops `--mmproj` (a release whose vision path is gone): image requests fail.
 - `dies`: forwards to the real server and aborts on the Nth chat completion (N=1: at the canary's warmup;
   larger: after the switch, within probation).
-- `slow`: pinned to one core with a one-token batch (`--batch-size 1 --ubatch-size 1`): prompt processing is
+- `slow`: pinned to one core with a four-token batch (`--batch-size 4 --ubatch-size 4`; 1 aborts at load): prompt processing is
   many times slower, far beyond any noise.
 - `renamed`: `--threads` is called `--n-threads` (its --help says so, and it refuses the old spelling the way
   llama-server refuses an unknown flag).
@@ -64,7 +64,7 @@ def main(real: str, kind: str, n: int) -> None:
         args = _without(_without(args, "--mmproj", True), "--no-mmproj-offload", False)
     elif kind == "slow":
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        args = [*args, "--batch-size", "1", "--ubatch-size", "1"]
+        args = [*args, "--batch-size", "4", "--ubatch-size", "4"]
     elif kind == "dies":
         from poison_llama_server import forward
 
