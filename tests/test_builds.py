@@ -67,3 +67,11 @@ def test_rejected_candidates_are_remembered_by_checksum(tmp_path: Path) -> None:
     # A state file that is not ours is read as empty, not an error.
     book.path.write_text("[1, 2]")
     assert book.last_good("p") is None and book.rejected("p", bad) is None
+
+
+def test_seen_is_kept_per_profile(tmp_path: Path) -> None:
+    book = builds.BuildBook(tmp_path / "state")
+    assert book.seen("p") is None
+    book.set_seen("p", "abc")
+    book.set_seen("q", "def")
+    assert (book.seen("p"), book.seen("q")) == ("abc", "def")

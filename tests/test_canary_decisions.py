@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from supervisor.core import canary as c
+from supervisor.core import upgrade as up
 from supervisor.core.residency import Mem, Room
 
 LIMITS = c.Limits()  # 25 % slower, 15 % more memory at most
@@ -159,3 +160,35 @@ def test_measured_round_trips_through_json() -> None:
 def test_fits_beside(old: Mem | None, room: Room, budget: float | None, beside: bool, why: str) -> None:
     ok, reason = c.fits_beside(old, room, LIMITS, budget)
     assert ok is beside and why in reason
+
+
+@pytest.mark.parametrize(
+    ("facts", "run", "canary", "adopt", "note"),
+    [
+        # First start: nothing known, the profile's build runs and becomes the last good one once ready.
+        (up.Facts("a", None, None, False, False), up.Run.PROFILE, False, True, ""),
+        (up.Facts("a", "a", "a", True, False), up.Run.PROFILE, False, False, ""),
+        # A new build at the path: the last good keeps serving while the new one is tried.
+        (up.Facts("b", "a", "a", True, False), up.Run.LAST_GOOD, True, False, "canary"),
+        (up.Facts("b", None, "a", True, False), up.Run.LAST_GOOD, True, False, "canary"),  # changed while stopped
+        # It failed before: not tried again.
+        (up.Facts("b", "b", "a", True, True), up.Run.LAST_GOOD, False, False, "failed its canary before"),
+        # Upgraded through the API to c: the profile's unchanged build a is no candidate.
+        (up.Facts("a", "a", "c", True, False), up.Run.LAST_GOOD, False, False, ""),
+        # ... until the path leads elsewhere.
+        (up.Facts("d", "a", "c", True, False), up.Run.LAST_GOOD, True, False, "canary"),
+        # The last good build is gone: the profile's is all there is.
+        (up.Facts("b", "a", "a", False, False), up.Run.PROFILE, False, True, "can no longer be started"),
+        (up.Facts("b", "b", "a", False, True), up.Run.PROFILE, False, True, "can no longer be started"),
+    ],
+)
+def test_plan(facts: up.Facts, run: up.Run, canary: bool, adopt: bool, note: str) -> None:
+    p = up.plan(facts)
+    assert (p.run, p.canary, p.adopt) == (run, canary, adopt)
+    assert (note in p.note) if note else not p.note
+
+
+@pytest.mark.parametrize(("switched", "now", "inside"), [(None, 5.0, False), (0.0, 5.0, True), (0.0, 10.0, True),
+                                                          (0.0, 10.1, False)])
+def test_in_probation(switched: float | None, now: float, inside: bool) -> None:
+    assert up.in_probation(switched, now, 10.0) is inside

@@ -127,6 +127,18 @@ class BuildBook:
         except OSError:
             return None
 
+    def seen(self, profile: str) -> str | None:
+        """The checksum of the build the profile's path led to when the last decision was taken."""
+        s = self._entry(profile).get("seen")
+        return s if isinstance(s, str) else None
+
+    def set_seen(self, profile: str, sha256: str) -> None:
+        data = self._read()
+        entry: dict[str, Any] = data[profile] if isinstance(data.get(profile), dict) else {}
+        if entry.get("seen") != sha256:
+            data[profile] = {**entry, "seen": sha256}
+            self._write(data)
+
     def rejected(self, profile: str, build: Build) -> dict[str, Any] | None:
         """Why this candidate failed before (same checksum), or None."""
         r = (self._entry(profile).get("rejected") or {}).get(build.sha256)
