@@ -296,12 +296,12 @@ async def test_a_stream_tap_keeps_the_last_chunks_and_the_first_token_time(tmp_p
             rec = a.begin("m", "/v1/chat/completions", "POST", None, capture=capture)  # type: ignore[arg-type]
             assert rec is not None
             tap = act.StreamTap(rec)
-            tap.feed(chunks[0])
+            tap.feed(chunks[0], False)
             assert rec.ttft_ms is None  # the role-only first event is not a token
-            tap.feed(chunks[1])
+            tap.feed(chunks[1], False)
             assert rec.ttft_ms is not None
             for chunk in chunks[2:]:
-                tap.feed(chunk)
+                tap.feed(chunk, b'"timings"' in chunk)
             tap.done()
             assert rec.answer is not None and len(rec.answer) < 1000  # only the last chunks, not the stream
             rec.status = 200

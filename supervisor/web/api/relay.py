@@ -120,10 +120,11 @@ async def relay(runner: Runner, upstream: httpcore.Response, send: Send, status:
         async for chunk in stream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             runner.note_progress()  # a flowing stream is proof of life for liveness
-            if b'"timings"' in chunk:
+            timings = b'"timings"' in chunk
+            if timings:
                 count_tokens(runner.metrics, chunk)
             if tap is not None:
-                tap.feed(chunk)
+                tap.feed(chunk, timings)
     except UPSTREAM_ERRORS as exc:
         whole = False
         m = runner.machine
