@@ -20,7 +20,6 @@ import compileall
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_context  # noqa: E402
+import bench_cpu  # noqa: E402
 import bench_models  # noqa: E402
 import build_llama_server  # noqa: E402
 import tiny_gguf  # noqa: E402
@@ -56,8 +56,8 @@ class Supervisor:
     """`llama-supervisor run` as a subprocess, its JSON log read in a thread."""
 
     def __init__(self, profile: Path, state: Path, extra_env: dict[str, str] | None = None) -> None:
-        env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(state), "LLAMA_SUPERVISOR_LOG_CHILD_OUTPUT": "false",
-               **(extra_env or {})}
+        # Defaults otherwise (llama-server's lines logged too): the costs measured are what a user pays.
+        env = {**os.environ, "LLAMA_SUPERVISOR_STATE_DIR": str(state), **(extra_env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--profile", str(profile), "--port",
                                       "0", "--log-format", "json"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
                                      text=True)
@@ -122,57 +122,6 @@ def write_profile(path: Path, binary: str, model: Path, mmproj: Path | None = No
     lines += [f"{k}: {json.dumps(v)}" for k, v in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-# ---- optional reference: nginx as a plain reverse proxy -------------------------------------------
-
-
-class Nginx:
-    """Debian's nginx in front of the same llama-server (proxy_buffering off), to show where a C proxy stands."""
-
-    def __init__(self, upstream: str, tmp: Path) -> None:
-        self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.port = free_port()
-        d = tmp / "nginx"
-        d.mkdir(exist_ok=True)
-        up = upstream.removeprefix("http://")
-        (d / "nginx.conf").write_text(f"""
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  client_max_body_size 64m;
-  upstream llama {{ server {up}; keepalive 64; }}
-  server {{
-    listen 127.0.0.1:{self.port};
-    location / {{
-      proxy_pass http://llama;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_read_timeout 600s;
-    }}
-  }}
-}}
-""")
-        self.proc = subprocess.Popen([self.binary, "-c", str(d / "nginx.conf"), "-p", str(d)],
-                                     stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}"
-        for _ in range(200):
-            try:
-                httpx.get(f"{self.url}/health", timeout=1)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
 
 
 # ---- P1: latency -----------------------------------------------------------------------------------
@@ -421,6 +370,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         results["p7_context_guard"] = p7_context(binary, vl_model, mmproj, tmp, args.quick)
         return results
 
+    if args.only == "cpu":
+        results["cpu"] = await cpu_only(binary, text_profile, vl_model, mmproj, tmp, args)
+        return results
+
     print("P3 cold start ...", file=sys.stderr)
     cold_profile = write_profile(tmp / "cold.yaml", binary, model, ctx_size=4096)
     results["p3_cold_start"] = p3_cold_start(binary, model, cold_profile, tmp, 3 if args.quick else 5)
@@ -440,15 +393,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         results["p2_streaming"] = await p2_streaming(sup.url or "", direct, 2 if args.quick else 6)
         print("P6 under load ...", file=sys.stderr)
         results["p6_footprint"]["under_p2_load"] = await p6_under_load(sup, direct)
-        if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
-            print("nginx reference (P1, P2) ...", file=sys.stderr)
-            ng = Nginx(direct, tmp)
-            try:
-                results["nginx_reference"] = {
-                    "p1_latency": await p1_latency(ng.url, direct, 200 if args.quick else 600),
-                    "p2_streaming": await p2_streaming(ng.url, direct, 2 if args.quick else 6)}
-            finally:
-                ng.stop()
+        print("C proxy reference (P1, P2) and CPU per request and per token ...", file=sys.stderr)
+        cp = bench_cpu.CProxy(direct, tmp, args.reference)
+        try:
+            results["c_proxy_reference"] = {
+                "name": cp.name, "p1_latency": await p1_latency(cp.url, direct, 200 if args.quick else 600),
+                "p2_streaming": await p2_streaming(cp.url, direct, 2 if args.quick else 6)}
+            results["cpu"] = {"reference": cp.name, "text": await cpu_text(sup, cp, args.quick)}
+        finally:
+            cp.stop()
         print("P4 crash recovery ...", file=sys.stderr)
         results["p4_recovery"] = await p4_recovery(sup)
     finally:
@@ -461,6 +414,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     sup.wait_state("ready", t0)
     try:
         results["p5_images"] = await p5_images(sup.url or "", sup.status()["child"]["url"], 2 if args.quick else 3)
+        print("CPU per image request and per context-guarded request ...", file=sys.stderr)
+        results["cpu"]["vision"] = await cpu_vision(sup, tmp, args.quick, args.reference)
     finally:
         sup.stop()
     no_warm = write_profile(tmp / "vl-nowarm.yaml", binary, vl_model, mmproj, ctx_size=8192, parallel=1,
@@ -486,6 +441,47 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+async def cpu_text(sup: Supervisor, cp: bench_cpu.CProxy, quick: bool) -> dict[str, Any]:
+    """CPU per request (8-token chats) and per streamed token: the supervisor and the C proxy, same llama-server."""
+    return await bench_cpu.text_phases({"supervisor": (sup.url or "", [sup.proc.pid]), cp.name: (cp.url, cp.pids())},
+                                       150 if quick else 600, 2 if quick else 4)
+
+
+async def cpu_vision(sup: Supervisor, tmp: Path, quick: bool, reference: str) -> dict[str, Any]:
+    """CPU per image request and per context-guarded request, on a supervisor with a projector."""
+    cp = bench_cpu.CProxy(sup.status()["child"]["url"], tmp, reference)
+    try:
+        return await bench_cpu.vision_phases({"supervisor": (sup.url or "", [sup.proc.pid]),
+                                              cp.name: (cp.url, cp.pids())}, 60 if quick else 300)
+    finally:
+        cp.stop()
+
+
+async def cpu_only(binary: str, text_profile: Path, vl_model: Path, mmproj: Path, tmp: Path,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """`--only cpu`: the CPU phases alone, on the text and the vision supervisor of a full run."""
+    print("CPU per request and per token ...", file=sys.stderr)
+    out: dict[str, Any] = {}
+    vl_profile = write_profile(tmp / "vl.yaml", binary, vl_model, mmproj, ctx_size=8192, parallel=1)
+    for name, profile in (("text", text_profile), ("vision", vl_profile)):
+        t0 = time.time()
+        sup = Supervisor(profile, tmp / f"state-cpu-{name}")
+        sup.wait_state("ready", t0)
+        try:
+            if name == "vision":
+                out[name] = await cpu_vision(sup, tmp, args.quick, args.reference)
+                continue
+            cp = bench_cpu.CProxy(sup.status()["child"]["url"], tmp, args.reference)
+            out["reference"] = cp.name
+            try:
+                out[name] = await cpu_text(sup, cp, args.quick)
+            finally:
+                cp.stop()
+        finally:
+            sup.stop()
+    return out
+
+
 def p7_context(binary: str, vl_model: Path, mmproj: Path, tmp: Path, quick: bool) -> dict[str, Any]:
     """The context guard's cost: two supervisors on the vision pair, guard on and off (bench_context.py)."""
     print("P7 context guard ...", file=sys.stderr)
@@ -506,7 +502,22 @@ def p7_context(binary: str, vl_model: Path, mmproj: Path, tmp: Path, quick: bool
             sup.stop()
 
 
+def cpu_table(r: dict[str, Any]) -> str:
+    """The CPU costs: the supervisor's beside the C proxy's, in a table of their own."""
+    name = r["cpu"].get("reference", "C proxy")
+    lines = [f"| CPU time (user + system, all threads) | the supervisor | {name} (reference) | target |",
+             "|---|---|---|---|"]
+    return "\n".join(lines + [f"| {' | '.join(row)} |" for row in bench_cpu.rows(r["cpu"])])
+
+
 def table(r: dict[str, Any]) -> str:
+    cpu = "\n\n" + cpu_table(r) if "cpu" in r else ""
+    if set(r) <= {"machine", "date", "cpu"}:  # --only cpu
+        return cpu.strip()
+    return main_table(r) + cpu
+
+
+def main_table(r: dict[str, Any]) -> str:
     head = ["| measure | direct llama-server | through the supervisor | difference | target |", "|---|---|---|---|---|"]
     guard = bench_context.rows(r["p7_context_guard"]) if "p7_context_guard" in r else []
     models = bench_models.rows(r["p8_models"]) if "p8_models" in r else []
@@ -545,16 +556,16 @@ def table(r: dict[str, Any]) -> str:
         ("P6 supervisor under P2 load", "", f"{p6['under_p2_load']['rss_mb']} MB RSS, "
          f"{p6['under_p2_load']['cpu_percent_of_a_core']} % CPU", "", ""),
     ]
-    ng = r.get("nginx_reference")
-    if ng:
-        n1, n2 = ng["p1_latency"], ng["p2_streaming"]
+    ref = r.get("c_proxy_reference")
+    if ref:
+        n1, n2, name = ref["p1_latency"], ref["p2_streaming"], ref["name"]
         rows += [
-            ("reference: nginx, P1 p50 / p99", f"{n1['direct']['p50_ms']} / {n1['direct']['p99_ms']} ms",
-             f"{n1['through']['p50_ms']} / {n1['through']['p99_ms']} ms (nginx)",
+            (f"reference: {name}, P1 p50 / p99", f"{n1['direct']['p50_ms']} / {n1['direct']['p99_ms']} ms",
+             f"{n1['through']['p50_ms']} / {n1['through']['p99_ms']} ms ({name})",
              f"+{n1['added_p50_ms']} / +{n1['added_p99_ms']} ms", ""),
-            ("reference: nginx, P2 throughput / TTFT p50", f"{n2['direct']['tokens_per_s']} tok/s / "
+            (f"reference: {name}, P2 throughput / TTFT p50", f"{n2['direct']['tokens_per_s']} tok/s / "
              f"{n2['direct']['ttft_p50_ms']} ms", f"{n2['through']['tokens_per_s']} tok/s / "
-             f"{n2['through']['ttft_p50_ms']} ms (nginx)", f"{n2['ratio'] * 100:.1f} % / "
+             f"{n2['through']['ttft_p50_ms']} ms ({name})", f"{n2['ratio'] * 100:.1f} % / "
              f"+{n2['added_ttft_p50_ms']} ms", ""),
         ]
     rows += guard + models
@@ -566,9 +577,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not for the README)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
-    ap.add_argument("--only", choices=["all", "context", "models"], default="all",
+    ap.add_argument("--only", choices=["all", "context", "models", "cpu"], default="all",
                     help="context: only P7, the context guard's cost (two supervisors on the vision pair); "
-                         "models: only P8, several models (swap cost, alternating clients)")
+                         "models: only P8, several models (swap cost, alternating clients); "
+                         "cpu: only the CPU per request and per token, beside a C proxy's (bench_cpu.py)")
+    ap.add_argument("--reference", choices=["haproxy", "nginx"], default="haproxy",
+                    help="the C proxy put in front of the same llama-server as the reference (default: HAProxy, "
+                         "which scripts/setup.sh installs; nginx only if installed)")
     args = ap.parse_args()
     results = asyncio.run(main_async(args))
     args.out.mkdir(parents=True, exist_ok=True)
