@@ -7,8 +7,9 @@ import pytest
 from supervisor.core.capabilities import Capabilities, parse_help
 from supervisor.core.command import CommandError, build_argv, check_extra_args, child_env
 from supervisor.core.ladder import RunSettings
+from supervisor.core.placement import Placement
 from supervisor.host.probe import probe
-from supervisor.spec.profile import load_profile
+from supervisor.spec.profile import ProfileError, load_profile
 
 
 @pytest.fixture
@@ -82,6 +83,43 @@ def test_child_env_is_built_on_purpose(write_profile) -> None:
               "HOME": "/root"}
     env = child_env(parent, p)
     assert env == {"PATH": "/bin", "HOME": "/root", "LLAMA_ARG_BATCH": "128", "CUDA_VISIBLE_DEVICES": "0"}
+
+
+def test_children_number_cuda_devices_as_nvml_does(write_profile) -> None:
+    env = child_env({"PATH": "/bin", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}, load_profile(write_profile()))
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+ONE = Placement((1,), ("CUDA1",), (), ("GPU-b",))
+TWO = Placement((0, 1), ("CUDA0", "CUDA1"), (20, 13), ("GPU-a", "GPU-b"))
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    (RunSettings("auto", 1024, placement=ONE),
+     ["--n-gpu-layers", "auto", "--device", "CUDA1", "--split-mode", "none", "--main-gpu", "0"]),
+    (RunSettings(12, 1024, placement=ONE),
+     ["--n-gpu-layers", "12", "--device", "CUDA1", "--split-mode", "none", "--main-gpu", "0"]),
+    # A split carries its layer counts: llama-server's own fitting would give up on it.
+    (RunSettings("auto", 1024, placement=TWO),
+     ["--n-gpu-layers", "33", "--device", "CUDA0,CUDA1", "--split-mode", "layer", "--tensor-split", "20,13"]),
+    (RunSettings(0, 1024, cpu_only=True, placement=TWO), ["--n-gpu-layers", "0", "--device", "none"]),
+])
+def test_argv_places_the_model(write_profile, caps: Capabilities, settings: RunSettings, expected: list[str]) -> None:
+    argv = build_argv(load_profile(write_profile(threads=None, parallel=None)), caps, settings, 1)
+    at = argv.index("--n-gpu-layers")
+    assert argv[at:at + len(expected)] == expected
+
+
+def test_placement_flags_are_checked_against_the_binary(write_profile, caps: Capabilities) -> None:
+    no_split = Capabilities(caps.binary, "old", caps.flags - {"--tensor-split", "-ts"}, caps.value_flags, True)
+    with pytest.raises(CommandError, match=r"gpus: --tensor-split is not supported by .*GPUs 0\+1"):
+        build_argv(load_profile(write_profile()), no_split, RunSettings(33, 1024, placement=TWO), 1)
+    problems = []
+    for flag in ("--tensor-split", "-mg", "--device"):
+        with pytest.raises(ProfileError) as exc:
+            load_profile(write_profile(extra_args=[flag, "1"]))
+        problems += exc.value.problems
+    assert all(f == "extra_args" and "use the profile field 'gpus" in m for f, m in problems), problems
 
 
 def test_old_binary_without_auto(write_profile, caps: Capabilities) -> None:

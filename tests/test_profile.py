@@ -22,6 +22,12 @@ def test_valid_profile_with_defaults(write_profile) -> None:
     assert p.aliases == [] and not p.pinned and p.ttl_s == 0 and not p.preload
 
 
+def test_gpus_field(write_profile) -> None:
+    assert load_profile(write_profile()).gpus == "auto"
+    assert load_profile(write_profile(gpus=1)).gpus == (1,)
+    assert load_profile(write_profile(gpus=["0", "GPU-5d2d4c4e-aaaa"])).gpus == (0, "GPU-5d2d4c4e-aaaa")
+
+
 def test_residency_fields(write_profile) -> None:
     p = load_profile(write_profile(aliases=["small", "fast"], ttl_s=300, preload=True))
     assert p.aliases == ["small", "fast"] and p.ttl_s == 300 and p.preload and not p.pinned
@@ -49,6 +55,13 @@ def test_residency_fields(write_profile) -> None:
         ({"pinned": True, "ttl_s": 60}, "", "a pinned model is never unloaded"),
         ({"pinned": "maybe"}, "pinned", "valid boolean"),
         ({"preload": "later"}, "preload", "valid boolean"),
+        ({"gpus": []}, "gpus", "an empty list allows no GPU"),
+        ({"gpus": [-1]}, "gpus", "a GPU is an NVML index"),
+        ({"gpus": ["CUDA0"]}, "gpus", "a GPU is an NVML index (0, 1, ...) or a UUID"),
+        ({"gpus": [0, "0"]}, "gpus", "listed twice"),
+        ({"gpus": True}, "gpus", "'auto', or a list of GPUs"),
+        ({"gpus": ["MIG-5d2d4c4e"]}, "gpus", "MIG instances are not placed on"),
+        ({"gpus": [0], "env": {"CUDA_VISIBLE_DEVICES": "1"}}, "", "gpus: [0] and env CUDA_VISIBLE_DEVICES both choose"),
     ],
 )
 def test_bad_fields_are_named(write_profile, fields: dict, field: str, fragment: str) -> None:

@@ -47,7 +47,7 @@ class Climber:
         r = self.r
         if not self.policy.enabled or not climb.is_reduced(base, learned, r.model_layers):
             return None
-        fit, figures = await vram.fit_now(r.loaded.profile, base.ctx_size)
+        fit, figures = await vram.fit_now(r.loaded.profile, base.ctx_size, caps=r.loaded.caps)
         decision = climb.decide(base, learned, fit, now=time.monotonic(), policy=self.policy, failed=None)
         self._note("start", learned, figures, decision)
         return decision
@@ -66,7 +66,8 @@ class Climber:
         if not climb.is_reduced(m.base, m.effective, r.model_layers):
             return False
         child = r.child
-        fit, figures = await vram.fit_now(r.loaded.profile, m.base.ctx_size, child.pid if child else None)
+        fit, figures = await vram.fit_now(r.loaded.profile, m.base.ctx_size, child.pid if child else None,
+                                          caps=r.loaded.caps)
         now_m = r.machine
         if now_m.gen != m.gen or now_m.state is not State.READY or r.traffic() > 0:
             return False  # things moved while NVML was read

@@ -26,6 +26,7 @@ from ..core.command import CommandError, build_argv, child_env, redact
 from ..core.crash import Cause, Verdict
 from ..core.ladder import Evidence, RunSettings
 from ..core.lifecycle import ChildExited, ChildGone, Healthy, Unresponsive, WarmedUp
+from . import vram
 from .exits import examine
 from .process import Child, oom_kill_count, spawn
 from .readiness import NotReady, wait_healthy, warmup
@@ -56,8 +57,10 @@ class ChildDriver:
         self.last_tail: list[str] = []  # the last child's output, kept after it is gone
         self.load_s: float | None = None
         self.warmup: dict[str, Any] | None = None
+        self.settings: RunSettings | None = None  # what the current (or last) child really runs with: its GPUs too
+        self.avoid: set[int] = set()  # GPUs that ran out of memory since the last ready start
         self.exit_listeners: list[ExitListener] = []
-        self.oom_hook: Callable[[], Awaitable[bool]] | None = None
+        self.oom_hook: Callable[[frozenset[int] | None], Awaitable[bool]] | None = None
         # Awaited after a child's warmup, before it is reported ready (generation, warmup info): the proxy's
         # context guard learns the child's figures there. A hook handles its own errors.
         self.after_warmup: list[Callable[[int, dict[str, Any]], Awaitable[None]]] = []
@@ -97,6 +100,11 @@ class ChildDriver:
         r = self.r
         p = r.loaded.profile
         port = p.port or free_port()
+        # Several GPUs: settings without a placement (the profile's own, after a restart) get one now.
+        settings, plan = await vram.settle(p, r.loaded.caps, settings, cut=r.cfg.estimate_vram)
+        if plan is not None:
+            log.info("placement", gen=gen, kind=plan.kind, placement=plan.as_dict(), why=plan.why)
+        self.settings = settings
         try:
             argv = build_argv(p, r.loaded.caps, settings, port)
         except CommandError as exc:
@@ -132,7 +140,9 @@ class ChildDriver:
         verdict, ev = await examine(child, rc, oom_before, gen, profile=r.loaded.profile,
                                     ctx_size=r.machine.effective.ctx_size, model_layers=r.model_layers,
                                     release_wait_s=r.cfg.vram_release_wait_s, metrics=r.metrics,
-                                    free_others=self.oom_hook)
+                                    free_others=self.oom_hook, caps=r.loaded.caps, settings=self.settings,
+                                    avoid=frozenset(self.avoid))
+        self.avoid = set(ev.avoid)
         return rc, verdict, ev
 
     def _gone(self, gen: int, child: Child | None) -> None:
@@ -178,6 +188,7 @@ class ChildDriver:
         await self._warmed(gen)
 
     async def _warmed(self, gen: int) -> None:
+        self.avoid.clear()  # it runs: a later out-of-memory exit starts a new series
         for hook in self.after_warmup:
             await hook(gen, self.warmup or {})
         self.r.dispatch(WarmedUp(time.monotonic(), gen))

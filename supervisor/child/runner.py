@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -162,9 +163,9 @@ class Runner:
         """Awaited with (generation, warmup info) after a child's warmup, before it is reported ready."""
         self.driver.after_warmup.append(hook)
 
-    def on_oom(self, hook: Callable[[], Awaitable[bool]]) -> None:
-        """Asked after an out-of-memory exit, before the ladder: True when it freed memory (the pool unloaded
-        idle models), so the same settings are tried again."""
+    def on_oom(self, hook: Callable[[frozenset[int] | None], Awaitable[bool]]) -> None:
+        """Asked after an out-of-memory exit, before the ladder, with the GPUs that ran out (None: unknown): True
+        when it freed memory (the pool unloaded idle models there), so the same settings are tried again."""
         self.driver.oom_hook = hook
 
     def on_exit(self, listener: ExitListener) -> None:
@@ -258,9 +259,14 @@ class Runner:
         line the profile asks for (port aside), so an edited profile never meets settings learned for another."""
         loaded = self._loaded
         identity = build_argv(loaded.profile, loaded.caps, base_settings(loaded.profile), 0)
+        if loaded.profile.gpus != "auto":
+            identity.append(f"gpus={list(loaded.profile.gpus)}")  # settings learned on other GPUs are not these
         return memory.key_for(identity, loaded.profile.model, loaded.caps.binary)
 
     def _remember(self, settings: RunSettings) -> None:
+        used = self.driver.settings  # with the GPUs it was placed on at its spawn, when the machine has none
+        if settings.placement is None and used is not None and replace(used, placement=None) == settings:
+            settings = used
         self._memory.save(self.memory_key(), settings, self._loaded.profile.name)
 
     def _recall(self) -> RunSettings | None:
@@ -275,13 +281,19 @@ class Runner:
         p = self._loaded.profile
         learned = await asyncio.to_thread(self._recall)
         self._model_layers = await asyncio.to_thread(block_count, p.model)
-        base = base_settings(p)
+        raw = base_settings(p)
+        # Several GPUs: where all of it goes now is part of what the profile asks, not an adjustment.
+        base, plan = await vram.settle(p, self._loaded.caps, raw, cut=False)
+        if learned is not None and base.placement is not None and replace(learned, placement=None) == raw:
+            learned = None  # it ran as asked: placed afresh, by the room there is now
         first, why = learned, None
         if learned is not None and learned != base:
             log.info("learned_settings", settings=learned.as_dict(), profile=p.name)
             climbed = await self.climber.at_start(base, learned)
             if climbed is not None:
                 first, why = climbed
+        elif learned is None and self.cfg.estimate_vram and plan is not None:
+            first, why, self._last_estimate = vram.estimated(raw, base, plan)
         elif learned is None and self.cfg.estimate_vram:
             first, why, self._last_estimate = await vram.pre_launch(p, base, self._model_layers)
         self._machine = initial(base, first, why)

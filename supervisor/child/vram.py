@@ -1,8 +1,8 @@
 """The runner's VRAM questions, answered from NVML and the model's GGUF sizes (host/), decided in core/.
 
-Before a start (does the profile's layer count fit?), after an out-of-memory exit (how much is free once
-the dead child's memory is released?) and while running on reduced settings (does more fit now?).
-Blocking reads go to worker threads.
+Where a child goes (several GPUs: core/placement.py) and with how many layers, before a start; how much is
+free on each GPU once a dead child's memory is released, after an out-of-memory exit; and whether more fits
+now, while running on reduced settings. Blocking reads go to worker threads.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from typing import Any
 import structlog
 
 from ..core import estimate
+from ..core.capabilities import Capabilities
 from ..core.climb import Fit
-from ..core.ladder import RunSettings
-from ..host import gpu
+from ..core.command import GPU_CHOICE_ENV
+from ..core.ladder import RunSettings, placed
+from ..core.placement import Gpu, Plan, ask_for, place
+from ..host import devices, gpu
 from ..host.gguf import footprint
 from ..spec.profile import Profile
 
@@ -31,19 +34,88 @@ async def model_footprint(p: Profile, ctx_size: int) -> estimate.Footprint | Non
         return None
 
 
-async def fit_now(p: Profile, ctx_size: int, child_pid: int | None = None, *, mmproj_offload: bool = True
-                  ) -> tuple[Fit | None, dict[str, Any] | None]:
-    """What fits at `ctx_size` in the VRAM free now plus what the running child (`child_pid`) holds.
+def places(p: Profile) -> bool:
+    """Does the supervisor choose this profile's GPUs? Not when its environment chooses them (CUDA_VISIBLE_DEVICES),
+    nor when it runs on the CPU (Metal off)."""
+    return not any(k in p.env for k in GPU_CHOICE_ENV) and p.metal is not False
+
+
+async def named_gpus(caps: Capabilities, child_pid: int | None = None,
+                     infos: list[gpu.GpuInfo] | None = None) -> list[Gpu]:
+    """The GPUs with llama-server's names and their room: free now, plus what `child_pid` holds on each."""
+    if infos is None:
+        infos = await asyncio.to_thread(gpu.snapshot)
+    held = {g.index: g.held_by(child_pid) for g in infos} if child_pid is not None else None
+    gpus, unmatched = devices.named(caps, infos, held)
+    if unmatched is not None:
+        log.info("gpus_unmatched", why=unmatched)  # no placement: llama-server's own default
+    return gpus
+
+
+async def plan_now(p: Profile, caps: Capabilities, settings: RunSettings, child_pid: int | None = None) -> Plan | None:
+    """Where `settings` would go now (the room `child_pid` holds counted as free); None without GPU facts."""
+    if not places(p) or settings.cpu_only:
+        return None
+    gpus = await named_gpus(caps, child_pid)
+    if not any(g.device for g in gpus):
+        return None
+    fp = await model_footprint(p, settings.ctx_size)
+    if fp is None:
+        return None
+    layers = settings.n_gpu_layers if isinstance(settings.n_gpu_layers, int) else None
+    return place(ask_for(fp, layers, mmproj_offload=settings.mmproj_offload and p.mmproj is not None), gpus, p.gpus)
+
+
+async def settle(p: Profile, caps: Capabilities, settings: RunSettings, *, cut: bool
+                 ) -> tuple[RunSettings, Plan | None]:
+    """`settings` with GPUs: a placement decided now when they have none, or one whose GPUs are no longer the
+    same cards (by UUID). `cut`: a plan with fewer layers may lower them (estimate_vram)."""
+    if settings.placement is not None and not settings.cpu_only:
+        infos = {g.index: g.uuid for g in await asyncio.to_thread(gpu.snapshot)}
+        same = all(infos.get(i) == u for i, u in zip(settings.placement.gpus, settings.placement.uuids, strict=False))
+        if same and all(i in infos for i in settings.placement.gpus):
+            return settings, None
+        log.warning("placement_stale", placement=settings.placement.as_dict(), gpus=infos)
+        settings = RunSettings(settings.n_gpu_layers, settings.ctx_size, settings.mmproj_offload, settings.cpu_only)
+    plan = await plan_now(p, caps, settings)
+    if plan is None:
+        return settings, None
+    return placed(settings, plan, cut=cut), plan
+
+
+def estimated(raw: RunSettings, base: RunSettings, plan: Plan
+              ) -> tuple[RunSettings | None, str | None, dict[str, Any] | None]:
+    """The first start when the plan has fewer layers than asked (the estimate is on): (settings or None to
+    keep `base`, why, the figures for /status)."""
+    figures = {"layers": plan.layers, "plan": plan.as_dict(), "describe": plan.why}
+    cut = placed(raw, plan, cut=True)
+    if cut == base:
+        return None, None, figures
+    log.info("vram_estimate", plan=plan.as_dict())
+    return cut, f"pre-launch estimate: {plan.why}", figures
+
+
+async def fit_now(p: Profile, ctx_size: int, child_pid: int | None = None, *, mmproj_offload: bool = True,
+                  caps: Capabilities | None = None) -> tuple[Fit | None, dict[str, Any] | None]:
+    """What fits at `ctx_size` in the VRAM free now plus what the running child (`child_pid`) holds: with
+    `caps` and GPUs it can name, over the GPUs the profile allows (core/placement.py); else on the first GPU.
     Returns (fit, the figures for /status), or (None, None) without NVML or GGUF sizes."""
-    gpus = await asyncio.to_thread(gpu.snapshot)
-    if not gpus:
+    infos = await asyncio.to_thread(gpu.snapshot)
+    if not infos:
         return None, None
     fp = await model_footprint(p, ctx_size)
     if fp is None:
         return None, None
-    g = gpus[0]
-    held = sum(mib for pid, mib in g.processes if child_pid is not None and pid == child_pid)
-    est = estimate.fit_layers(fp, g.memory_free_mib + held, mmproj_offload=mmproj_offload and p.mmproj is not None)
+    offload = mmproj_offload and p.mmproj is not None
+    gpus = await named_gpus(caps, child_pid, infos) if caps is not None and places(p) else []
+    if any(g.device for g in gpus):
+        plan = place(ask_for(fp, None, mmproj_offload=offload), gpus, p.gpus)
+        figures = {"layers": plan.layers, "free_mib": {str(g.index): round(g.free_mib) for g in gpus},
+                   "ctx_size": ctx_size, "plan": plan.as_dict(), "describe": plan.why}
+        return Fit(plan.layers, fp.n_layers, plan.why, plan.placement), figures
+    g = infos[0]
+    held = g.held_by(child_pid) if child_pid is not None else 0.0
+    est = estimate.fit_layers(fp, g.memory_free_mib + held, mmproj_offload=offload)
     words = est.describe() + (f", {held:.0f} MiB of it held by the running child" if held else "")
     figures = {"layers": est.layers, "free_mib": round(g.memory_free_mib), "child_mib": round(held),
                "ctx_size": ctx_size, "describe": words}
@@ -52,8 +124,8 @@ async def fit_now(p: Profile, ctx_size: int, child_pid: int | None = None, *, mm
 
 async def pre_launch(p: Profile, base: RunSettings, model_layers: int | None
                      ) -> tuple[RunSettings | None, str | None, dict[str, Any] | None]:
-    """An explicit layer count that clearly does not fit free VRAM starts at the estimate instead.
-    Returns (settings or None to keep the profile's, why, the figures for /status)."""
+    """Without GPUs to place on: an explicit layer count that clearly does not fit the first GPU's free VRAM
+    starts at the estimate instead. Returns (settings or None to keep the profile's, why, the figures for /status)."""
     if model_layers is None or base.n_gpu_layers == "auto":
         return None, None, None
     asked = estimate.requested_offload(base.n_gpu_layers, model_layers)
@@ -70,14 +142,14 @@ async def pre_launch(p: Profile, base: RunSettings, model_layers: int | None
         figures
 
 
-async def free_after_exit(pid: int, wait_s: float) -> float | None:
-    """Drivers release VRAM a little after the process is gone: wait for it (bounded), then read free VRAM."""
+async def after_exit(pid: int, wait_s: float) -> list[gpu.GpuInfo]:
+    """Drivers release VRAM a little after the process is gone: wait for it (bounded), then read every GPU."""
     deadline = time.monotonic() + wait_s
     while True:
         gpus = await asyncio.to_thread(gpu.snapshot)
         if not gpus:
-            return None
+            return []
         still = any(proc_pid == pid for g in gpus for proc_pid, _ in g.processes)
         if not still or time.monotonic() > deadline:
-            return gpus[0].memory_free_mib
+            return gpus
         await asyncio.sleep(0.2)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from .estimate import offloadable, requested_offload
 from .ladder import RunSettings
+from .placement import Placement
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Fit:
     layers: int  # offloadable layers that fit (model blocks + 1 for the output layer = everything)
     model_layers: int  # the model's block count
     describe: str  # the estimate in words, for the log and /status
+    placement: Placement | None = None  # several GPUs: where those layers go (None: as the child runs now)
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,14 @@ def target(base: RunSettings, eff: RunSettings, fit: Fit) -> RunSettings | None:
     than `eff`; None when there is nothing to gain."""
     n = fit.model_layers
     asked = requested_offload(base.n_gpu_layers, n)
+    where = fit.placement if fit.placement is not None else eff.placement
     if asked is None:
         # 'auto': go back to llama.cpp's own fitting when it would place more than eff has.
-        cand = base if fit.layers > _layers(eff, n) else None
+        cand = replace(base, placement=where) if fit.layers > _layers(eff, n) else None
     elif fit.layers >= asked:
-        cand = base
+        cand = replace(base, placement=where)
     else:
-        cand = replace(base, n_gpu_layers=fit.layers, cpu_only=False)
+        cand = replace(base, n_gpu_layers=fit.layers, cpu_only=False, placement=where)
         if fit.layers < _layers(eff, n):
             return None  # the estimate says less fits than runs now: nothing to climb
     if cand is None or not higher(cand, eff, n):

@@ -20,7 +20,8 @@ RESERVED_FLAGS: dict[str, str] = {
     "--host": "(always loopback)", "--port": "port",
     "-c": "ctx_size", "--ctx-size": "ctx_size",
     "-ngl": "n_gpu_layers", "--gpu-layers": "n_gpu_layers", "--n-gpu-layers": "n_gpu_layers",
-    "-dev": "n_gpu_layers / metal", "--device": "n_gpu_layers / metal",
+    "-dev": "gpus (or n_gpu_layers / metal)", "--device": "gpus (or n_gpu_layers / metal)",
+    "-sm": "gpus", "--split-mode": "gpus", "-ts": "gpus", "--tensor-split": "gpus", "-mg": "gpus", "--main-gpu": "gpus",
     "-t": "threads", "--threads": "threads",
     "-np": "parallel", "--parallel": "parallel",
     "-fa": "flash_attn", "--flash-attn": "flash_attn",
@@ -45,6 +46,13 @@ REPLACEMENTS: dict[str, str] = {
 _STRIPPED_ENV_PREFIXES = ("LLAMA_ARG_", "LLAMA_SUPERVISOR_", "AIP_")
 _STRIPPED_ENV = frozenset({"LLAMA_API_KEY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
                            "LISTEN_PID", "LISTEN_FDNAMES"})
+
+
+# Every child, and the probe that reads --list-devices, numbers CUDA devices in NVML's order (PCI bus id) instead of
+# CUDA's default fastest-first: that is what lets a "CUDAk" be matched to an NVML GPU (core/placement.py).
+GPU_ORDER_ENV = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+# Variables with which a profile chooses GPUs behind the supervisor's back: with them, it does not place the model.
+GPU_CHOICE_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
 
 
 class CommandError(Exception):
@@ -82,6 +90,9 @@ def _is_number(s: str) -> bool:
 
 
 def _layers_arg(settings: RunSettings, caps: Capabilities) -> str:
+    if settings.placement is not None and settings.placement.split:
+        # A tensor split is the layer count on each GPU (llama-server's own fitting gives up on one it did not make).
+        return str(sum(settings.placement.split))
     layers = settings.n_gpu_layers
     if isinstance(layers, int):
         return str(layers)
@@ -90,6 +101,22 @@ def _layers_arg(settings: RunSettings, caps: Capabilities) -> str:
     if layers == "all":
         return "999"  # older builds take integers only; more than any model has means all
     raise CommandError("n_gpu_layers: 'auto' needs a newer llama-server (this one takes integers only)")
+
+
+def _placement_args(settings: RunSettings, caps: Capabilities) -> list[str]:
+    """--device with the GPUs chosen; over several, each one's layers; on one, the whole model there."""
+    p = settings.placement
+    assert p is not None
+    args = ["--device", ",".join(p.devices)]
+    if len(p.devices) > 1:
+        args += ["--split-mode", "layer"] + (["--tensor-split", ",".join(map(str, p.split))] if p.split else [])
+    else:
+        args += ["--split-mode", "none", "--main-gpu", "0"]  # index 0 of the --device list: the one chosen
+    for flag in args[::2]:
+        if not caps.has(flag):
+            raise CommandError(f"gpus: {flag} is not supported by {caps.binary} (needed to place the model on "
+                               f"{p.describe()})")
+    return args
 
 
 def build_argv(profile: Profile, caps: Capabilities, settings: RunSettings, port: int) -> list[str]:
@@ -104,6 +131,8 @@ def build_argv(profile: Profile, caps: Capabilities, settings: RunSettings, port
             argv += ["--device", "none"]
     else:
         argv += ["--n-gpu-layers", _layers_arg(settings, caps)]
+        if settings.placement is not None:
+            argv += _placement_args(settings, caps)
     if profile.mmproj is not None:
         argv += ["--mmproj", str(profile.mmproj)]
         if not settings.mmproj_offload or settings.cpu_only:
@@ -131,6 +160,8 @@ def child_env(parent: Mapping[str, str], profile: Profile) -> dict[str, str]:
     """The child's environment, built on purpose: stray LLAMA_ARG_* would silently change llama-server."""
     env = {k: v for k, v in parent.items()
            if not k.startswith(_STRIPPED_ENV_PREFIXES) and k not in _STRIPPED_ENV}
+    if not any(k in profile.env for k in GPU_CHOICE_ENV):
+        env.update(GPU_ORDER_ENV)  # a profile that picks its GPUs itself keeps CUDA's numbering as it meant it
     env.update(profile.env)
     return env
 

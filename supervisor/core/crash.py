@@ -38,6 +38,8 @@ _ALLOC_FAILURE = re.compile(
     re.IGNORECASE,
 )
 _ALLOC_SIZE = re.compile(r"allocating ([0-9.]+) MiB on device (\d+)")
+# The device named where the size is not: "failed to allocate CUDA1 buffer", "unable to allocate CUDA1 buffer".
+_ALLOC_DEVICE = re.compile(r"allocate CUDA(\d+) buffer|current device: (\d+)")
 _HOST_ALLOC = re.compile(r"std::bad_alloc|ggml_aligned_malloc: insufficient memory|unable to allocate CPU buffer")
 _PORT = re.compile(r"couldn't bind HTTP server socket|address already in use", re.IGNORECASE)
 _BAD_ARG = re.compile(r"error: invalid argument: (\S+)|error: unknown argument: (\S+)|error while handling argument")
@@ -66,6 +68,7 @@ class Verdict:
     cause: Cause
     detail: str
     alloc_mib: float | None = None  # the failed device allocation, when the log names it
+    alloc_device: int | None = None  # the CUDA device it failed on ("CUDA<n>"), when the log names it
 
 
 def signal_name(returncode: int | None) -> str | None:
@@ -86,11 +89,14 @@ def classify(ex: Exit) -> Verdict:
     rc = ex.returncode
     sig = signal_name(rc)
     alloc_line = _first(_ALLOC_FAILURE, lines)
-    alloc_mib = None
+    alloc_mib: float | None = None
+    alloc_device: int | None = None
     for ln in lines:
         m = _ALLOC_SIZE.search(ln)
         if m and "fail" in ln:
-            alloc_mib = float(m.group(1))
+            alloc_mib, alloc_device = float(m.group(1)), int(m.group(2))
+        elif alloc_device is None and (d := _ALLOC_DEVICE.search(ln)):
+            alloc_device = int(d.group(1) or d.group(2))
 
     if ex.signalled_by_us and alloc_line is None:
         return Verdict(Cause.STOPPED, f"stopped by the supervisor ({sig or f'exit {rc}'})")
@@ -109,7 +115,7 @@ def classify(ex: Exit) -> Verdict:
     if alloc_line is not None and not _HOST_ALLOC.search(alloc_line):
         loading = _first(_MODEL, lines) is not None or any("failed to create context" in ln for ln in lines)
         cause = Cause.OOM_LOAD if (rc is not None and rc > 0) or loading else Cause.OOM_COMPUTE
-        return Verdict(cause, alloc_line.strip(), alloc_mib)
+        return Verdict(cause, alloc_line.strip(), alloc_mib, alloc_device)
     if alloc_line is not None:
         return Verdict(Cause.OOM_HOST, alloc_line.strip())
     if (line := _first(_PORT, lines)) is not None:

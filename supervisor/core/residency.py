@@ -20,10 +20,11 @@ the actions this returns. The rules:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from .estimate import RESERVE_MIB, Footprint
+from .placement import Ask, Choice, Gpu, Plan, allowed, place
 
 # What a llama-server process holds in host RAM beyond weights and KV cache (the binary, buffers, threads);
 # the measurement replaces the estimate once the model ran.
@@ -53,6 +54,15 @@ class Mem:
 
 
 @dataclass(frozen=True)
+class Placing:
+    """What placing a model on the GPUs needs (several GPUs, core/placement.py)."""
+
+    ask: Ask  # its layers' costs at its settings
+    choice: Choice = "auto"  # the profile's `gpus`
+    devices: tuple[str, ...] = ()  # its binary's name for each GPU, by NVML index ("": none)
+
+
+@dataclass(frozen=True)
 class Model:
     id: str
     state: ModelState
@@ -63,6 +73,7 @@ class Model:
     ttl_s: float = 0.0  # unload after this idle time; 0: never
     last_used: float = 0.0  # monotonic time of the last request's end (or of the load)
     draining_for: str = ""  # why a DRAINING model goes: the reason its unload will carry
+    placing: Placing | None = None  # unloaded, on a box whose GPUs are named: where it would go decides the room
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,7 @@ class Room:
     gpu_free_mib: tuple[float, ...] = ()  # NVML's free memory per GPU now (loaded children already subtracted)
     host_budget_mib: float | None = None  # memory_budget_mib: host RAM all children together may use
     host_available_mib: float | None = None  # MemAvailable from /proc/meminfo
+    gpus: tuple[Gpu, ...] = ()  # every GPU with its free memory (names come from each model's Placing)
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ def estimate_need(fp: Footprint | None, model_mib: float, mmproj_mib: float, gpu
 @dataclass(frozen=True)
 class Load:
     model: str
+    plan: Plan | None = None  # where it goes (several GPUs), in the room the unloads before it leave
 
 
 @dataclass(frozen=True)
@@ -210,43 +223,103 @@ def decide(view: View, rules: Rules, now: float) -> list[Action]:
     return acts + _make_room(view, models[first.model], first, rules, now, gone)
 
 
-def _make_room(view: View, target: Model, demand: Demand, rules: Rules, now: float, gone: set[str]) -> list[Action]:
+@dataclass(frozen=True)
+class Preview:
+    """What loading a model now would do: where it goes, what is unloaded for it, what it waits for."""
+
+    model: str
+    plan: Plan | None  # where on the GPUs (several GPUs, named); None: no placement decided here
+    need: Mem  # memory expected per GPU (NVML index) and in host RAM
+    unload: tuple[str, ...] = ()  # idle (or draining, done) models that go first
+    wait_for: tuple[str, ...] = ()  # models with requests in flight it waits for (drained first)
+    refused: str | None = None  # why it cannot be loaded at all
+
+
+def _placed(target: Model, room: Room, freed: Sequence[Model]) -> Plan | None:
+    """Where `target` goes in `room` once `freed` are gone (None: it does not place on GPUs here)."""
+    pl = target.placing
+    if pl is None or not room.gpus:
+        return None
+    gpus = [replace(g, free_mib=g.free_mib + sum(m.need.gpu(g.index) for m in freed),
+                    device=pl.devices[g.index] if g.index < len(pl.devices) else "") for g in room.gpus]
+    plan = place(pl.ask, gpus, pl.choice)
+    return None if plan.kind == "unplaced" else plan
+
+
+def _on(m: Model, gpus: set[int] | None) -> bool:
+    """Does `m` hold memory on one of `gpus` (None: any GPU)?"""
+    return any(mib > 0 and (gpus is None or d in gpus) for d, mib in enumerate(m.need.gpu_mib))
+
+
+def preview(view: View, target: Model, gone: set[str] | frozenset[str] = frozenset()) -> Preview:
+    """The room `target` needs, made the cheapest way: models already going first, then idle ones, then busy
+    ones, least recently used first, and (several GPUs) only models on GPUs it may use. `gone`: unloads already
+    decided. Pure; the /plan endpoint asks it too, without doing anything."""
     room, need = view.room, target.need
     resident = _resident(view.models, set())
     freed = [m for m in view.models if m.id in gone]
     others = [m for m in resident if m.id != target.id and not m.pinned and m.id not in gone]
-    # Cheapest to free first: models already going, then idle ones, then busy ones; least recently used first.
     draining = [m for m in others if m.state is ModelState.DRAINING]
     idle = sorted((m for m in others if m.state is ModelState.LOADED and m.in_flight == 0), key=lambda m: m.last_used)
     busy = sorted((m for m in others if m.state is ModelState.LOADED and m.in_flight > 0), key=lambda m: m.last_used)
-    plan: list[Model] = []
+    mine = ({g.index for g in allowed(target.placing.choice, room.gpus)}
+            if target.placing is not None and room.gpus else None)
+
+    def fits(extra: list[Model]) -> tuple[bool, bool, Plan | None]:
+        plan = _placed(target, room, freed + extra)
+        on_gpu = plan.whole if plan is not None else gpu_fits(need, room, freed + extra)
+        return on_gpu, host_fits(need, room, resident, freed + extra), plan
+
+    chosen: list[Model] = []
+    gpu_ok, host_ok, plan = fits(chosen)
     for m in draining + idle + busy:
-        if gpu_fits(need, room, freed + plan) and host_fits(need, room, resident, freed + plan):
+        if gpu_ok and host_ok:
             break
-        plan.append(m)
-    if not host_fits(need, room, resident, freed + plan):
-        return [Reject(target.id, f"'{target.id}' needs ~{need.host_mib:.0f} MiB of host RAM: it cannot fit "
-                                  f"memory_budget_mib {room.host_budget_mib:g} even with every unpinned model unloaded"
-                       if room.host_budget_mib is not None else
-                       f"'{target.id}' needs ~{need.host_mib:.0f} MiB of host RAM, more than is available")]
+        if (not host_ok and m.need.host_mib > 0) or (not gpu_ok and _on(m, mine)):
+            chosen.append(m)
+            gpu_ok, host_ok, plan = fits(chosen)
+    if plan is not None and gpu_ok and host_ok:
+        # Several GPUs: an unload that freed a GPU the model did not end up on was for nothing. Keep those.
+        for m in reversed(list(chosen)):
+            rest = [x for x in chosen if x is not m]
+            g_ok, h_ok, p = fits(rest)
+            if g_ok and h_ok:
+                chosen, plan = rest, p
+    if plan is not None:
+        need = Mem(tuple(dict(zip(plan.placement.gpus, plan.need_mib, strict=True)).get(i, 0.0)
+                         for i in range(max(plan.placement.gpus) + 1)) if plan.placement else (), need.host_mib)
+    refused = None
+    if not host_ok:
+        refused = (f"'{target.id}' needs ~{need.host_mib:.0f} MiB of host RAM: it cannot fit memory_budget_mib "
+                   f"{room.host_budget_mib:g} even with every unpinned model unloaded"
+                   if room.host_budget_mib is not None else
+                   f"'{target.id}' needs ~{need.host_mib:.0f} MiB of host RAM, more than is available")
     # If the GPUs cannot hold it even so, it loads once all of those are gone: the ladder fits it.
-    waiting_on = [m for m in plan if m.state is ModelState.DRAINING or m.in_flight > 0]
-    if not waiting_on:
-        evicted = [Unload(m.id, "lru", f"evicted for '{target.id}' (least recently used, idle)") for m in plan]
-        return [*evicted, Load(target.id)]
-    acts: list[Action] = []
-    names = ", ".join(f"'{m.id}'" for m in waiting_on)
+    waiting = tuple(m.id for m in chosen if m.state is ModelState.DRAINING or m.in_flight > 0)
+    return Preview(target.id, plan, need, tuple(m.id for m in chosen if m.id not in waiting), waiting, refused)
+
+
+def _make_room(view: View, target: Model, demand: Demand, rules: Rules, now: float, gone: set[str]) -> list[Action]:
+    pv = preview(view, target, gone)
+    if pv.refused is not None:
+        return [Reject(target.id, pv.refused)]
+    if not pv.wait_for:
+        evicted = [Unload(m, "lru", f"evicted for '{target.id}' (least recently used, idle)") for m in pv.unload]
+        return [*evicted, Load(target.id, pv.plan)]
+    models = {m.id: m for m in view.models}
+    names = ", ".join(f"'{m}'" for m in pv.wait_for)
     if now - demand.since >= rules.pass_over_s:
-        acts += [Drain(m.id, "lru", f"drained for '{target.id}' ({demand.count} waiting "
-                                    f"{now - demand.since:.1f}s)") for m in waiting_on if m.in_flight > 0
-                 and m.state is ModelState.LOADED]
+        acts: list[Action] = [Drain(m, "lru", f"drained for '{target.id}' ({demand.count} waiting "
+                                              f"{now - demand.since:.1f}s)") for m in pv.wait_for
+                              if models[m].in_flight > 0 and models[m].state is ModelState.LOADED]
         return [*acts, Wait(target.id, f"waiting for {names} to finish the requests in flight")]
     return [Wait(target.id, f"{names} busy; requests for loaded models go first for up to {rules.pass_over_s:g}s")]
 
 
-def after_oom(view: View, model: str) -> list[Unload]:
+def after_oom(view: View, model: str, on: frozenset[int] | None = None) -> list[Unload]:
     """An out-of-memory exit of `model` while others are loaded: unload the idle, unpinned ones so the same
-    settings can be tried again before the ladder lowers them. Empty: nothing to free, the ladder goes on."""
+    settings can be tried again before the ladder lowers them. Empty: nothing to free, the ladder goes on.
+    `on`: the GPUs that ran out (several GPUs): only models holding memory there are unloaded."""
     idle = sorted((m for m in view.models if m.id != model and m.state is ModelState.LOADED and m.in_flight == 0
-                   and not m.pinned), key=lambda m: m.last_used)
+                   and not m.pinned and (on is None or _on(m, set(on)))), key=lambda m: m.last_used)
     return [Unload(m.id, "oom", f"freed for '{model}' after its out-of-memory exit") for m in idle]

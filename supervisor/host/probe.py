@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
 
-from ..core.capabilities import Capabilities, parse_devices, parse_help
+from ..core.capabilities import Capabilities, parse_devices, parse_help, parse_listing
+from ..core.command import GPU_ORDER_ENV
 
 _VERSION = re.compile(r"version: (\S+) \(build (\d+), commit (\w+)\)")
 
@@ -17,7 +19,9 @@ class CapabilityError(Exception):
 
 def _run(binary: str, arg: str) -> str:
     try:
-        cp = subprocess.run([binary, arg], capture_output=True, text=True, timeout=30, check=False)
+        # The children's CUDA device order (core/command.py), so that the devices listed are numbered as theirs are.
+        cp = subprocess.run([binary, arg], capture_output=True, text=True, timeout=30, check=False,
+                            env={**os.environ, **GPU_ORDER_ENV})
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CapabilityError(f"cannot run {binary} {arg}: {exc}") from exc
     return cp.stdout + cp.stderr
@@ -38,8 +42,9 @@ def probe(binary: str) -> Capabilities:
         raise CapabilityError(f"{binary} does not look like llama-server: its --help lists no --model flag")
     m = _VERSION.search(_run(binary, "--version"))
     version = f"{m.group(1)} (build {m.group(2)}, commit {m.group(3)})" if m else "unknown"
-    devices = tuple(parse_devices(_run(binary, "--list-devices"))) if "--list-devices" in flags else ()
-    caps = Capabilities(str(binary), version, frozenset(flags), frozenset(value_flags), ngl_auto, devices)
+    listed = _run(binary, "--list-devices") if "--list-devices" in flags else ""
+    caps = Capabilities(str(binary), version, frozenset(flags), frozenset(value_flags), ngl_auto,
+                        tuple(parse_devices(listed)), tuple(parse_listing(listed)))
     _cache[key] = caps
     return caps
 

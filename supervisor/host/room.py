@@ -11,6 +11,7 @@ import psutil
 from ..core.estimate import MIB
 from ..core.residency import Mem, Room, estimate_need
 from . import gpu
+from .devices import as_gpus
 from .gguf import footprint
 
 if TYPE_CHECKING:
@@ -18,10 +19,11 @@ if TYPE_CHECKING:
 
 
 def room(budget_mib: float | None) -> Room:
-    free = {g.index: g.memory_free_mib for g in gpu.snapshot()}
+    infos = gpu.snapshot()
+    free = {g.index: g.memory_free_mib for g in infos}
     # A GPU NVML could not read has no room to offer: 0 keeps the others at their NVML index.
     return Room(gpu_free_mib=tuple(free.get(i, 0.0) for i in range(max(free, default=-1) + 1)), host_budget_mib=budget_mib,
-                host_available_mib=available_host_mib())
+                host_available_mib=available_host_mib(), gpus=tuple(as_gpus(infos)))
 
 
 def available_host_mib() -> float | None:

@@ -257,7 +257,7 @@ class Pool:
         runner = Runner(self.cfg, slot.loaded, metrics=slot.metrics, notifier=_BoxNotifier(self, slot))
         proxy = Proxy(runner)
         runner.observe(_Watch(self, slot))
-        runner.on_oom(lambda: self.after_oom(slot.id))
+        runner.on_oom(lambda on: self.after_oom(slot.id, on))
         for hook in self.on_runner:
             hook(runner)
         self._tell(slot.id, "load", cause, f"{slot.waiting} request(s) waiting" if slot.waiting else "")
@@ -310,7 +310,7 @@ class Pool:
                 await proxy.aclose()
             if pid is not None and slot.measured is not None and any(slot.measured.gpu_mib):
                 # The driver frees a dead process's VRAM a little later: the next load's estimate must see it.
-                await vram.free_after_exit(pid, self.cfg.vram_release_wait_s)
+                await vram.after_exit(pid, self.cfg.vram_release_wait_s)
         finally:
             slot.runner, slot.proxy, slot.unloading, slot.draining = None, None, False, ""
             slot.last_unload = {"reason": reason, "detail": detail, "at": time.time()}
@@ -319,9 +319,10 @@ class Pool:
             slot.notify()
             self.wake()
 
-    async def after_oom(self, mid: str) -> bool:
-        """Model `mid` ran out of memory: unload idle others so it can try the same settings again."""
-        unloads = rs.after_oom(self.view(rs.Room()), mid)
+    async def after_oom(self, mid: str, on: frozenset[int] | None = None) -> bool:
+        """Model `mid` ran out of memory (on GPUs `on`): unload idle others there so it can try the same settings
+        again."""
+        unloads = rs.after_oom(self.view(rs.Room()), mid, on)
         for u in unloads:
             await self._unload(self.slots[u.model], u.reason, u.detail)
         return bool(unloads)

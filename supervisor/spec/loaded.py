@@ -13,6 +13,8 @@ from ..core.capabilities import Capabilities
 from ..core.command import CommandError, build_argv, child_env
 from ..core.ladder import RunSettings
 from ..core.lifecycle import Policy
+from ..core.placement import choice_problem
+from ..host import devices, gpu
 from ..host.probe import CapabilityError, probe
 from .profile import Profile, ProfileError, load_profile
 from .settings import Config
@@ -56,6 +58,12 @@ def check(path: Path, profile: Profile) -> Loaded:
         raise ProfileError(path, [("metal", f"metal: true, but {caps.binary} has no Metal device (--list-devices: "
                                             f"{found}): it was built without Metal; rebuild it with "
                                             "scripts/build_llama_server.py --backend metal")])
+    if profile.gpus != "auto":
+        gpus, unmatched = devices.named(caps)
+        problem = choice_problem(profile.gpus, gpus, nvml=gpu.unavailable_reason(), devices=caps.devices,
+                                 unmatched=unmatched)
+        if problem is not None:
+            raise ProfileError(path, [("gpus", problem)])
     try:
         build_argv(profile, caps, base_settings(profile), 0)
     except CommandError as exc:

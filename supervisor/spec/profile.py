@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..core.command import RESERVED_FLAGS  # the command builder owns these flags
+from ..core.command import GPU_CHOICE_ENV, RESERVED_FLAGS  # the command builder owns these flags
 from ..host.gguf import check_gguf
 from .problems import pydantic_problems
 
@@ -63,6 +63,8 @@ class Profile(BaseModel):
     ctx_size: int = Field(4096, gt=0)
     min_ctx_size: int = Field(2048, gt=0, description="floor for the out-of-memory ladder")
     metal: bool | None = None  # None: the platform's default (Metal on macOS when the binary has it)
+    # The NVIDIA GPUs the model may use, by NVML index or UUID; auto: any (core/placement.py decides where).
+    gpus: Literal["auto"] | tuple[int | str, ...] = "auto"
     threads: int | None = Field(None, gt=0)
     parallel: int | None = Field(None, gt=0)
     flash_attn: Literal["on", "off", "auto"] | None = None
@@ -91,6 +93,31 @@ class Profile(BaseModel):
             if a in seen:
                 raise ValueError(f"alias '{a}' is listed twice")
             seen.add(a)
+        return v
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("'auto', or a list of GPUs by NVML index or UUID, e.g. [0] or [0, 1]")
+        if isinstance(v, int | str) and v != "auto":
+            v = [v]  # one GPU: `gpus: 1`
+        if isinstance(v, list | tuple):
+            if not v:
+                raise ValueError("an empty list allows no GPU: leave gpus out (or 'auto'), or name one, e.g. [0]")
+            out: list[int | str] = []
+            for x in v:
+                if isinstance(x, bool) or not isinstance(x, int | str) or (isinstance(x, int) and x < 0):
+                    raise ValueError(f"{x!r}: a GPU is an NVML index (0, 1, ...) or a UUID ('GPU-...')")
+                sel: int | str = int(x) if isinstance(x, str) and x.strip().isdigit() else x
+                if isinstance(sel, str) and (sel != sel.strip() or not sel.upper().startswith(("GPU-", "MIG-"))):
+                    raise ValueError(f"{x!r}: a GPU is an NVML index (0, 1, ...) or a UUID ('GPU-...')")
+                if isinstance(sel, str) and sel.upper().startswith("MIG-"):
+                    raise ValueError(f"{x!r}: MIG instances are not placed on; name the whole GPU")
+                if sel in out:
+                    raise ValueError(f"GPU {x!r} is listed twice")
+                out.append(sel)
+            return tuple(out)
         return v
 
     @field_validator("n_gpu_layers")
@@ -145,6 +172,11 @@ class Profile(BaseModel):
             raise ValueError(f"min_ctx_size ({self.min_ctx_size}) is larger than ctx_size ({self.ctx_size})")
         if self.name in self.aliases:
             raise ValueError(f"aliases: '{self.name}' is the profile's name already")
+        if self.gpus != "auto" and (names := [k for k in GPU_CHOICE_ENV if k in self.env]):
+            raise ValueError(f"gpus: {list(self.gpus)} and env {', '.join(names)} both choose GPUs: keep one of them "
+                             "(gpus lets the supervisor place the model and see its memory per GPU)")
+        if self.gpus != "auto" and self.metal:
+            raise ValueError("gpus names NVIDIA GPUs; metal: true is Apple's: drop one of them")
         if self.pinned and self.ttl_s:
             raise ValueError(f"pinned: true and ttl_s: {self.ttl_s:g} contradict each other: a pinned model is "
                              "never unloaded; drop one of them")
