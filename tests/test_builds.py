@@ -75,3 +75,13 @@ def test_seen_is_kept_per_profile(tmp_path: Path) -> None:
     book.set_seen("p", "abc")
     book.set_seen("q", "def")
     assert (book.seen("p"), book.seen("q")) == ("abc", "def")
+
+
+def test_watch_paths_follow_every_symlink(tmp_path: Path) -> None:
+    real = _binary(tmp_path / "opt" / "b100" / "bin" / "llama-server", b"x")
+    (tmp_path / "opt" / "current").symlink_to("b100")  # relative, as `ln -s b100 current` makes it
+    (tmp_path / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "usr" / "bin" / "llama-server").symlink_to(tmp_path / "opt" / "current" / "bin" / "llama-server")
+    paths = builds.watch_paths(str(tmp_path / "usr" / "bin" / "llama-server"))
+    assert paths == [str(tmp_path / "usr" / "bin" / "llama-server"), str(tmp_path / "opt" / "current")]
+    assert builds.watch_paths(str(real)) == [str(real)]

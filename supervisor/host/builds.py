@@ -76,6 +76,29 @@ def identify(binary: str, version: str) -> Build:
     return Build(str(binary), str(real), checksum(real), st.st_size, st.st_mtime_ns, version)
 
 
+def watch_paths(binary: str) -> list[str]:
+    """The paths whose change means another build at `binary`: the path itself and every symlink on the way to
+    the real file (an upgrade that switches `/opt/llama/current` to another release changes that link, not
+    the file). Absolute, unresolved: what a folder watch reports."""
+    out = [os.path.abspath(binary)]
+    followed: set[str] = set()
+    todo = [Path(out[0])]
+    while todo and len(followed) < 40:  # a symlink loop ends here
+        path = todo.pop()
+        for prefix in [*reversed(path.parents), path]:
+            if not prefix.is_symlink():
+                continue
+            link = str(prefix)
+            if link not in followed:
+                followed.add(link)
+                if link not in out:
+                    out.append(link)
+                target = Path(os.readlink(prefix))
+                todo.append((target if target.is_absolute() else prefix.parent / target) / path.relative_to(prefix))
+            break
+    return out
+
+
 def still_there(b: Build) -> bool:
     """Is the build at its real path still the same file (size, mtime, then the checksum)?"""
     try:
