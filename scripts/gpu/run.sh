@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The command the device tool runs on the GPU machine for one proof: `bash scripts/gpu/run.sh NAME [ARGS]` runs
-# scripts/gpu/NAME_proof.py (NAME=proof: proof.py; also climb, multimodel, ops, warmup) and leaves its results
+# scripts/gpu/NAME_proof.py (NAME=proof: proof.py; also climb, gpus, multimodel, ops, warmup) and leaves its results
 # and NAME.log under $OUT. There is no package registry there: wheels and the llama.cpp source bundle travel in
 # .whl/ and .gpu/ (both git-ignored; name them in the tool's `carry`). Prepare them here first:
 #   scripts/gpu/bundle_source.sh .gpu/llama-src.tar.gz
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl <runtime deps> gguf numpy   (the proofs write their models with them)
 set -euo pipefail
-name="${1:?usage: run.sh proof|climb|multimodel|ops|warmup [ARGS]}"
+name="${1:?usage: run.sh proof|climb|gpus|multimodel|ops|warmup [ARGS]}"
 shift
 script="scripts/gpu/${name}_proof.py"
 [ "$name" = proof ] && script=scripts/gpu/proof.py
