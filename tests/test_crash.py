@@ -98,6 +98,16 @@ def test_our_own_signal_is_a_stop_unless_the_log_shows_oom() -> None:
     assert classify(Exit(-signal.SIGTERM, METAL_OOM, signalled_by_us=True)).cause is Cause.OOM_COMPUTE
 
 
+def test_a_hung_child_we_killed_keeps_its_cause_for_metrics_and_the_journal() -> None:
+    wedged = classify(Exit(KILL, ("srv  update_slots: all slots are idle",), signalled_by_us=True,
+                           killed_as=Cause.WEDGED))
+    assert wedged.cause is Cause.WEDGED and "SIGKILL" in wedged.detail
+    assert classify(Exit(-signal.SIGTERM, (), signalled_by_us=True, killed_as=Cause.UNRESPONSIVE)).cause \
+        is Cause.UNRESPONSIVE
+    # Out-of-memory lines still win: the hang was the allocation failing.
+    assert classify(Exit(KILL, METAL_OOM, signalled_by_us=True, killed_as=Cause.WEDGED)).cause is Cause.OOM_COMPUTE
+
+
 def test_cgroup_confirms_or_rules_out_host_oom() -> None:
     v = classify(Exit(KILL, (), cgroup_oom_kill=True))
     assert v.cause is Cause.OOM_HOST and "confirmed" in v.detail

@@ -82,7 +82,8 @@ ABRT, SEGV, KILL = -int(signal.SIGABRT), -int(signal.SIGSEGV), -int(signal.SIGKI
 @pytest.mark.parametrize(
     ("cause", "rc", "counts"),
     [("crashed", ABRT, True), ("crashed", SEGV, True), ("crashed", KILL, False), ("oom_host", KILL, False),
-     ("oom_compute", ABRT, False), ("stopped", -15, False), ("exited", 1, False), ("crashed", None, False)],
+     ("oom_compute", ABRT, False), ("stopped", -15, False), ("exited", 1, False), ("crashed", None, False),
+     ("wedged", KILL, True), ("unresponsive", KILL, False)],
 )
 def test_which_exits_count(cause: str, rc: int | None, counts: bool) -> None:
     assert q.counts(cause, rc) is counts

@@ -157,12 +157,19 @@ def test_oom_after_idle_models_were_unloaded_retries_the_same_settings() -> None
     assert m.effective.n_gpu_layers == 4
 
 
-def test_wedged_kill_is_classified_wedged() -> None:
-    m, _ = transition(at(State.READY), Unresponsive(1, 1, "liveness: 3 failed probes"), P)
-    m, _ = apply(m, Exit(Verdict(Cause.STOPPED, "stopped by the supervisor")))
-    assert m.last_exit is not None and m.last_exit.cause is Cause.WEDGED
-    assert m.last_exit.detail == "liveness: 3 failed probes"
-    assert m.state is State.BACKOFF and len(m.failures) == 1
+@pytest.mark.parametrize(("event", "cause"), [
+    (Unresponsive(1, 1, "liveness: 3 failed probes"), Cause.UNRESPONSIVE),
+    (Unresponsive(1, 1, "inference loop hung: /slots not answered", Cause.WEDGED), Cause.WEDGED),
+])
+def test_a_hung_child_we_killed_keeps_its_own_cause(event: Unresponsive, cause: Cause) -> None:
+    m, _ = transition(at(State.READY), event, P)
+    assert m.pending is cause and m.history[-1].cause == cause.value  # the timeline says it at the kill
+    # The driver's examination says so too (it was signalled for this cause); a plain stop verdict would as well.
+    for verdict in (Verdict(cause, "killed by the supervisor (SIGKILL)"), Verdict(Cause.STOPPED, "stopped")):
+        done, _ = apply(m, Exit(verdict))
+        assert done.last_exit is not None and done.last_exit.cause is cause
+        assert done.last_exit.detail == event.detail
+        assert done.state is State.BACKOFF and len(done.failures) == 1
 
 
 def crash_n(m: Machine, n: int, t0: float = 10.0, served: float = 0.0) -> Machine:

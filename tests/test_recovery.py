@@ -48,13 +48,14 @@ async def test_sigkill_during_stream_ends_stream_and_recovers(tmp_path: Path, wr
         assert st["restarts"] == 1
 
 
-async def test_sigstop_is_detected_as_wedged(tmp_path: Path, write_profile) -> None:
+async def test_sigstop_is_detected_as_unresponsive(tmp_path: Path, write_profile) -> None:
+    """The whole process stopped: /health does not answer either (a hung loop alone is `wedged`: test_liveness)."""
     async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
         await wait_for(lambda: d.runner.ready, what="ready")
         pid = d.runner.child.pid
         os.kill(pid, signal.SIGSTOP)
-        await wait_for(lambda: d.runner.machine.last_exit is not None, timeout=15, what="wedged detection")
-        assert d.runner.machine.last_exit.cause.value == "wedged"
+        await wait_for(lambda: d.runner.machine.last_exit is not None, timeout=15, what="unresponsive detection")
+        assert d.runner.machine.last_exit.cause.value == "unresponsive"
         assert "liveness" in d.runner.machine.last_exit.detail
         await wait_for(lambda: d.runner.ready, what="ready again")
         assert d.runner.child.pid != pid

@@ -85,6 +85,10 @@ def test_rates_come_from_the_same_counters_as_metrics() -> None:
     assert 10 < row["lat_p50@demo"] <= 25 and 250 < row["lat_p99@demo"] <= 500  # type: ignore[operator]
     assert row["queue_wait_ms@demo"] == pytest.approx(1000)
     assert row["queued@demo"] == 1
+    assert row["loop_ms@demo"] is None  # no answered loop probe yet: no point, rather than a made-up 0
+    m.loop_probes.labels("alive").inc()
+    m.loop_latency.set(0.0042)
+    assert rates("demo", before, read_counters(m), 2.0)["loop_ms@demo"] == pytest.approx(4.2)
     first = rates("demo", None, read_counters(m), 0.0)
     assert "prompt_tps@demo" not in first  # no rate without a previous reading
 

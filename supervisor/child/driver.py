@@ -25,7 +25,7 @@ import structlog
 from ..core.command import CommandError, build_argv, child_env, redact
 from ..core.crash import Cause, Verdict
 from ..core.ladder import Evidence, RunSettings
-from ..core.lifecycle import ChildExited, ChildGone, Healthy, Unresponsive, WarmedUp
+from ..core.lifecycle import HUNG, ChildExited, ChildGone, Healthy, Unresponsive, WarmedUp
 from . import vram
 from .exits import examine
 from .process import Child, oom_kill_count, spawn
@@ -136,8 +136,10 @@ class ChildDriver:
             rc = await child.wait()
         finally:
             health.cancel()
+        m = r.machine
+        killed_as = m.pending if m.gen == gen and m.pending in HUNG else None
         self._gone(gen, child)  # from this instant nothing is sent to it; the examination follows
-        verdict, ev = await examine(child, rc, oom_before, gen, profile=r.loaded.profile,
+        verdict, ev = await examine(child, rc, oom_before, gen, killed_as=killed_as, profile=r.loaded.profile,
                                     ctx_size=r.machine.effective.ctx_size, model_layers=r.model_layers,
                                     release_wait_s=r.cfg.vram_release_wait_s, metrics=r.metrics,
                                     free_others=self.oom_hook, caps=r.loaded.caps, settings=self.settings,
@@ -197,6 +199,12 @@ class ChildDriver:
         child = self.child
         if child is None or self.gen != gen:
             return  # not spawned yet: _spawn sees machine.pending and comes back here
-        log.info("child_stop", gen=gen, pid=child.pid, reason=reason)
-        timeout = 2.0 if self.r.machine.pending is Cause.WEDGED else self.r.cfg.stop_timeout_s
-        await child.stop(timeout)
+        pending = self.r.machine.pending
+        log.info("child_stop", gen=gen, pid=child.pid, reason=reason, cause=pending.value if pending else None)
+        if pending is Cause.WEDGED:
+            # Its inference loop (the main thread) is stuck: SIGTERM is acted on by that loop and would only
+            # cost the wait. Killed at once, so the requests it held go to the next child sooner.
+            child.kill_now()
+            await child.wait()
+            return
+        await child.stop(2.0 if pending is Cause.UNRESPONSIVE else self.r.cfg.stop_timeout_s)

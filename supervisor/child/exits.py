@@ -21,19 +21,20 @@ from .process import Child, oom_kill_count
 log = structlog.get_logger("supervisor")
 
 
-async def examine(child: Child, rc: int, oom_before: int | None, gen: int, *, profile: Profile, ctx_size: int,
-                  model_layers: int | None, release_wait_s: float, metrics: Metrics,
+async def examine(child: Child, rc: int, oom_before: int | None, gen: int, *, killed_as: Cause | None = None,
+                  profile: Profile, ctx_size: int, model_layers: int | None, release_wait_s: float, metrics: Metrics,
                   free_others: Callable[[frozenset[int] | None], Awaitable[bool]] | None = None,
                   caps: Capabilities | None = None, settings: RunSettings | None = None,
                   avoid: frozenset[int] = frozenset()) -> tuple[Verdict, Evidence]:
-    """Runs after ChildGone: the machine is already out of `ready` while this waits for NVML. `free_others`
+    """Runs after ChildGone: the machine is already out of `ready` while this waits for NVML. `killed_as`: the
+    supervisor killed a hung child (unresponsive, wedged), so metrics and the journal name that cause. `free_others`
     (several models): asked after an out-of-memory exit with the GPUs that ran out (None: unknown), True when
     it unloaded idle models to make room; not asked when another GPU has room for all of it (the ladder moves
     it there instead). `settings`: what the child ran with, its GPUs too; `avoid`: GPUs that ran out since its
     last ready start."""
     oom_after = await asyncio.to_thread(oom_kill_count)
     oom_killed = None if oom_before is None or oom_after is None else oom_after > oom_before
-    verdict = classify(Exit(rc, tuple(child.tail)[-80:], child.signalled, oom_killed))
+    verdict = classify(Exit(rc, tuple(child.tail)[-80:], child.signalled, oom_killed, killed_as))
     free, fp, freed = None, None, False
     gpus: list[Gpu] = []
     placement = settings.placement if settings is not None else None

@@ -55,8 +55,9 @@ from ..telemetry.metrics import Metrics
 from . import vram
 from .climber import Climber
 from .driver import ChildDriver
-from .liveness import liveness
+from .liveness import LoopWatch, liveness
 from .process import Child
+from .progress import Progress
 from .view import ExitListener, Observer, RunnerView
 
 log = structlog.get_logger("supervisor")
@@ -75,7 +76,8 @@ class Runner:
         self._machine: Machine = initial(base_settings(loaded.profile))
         self._model_layers: int | None = None
         self._last_estimate: dict[str, Any] | None = None
-        self._last_progress = 0.0  # monotonic time of the last sign of life from the child (traffic, probes)
+        self.progress = Progress()  # signs of life from the child's answers (the proxy tells), read by liveness
+        self.loop_watch = LoopWatch()  # what the last probe of the inference loop found (liveness writes it)
         self._closing = False
         self._traffic: Callable[[], int] = lambda: 0  # requests in flight or waiting (the proxy counts them)
         self.finished = asyncio.Event()
@@ -134,7 +136,7 @@ class Runner:
 
     @property
     def last_progress(self) -> float:
-        return self._last_progress
+        return self.progress.last
 
     def view(self) -> RunnerView:
         d = self.driver
@@ -144,13 +146,15 @@ class Runner:
             child_started_at=child.started_at if child else None, child_url=d.url,
             argv=tuple(d.argv), log_tail=tuple(d.log_tail()),
             load_s=d.load_s, warmup=d.warmup, model_layers=self._model_layers,
-            vram_estimate=self._last_estimate, climb=self.climber.status())
+            vram_estimate=self._last_estimate, climb=self.climber.status(),
+            loop=self.loop_watch.status(time.monotonic()) if child is not None else None)
 
     # ---- what the web side and the reloader tell the runner -----------------------------------
 
-    def note_progress(self) -> None:
-        """Bytes came from the child, or a request completed: proof of life for liveness."""
-        self._last_progress = time.monotonic()
+    def note_progress(self, *, stream: bool = False) -> None:
+        """Bytes came from the child, or a request completed: proof of life for liveness. `stream`: a streamed
+        chunk of generated text, which only a running inference loop produces."""
+        self.progress.note(stream=stream)
 
     def set_traffic(self, count: Callable[[], int]) -> None:
         """How many requests are in flight or waiting (climbing back waits for none)."""

@@ -33,6 +33,7 @@ class RunnerView:
     model_layers: int | None
     vram_estimate: dict[str, Any] | None
     climb: dict[str, Any] | None
+    loop: dict[str, Any] | None = None  # the inference loop's probe: route, latency (child/liveness.py)
 
 
 class Observer(Protocol):

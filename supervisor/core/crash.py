@@ -18,7 +18,8 @@ class Cause(StrEnum):
     BAD_ARGS = "bad_args"
     SPAWN_FAILED = "spawn_failed"  # the binary could not be started at all
     CRASHED = "crashed"  # any other signal (SIGSEGV, SIGABRT without OOM lines...)
-    WEDGED = "wedged"  # alive but useless; we killed it
+    UNRESPONSIVE = "unresponsive"  # load stalled, warmup failed, /health probes failed, or a fatal log line; we killed it
+    WEDGED = "wedged"  # /health said ok but the inference loop did not answer its probe; we killed it
     EXITED = "exited"  # exited by itself, code 0 or an error we cannot place
     STOPPED = "stopped"  # we asked it to stop (shutdown, restart, reload)
     INTERNAL = "internal_error"  # the supervisor itself failed while running the child (retried)
@@ -61,6 +62,7 @@ class Exit:
     log_tail: tuple[str, ...] = ()
     signalled_by_us: bool = False
     cgroup_oom_kill: bool | None = None  # the cgroup's oom_kill count went up; None: not readable
+    killed_as: Cause | None = None  # why the supervisor signalled it (a hung child), when it was not a plain stop
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ def classify(ex: Exit) -> Verdict:
         elif alloc_device is None and (d := _ALLOC_DEVICE.search(ln)):
             alloc_device = int(d.group(1) or d.group(2))
 
+    if ex.signalled_by_us and alloc_line is None and ex.killed_as is not None:
+        return Verdict(ex.killed_as, f"killed by the supervisor ({sig or f'exit {rc}'}): {ex.killed_as.value}")
     if ex.signalled_by_us and alloc_line is None:
         return Verdict(Cause.STOPPED, f"stopped by the supervisor ({sig or f'exit {rc}'})")
     if rc == -signal.SIGKILL and not ex.signalled_by_us:

@@ -19,6 +19,7 @@ from .crash import NON_RETRYABLE, OOM_CAUSES, Cause, Verdict
 from .ladder import Evidence, RunSettings, next_rung
 
 HISTORY_LEN = 20
+HUNG = frozenset({Cause.UNRESPONSIVE, Cause.WEDGED})  # the supervisor killed a child that had stopped working
 
 
 class State(StrEnum):
@@ -66,11 +67,13 @@ class WarmedUp:
 
 @dataclass(frozen=True)
 class Unresponsive:
-    """Load timed out, warmup failed, liveness probes failed, or a fatal log line: the child must go."""
+    """The child must go: load timed out, warmup failed, /health probes failed or a fatal log line
+    (`unresponsive`), or its inference loop stopped answering while /health still said ok (`wedged`)."""
 
     now: float
     gen: int
     detail: str
+    cause: Cause = Cause.UNRESPONSIVE
 
 
 @dataclass(frozen=True)
@@ -281,10 +284,10 @@ def transition(m: Machine, ev: Event, p: Policy) -> tuple[Machine, list[Action]]
             return m, [Remember(m.effective), SetTimer("stable", g, p.stable_s)]
         case StableElapsed(gen=g) if s is State.READY and g == m.gen:
             return replace(m, attempt=0, failures=(), crash_loop=False), []
-        case Unresponsive(now=now, gen=g, detail=d) if g == m.gen and m.child_alive and m.pending is None and s in (
-            State.STARTING, State.WARMING, State.READY,
+        case Unresponsive(now=now, gen=g, detail=d, cause=why) if g == m.gen and m.child_alive and m.pending is None and (
+            s in (State.STARTING, State.WARMING, State.READY)
         ):
-            return _kill(m, now, State.BACKOFF, Cause.WEDGED, d, restart=False)
+            return _kill(m, now, State.BACKOFF, why, d, restart=False)
         case ChildGone(now=now, gen=g) if g == m.gen and m.child_alive:
             return _gone(m, now)
         case ChildExited(gen=g) if g == m.exiting:
@@ -336,7 +339,7 @@ def _exited(m: Machine, ev: ChildExited, p: Policy) -> tuple[Machine, list[Actio
     decide = m.state is State.BACKOFF and m.gen == ev.gen and not m.child_alive
     pending = m.pending if decide else None
     cause = v.cause if v.cause in OOM_CAUSES else (pending or v.cause)
-    detail = m.kill_reason if cause is Cause.WEDGED and pending is Cause.WEDGED and m.kill_reason else v.detail
+    detail = m.kill_reason if cause in HUNG and pending is cause and m.kill_reason else v.detail
     m = replace(m, exiting=None, last_exit=LastExit(now, ev.returncode, cause, detail))
     if not decide:
         return m, []  # stopped, or a new child already runs: the exit is only recorded

@@ -4,8 +4,9 @@ llama.cpp has had many crash-on-input bugs (an image or a prompt that hits an as
 request in flight proves nothing (many requests are in flight at any crash), so a request is quarantined
 only when the same one (a hash of method, path and body) was in flight at two crashes within a window.
 Only crashes that look like an input bug count: the child aborted or faulted by itself (SIGABRT, SIGSEGV,
-SIGBUS, SIGFPE, SIGILL, SIGTRAP). A SIGKILL from outside, the OOM killer, a stop by the supervisor or an
-out-of-memory abort (the ladder's business) never do. Only hashes are kept, in memory; never bodies.
+SIGBUS, SIGFPE, SIGILL, SIGTRAP), or its inference loop hung and the supervisor killed it (`wedged`). A
+SIGKILL from outside, the OOM killer, a stop by the supervisor or an out-of-memory abort (the ladder's
+business) never do. Only hashes are kept, in memory; never bodies.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def request_hash(method: str, path: str, body: bytes) -> str:
 
 
 def counts(cause: str, returncode: int | None) -> bool:
-    """Does this exit look like llama-server hit a bug on its input?"""
+    """Does this exit look like llama-server hit a bug on its input? A wedged inference loop counts too (the
+    supervisor killed it): a sampler or grammar that never ends on some input hangs the loop for everyone."""
+    if cause == "wedged":
+        return True
     if cause != "crashed" or returncode is None or returncode >= 0:
         return False
     try:

@@ -79,6 +79,7 @@ async def build(runner: Runner, extra: dict[str, Any] | None = None) -> dict[str
         "profile": {"name": p.name, "file": str(v.loaded.path)},
         "argv": redact(list(v.argv)),
         "child": child_info,
+        "loop": v.loop,
         "restarts": m.restarts,
         "last_exit": last,
         "load_s": None if v.load_s is None else round(v.load_s, 4),

@@ -88,6 +88,9 @@ class Config(BaseSettings):
     liveness_interval_s: float = Field(5.0, gt=0)
     liveness_timeout_s: float = Field(2.0, gt=0)
     liveness_failures: int = Field(3, ge=1)
+    # the inference loop (GET /slots or /metrics) must answer within this while /health says ok, or it is wedged;
+    # it answers between two decode batches, so this must outlast the slowest batch (a long prompt on a CPU)
+    loop_timeout_s: float = Field(30.0, gt=0)
     # requests while not ready
     queue_max: int = Field(64, ge=0)
     queue_wait_s: float = Field(120.0, ge=0)

@@ -81,6 +81,10 @@ class Metrics:
                                     registry=r)
         self.upstream_waiting = Gauge(f"{NS}_upstream_waiting", "Requests waiting for an upstream slot", registry=r)
         self.climbs = Counter(f"{NS}_climbs_total", "Restarts to higher settings after the VRAM estimate", registry=r)
+        self.loop_latency = Gauge(f"{NS}_loop_latency_seconds", "Round trip of the last probe through llama-server's "
+                                  "inference loop (GET /slots or /metrics)", registry=r)
+        self.loop_probes = Counter(f"{NS}_loop_probes_total", "Liveness probe rounds by outcome (alive, excused, "
+                                   "failed, wedged)", ["outcome"], registry=r)
         self.load_seconds = Gauge(f"{NS}_load_seconds", "Seconds from spawn to /health 200, last start", registry=r)
         self.warmup_seconds = Gauge(f"{NS}_warmup_seconds", "Seconds of the warmup request, last start", registry=r)
         self.gpu_layers = Gauge(f"{NS}_effective_gpu_layers", "GPU layers the child runs with (-1: auto/all)",

@@ -77,6 +77,9 @@ def read_counters(m: Metrics) -> dict[str, Any]:
         elif s.name.endswith("_count"):
             out["qwait"][1] += s.value
     out["queued"] = sum(s.value for s in _samples(m.queued))
+    # The last answered probe of the inference loop (child/liveness.py); None before the first answer.
+    alive = sum(s.value for s in _samples(m.loop_probes) if s.name.endswith("_total") and s.labels["outcome"] == "alive")
+    out["loop_s"] = sum(s.value for s in _samples(m.loop_latency)) if alive else None
     out["in_flight"] = sum(s.value for s in _samples(m.in_flight))
     return out
 
@@ -84,7 +87,8 @@ def read_counters(m: Metrics) -> dict[str, Any]:
 def rates(model: str, prev: dict[str, Any] | None, cur: dict[str, Any], dt: float) -> dict[str, float | None]:
     """One model's row: per-second rates and interval percentiles from two counter readings."""
     sfx = f"@{model}"
-    row: dict[str, float | None] = {f"queued{sfx}": cur["queued"], f"in_flight{sfx}": cur["in_flight"]}
+    row: dict[str, float | None] = {f"queued{sfx}": cur["queued"], f"in_flight{sfx}": cur["in_flight"],
+                                    f"loop_ms{sfx}": None if cur["loop_s"] is None else cur["loop_s"] * 1000}
     if prev is None or dt <= 0:
         return row
 

@@ -119,7 +119,7 @@ async def relay(runner: Runner, upstream: httpcore.Response, send: Send, status:
     try:
         async for chunk in stream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            runner.note_progress()  # a flowing stream is proof of life for liveness
+            runner.note_progress(stream=True)  # generated text: the inference loop runs (liveness)
             timings = b'"timings"' in chunk
             if timings:
                 count_tokens(runner.metrics, chunk)

@@ -280,6 +280,7 @@
     { id: "latency", title: "Latency (ms, proxied requests)", re: /^lat_p(50|90|99)@/ },
     { id: "queue", title: "Requests in flight / waiting", re: /^(in_flight|queued)@/ },
     { id: "queue_wait", title: "Queue wait (ms, mean)", re: /^queue_wait_ms@/ },
+    { id: "loop", title: "Inference loop latency (ms, liveness probe)", re: /^loop_ms@/ },
     { id: "memory", title: "RSS (MB)", re: /^(sup_rss_mb|child_rss_mb@.*)$/ },
     { id: "cpu", title: "CPU (% of one core)", re: /^(sup_cpu|child_cpu@.*)$/ },
     { id: "vram", title: "VRAM used (MB, per GPU)", re: /^gpu_mem_mb@/ },
@@ -288,7 +289,7 @@
   var PALETTE = ["#2563eb", "#db2777", "#16a34a", "#ea580c", "#7c3aed", "#0891b2", "#ca8a04", "#dc2626"];
   var NICE = { prompt_tps: "prompt", completion_tps: "completion", rps_2xx: "2xx", rps_4xx: "4xx", rps_5xx: "5xx",
                lat_p50: "p50", lat_p90: "p90", lat_p99: "p99", in_flight: "in flight", queued: "waiting",
-               queue_wait_ms: "wait", sup_rss_mb: "supervisor", child_rss_mb: "llama-server", sup_cpu: "supervisor",
+               queue_wait_ms: "wait", loop_ms: "loop", sup_rss_mb: "supervisor", child_rss_mb: "llama-server", sup_cpu: "supervisor",
                child_cpu: "llama-server", gpu_mem_mb: "GPU", gpu_util: "GPU" };
 
   function label(name) {
