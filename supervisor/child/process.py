@@ -14,9 +14,13 @@ from pathlib import Path
 
 import structlog
 
+from ..telemetry import logs
+
 log = structlog.get_logger("child")
 PR_SET_PDEATHSIG = 1
 LOG_TAIL_LINES = 200
+READ_SIZE = 64 * 1024
+LINE_MAX = 1 << 20  # a longer "line" (a binary blob on stdout?) is logged in pieces of this size
 
 
 def _resolve_prctl() -> Callable[..., int] | None:
@@ -59,25 +63,35 @@ class Child:
         ]
 
     async def _drain(self, stream: asyncio.StreamReader | None, name: str) -> None:
+        """Read what the child printed, a burst at a time: the complete lines of a read are handled together
+        (one write to the supervisor's log for all of them). A line longer than LINE_MAX goes on in pieces."""
         if stream is None:
             return
+        pending = b""
         while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line longer than the stream limit: take what is buffered
-                raw = await stream.read(65536)
-            if not raw:
+            data = await stream.read(READ_SIZE)
+            if not data:
+                self._lines(name, [pending])
                 self.printed.set()
                 return
-            line = raw.decode("utf-8", "replace").rstrip()
-            if not line:
-                continue
-            self.tail.append(line)
-            self.last_output = time.monotonic()
-            self.printed.set()
-            if self._echo:
-                log.info("child_output", stream=name, pid=self.pid, line=line)
-            if self._on_line is not None:
+            *complete, pending = (pending + data).split(b"\n") if pending else data.split(b"\n")
+            if len(pending) > LINE_MAX:
+                complete.append(pending)
+                pending = b""
+            if complete:
+                self._lines(name, complete)
+
+    def _lines(self, name: str, raws: list[bytes]) -> None:
+        lines = [line for raw in raws if (line := raw.decode("utf-8", "replace").rstrip())]
+        if not lines:
+            return
+        self.tail.extend(lines)
+        self.last_output = time.monotonic()
+        self.printed.set()
+        if self._echo:
+            logs.child_lines(name, self.pid, lines)
+        if self._on_line is not None:
+            for line in lines:
                 self._on_line(line)
 
     async def wait(self) -> int:
@@ -156,6 +170,5 @@ async def spawn(argv: Sequence[str], env: dict[str, str], on_line: Callable[[str
         env=env,
         start_new_session=True,
         preexec_fn=_die_with_parent if _PRCTL is not None else None,
-        limit=1 << 20,
     )
     return Child(proc, on_line, echo)
