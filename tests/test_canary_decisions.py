@@ -192,3 +192,11 @@ def test_plan(facts: up.Facts, run: up.Run, canary: bool, adopt: bool, note: str
                                                           (0.0, 10.1, False)])
 def test_in_probation(switched: float | None, now: float, inside: bool) -> None:
     assert up.in_probation(switched, now, 10.0) is inside
+
+
+def test_without_a_baseline_the_candidate_must_still_answer_in_full() -> None:
+    base = c.baseline_unknown(c.golden_set(None))
+    assert c.compare(base, build(), LIMITS).passed
+    v = c.compare(base, build(answer(), c.Answer("stream", 500, error="boom")), LIMITS)
+    assert not v.passed and "stream: answered 500" in v.reasons[0]
+    assert not c.compare(base, build(answer(completion=3), answer("stream")), LIMITS).passed

@@ -312,11 +312,18 @@ def _answer_rows(o: Answer, n: Answer | None) -> list[Row]:
                     "" if shape_ok else f"{name}: response shape changed: {detail}"))
     for label, a, b in (("prompt tokens", o.prompt_tokens, n.prompt_tokens),
                         ("completion tokens", o.completion_tokens, n.completion_tokens)):
-        ok = a == b
+        ok = a is None or a == b  # None: the old build's count is not known (no baseline recorded)
         rows.append(Row(f"{name}: {label}", str(a), str(b), ok, "" if ok else f"{name}: {label} {b}, the old build {a}"))
     same = n.text == o.text
     rows.append(Row(f"{name}: text", "", "same" if same else "differs", True))  # informational: numerics may move
     return rows
+
+
+def baseline_unknown(golden: Sequence[Golden]) -> Measured:
+    """No old build to compare with (its child is not running, nothing recorded): the candidate must still come
+    up and answer every golden request with 200 and the full answer."""
+    return Measured("unknown (no baseline)", "",
+                    tuple(Answer(g.name, 200, {}, None, int(g.body["max_tokens"])) for g in golden))
 
 
 def _speed_rows(old: Measured, new: Measured, limits: Limits) -> list[Row]:
