@@ -15,7 +15,7 @@ from doubles.gpus_llama_server import write_gpus_double
 from support import running, wait_for
 
 from supervisor.core.estimate import RESERVE_FRACTION, RESERVE_MIB
-from supervisor.host import gguf, gpu
+from supervisor.host import gguf, gpu, room
 from supervisor.host.memory import FILE_NAME
 from supervisor.spec.loaded import load_checked
 from supervisor.spec.profile import ProfileError
@@ -170,3 +170,15 @@ async def test_climbing_back_re_places_over_the_gpus(box: Box, tmp_path: Path, w
         assert d.runner.machine.effective.placement.gpus == (1,)  # type: ignore[union-attr]
         estimate = d.runner.climber.status()["last_check"]["estimate"]
         assert estimate["plan"]["kind"] == "one" and set(estimate["free_mib"]) == {"0", "1"}
+
+
+def test_what_residency_needs_to_place_a_profile(box: Box, write_profile) -> None:
+    loaded = load_checked(write_profile(binary=str(box.binary), gpus=[1], n_gpu_layers=3))
+    pl = room.placing(loaded.profile, loaded.caps)
+    assert pl is not None and pl.devices == ("CUDA0", "CUDA1") and pl.choice == (1,)
+    assert pl.ask.layers == 3 and len(pl.ask.layer_mib) == box.fp.n_layers + 1
+    # A profile whose environment picks its GPUs is not placed; neither is one on a binary without CUDA.
+    env = load_checked(write_profile(binary=str(box.binary), env={"CUDA_VISIBLE_DEVICES": "0"}))
+    assert room.placing(env.profile, env.caps) is None
+    cpu = load_checked(write_profile())
+    assert room.placing(cpu.profile, cpu.caps) is None

@@ -13,6 +13,7 @@ from ..core.capabilities import Capabilities
 from ..core.crash import OOM_CAUSES, Cause, Exit, Verdict, classify
 from ..core.ladder import Evidence, RunSettings, moved
 from ..core.placement import Gpu, Placement
+from ..host import devices
 from ..spec.profile import Profile
 from ..telemetry.metrics import Metrics
 from . import vram
@@ -43,7 +44,7 @@ async def examine(child: Child, rc: int, oom_before: int | None, gen: int, *, ki
         infos = await vram.after_exit(child.pid, release_wait_s)
         if infos:
             fp = await vram.model_footprint(profile, ctx_size)
-            if caps is not None and vram.places(profile):
+            if caps is not None and devices.places(profile):
                 gpus = await vram.named_gpus(caps, infos=infos)
             ran_out = ran_out_on(verdict.alloc_device, placement, gpus)
             # The ladder's layer estimate is for the GPU that ran out (else the first the child used, else GPU 0).

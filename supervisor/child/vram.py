@@ -16,7 +16,6 @@ import structlog
 from ..core import estimate
 from ..core.capabilities import Capabilities
 from ..core.climb import Fit
-from ..core.command import GPU_CHOICE_ENV
 from ..core.ladder import RunSettings, placed
 from ..core.placement import Gpu, Plan, ask_for, place
 from ..host import devices, gpu
@@ -34,12 +33,6 @@ async def model_footprint(p: Profile, ctx_size: int) -> estimate.Footprint | Non
         return None
 
 
-def places(p: Profile) -> bool:
-    """Does the supervisor choose this profile's GPUs? Not when its environment chooses them (CUDA_VISIBLE_DEVICES),
-    nor when it runs on the CPU (Metal off)."""
-    return not any(k in p.env for k in GPU_CHOICE_ENV) and p.metal is not False
-
-
 async def named_gpus(caps: Capabilities, child_pid: int | None = None,
                      infos: list[gpu.GpuInfo] | None = None) -> list[Gpu]:
     """The GPUs with llama-server's names and their room: free now, plus what `child_pid` holds on each."""
@@ -54,7 +47,7 @@ async def named_gpus(caps: Capabilities, child_pid: int | None = None,
 
 async def plan_now(p: Profile, caps: Capabilities, settings: RunSettings, child_pid: int | None = None) -> Plan | None:
     """Where `settings` would go now (the room `child_pid` holds counted as free); None without GPU facts."""
-    if not places(p) or settings.cpu_only:
+    if not devices.places(p) or settings.cpu_only:
         return None
     gpus = await named_gpus(caps, child_pid)
     if not any(g.device for g in gpus):
@@ -107,7 +100,7 @@ async def fit_now(p: Profile, ctx_size: int, child_pid: int | None = None, *, mm
     if fp is None:
         return None, None
     offload = mmproj_offload and p.mmproj is not None
-    gpus = await named_gpus(caps, child_pid, infos) if caps is not None and places(p) else []
+    gpus = await named_gpus(caps, child_pid, infos) if caps is not None and devices.places(p) else []
     if any(g.device for g in gpus):
         plan = place(ask_for(fp, None, mmproj_offload=offload), gpus, p.gpus)
         figures = {"layers": plan.layers, "free_mib": {str(g.index): round(g.free_mib) for g in gpus},

@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from ..core.capabilities import Capabilities
+from ..core.command import GPU_CHOICE_ENV
 from ..core.placement import Gpu, match_devices
 from . import gpu
+
+if TYPE_CHECKING:
+    from ..spec.profile import Profile
+
+
+def places(p: Profile) -> bool:
+    """Does the supervisor choose this profile's GPUs? Not when its environment chooses them (CUDA_VISIBLE_DEVICES),
+    nor when it runs on the CPU (Metal off)."""
+    return not any(k in p.env for k in GPU_CHOICE_ENV) and p.metal is not False
 
 
 def as_gpus(infos: Sequence[gpu.GpuInfo], extra_mib: Mapping[int, float] | None = None) -> list[Gpu]:

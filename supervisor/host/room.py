@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING
 import psutil
 
 from ..core.estimate import MIB
-from ..core.residency import Mem, Room, estimate_need
-from . import gpu
+from ..core.placement import ask_for
+from ..core.residency import Mem, Placing, Room, estimate_need
+from . import devices, gpu
 from .devices import as_gpus
 from .gguf import footprint
 
 if TYPE_CHECKING:
+    from ..core.capabilities import Capabilities
     from ..spec.profile import Profile
 
 
@@ -44,6 +46,25 @@ def measure(pid: int) -> Mem | None:
     except psutil.Error:
         return None
     return Mem(gpu.held_by(pid), round(rss, 1))
+
+
+def placing(p: Profile, caps: Capabilities) -> Placing | None:
+    """What residency needs to place `p` on the GPUs (several GPUs: core/placement.py), at the profile's own
+    settings: None where the supervisor does not place it (no GPU the binary names, GPUs chosen by its env, no
+    GGUF sizes)."""
+    if not devices.places(p):
+        return None
+    gpus, _ = devices.named(caps)
+    if not any(g.device for g in gpus):
+        return None
+    try:
+        fp = footprint(p.model, p.ctx_size, p.cache_type_k, p.cache_type_v, p.mmproj)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error):
+        return None
+    layers = p.n_gpu_layers if isinstance(p.n_gpu_layers, int) else None
+    names = {g.index: g.device for g in gpus}
+    return Placing(ask_for(fp, layers, mmproj_offload=p.mmproj is not None), p.gpus,
+                   tuple(names.get(i, "") for i in range(max(names, default=-1) + 1)))
 
 
 def estimate(p: Profile) -> Mem:
