@@ -1,4 +1,5 @@
-"""Wiring: settings + profile → runner, proxy and HTTP server; signals, systemd notify and watchdog; shutdown."""
+"""Wiring: settings + profiles → the pool, its web face and background tasks; signals, systemd notify and the
+watchdog; shutdown. One path for every box: a single profile is a pool of one model."""
 
 from __future__ import annotations
 
@@ -13,30 +14,30 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import uvicorn
 
-from .child.runner import Runner
 from .core.lifecycle import State
 from .fleet.drain import Drain
 from .host.sdnotify import Notifier
 from .models import status
-from .models.reload import Reloader
-from .spec.loaded import Loaded, load_checked
+from .models.catalog import scan
+from .models.model import Model
+from .models.pool import Pool
+from .models.watch import Reloader
+from .spec.loaded import load_checked
 from .spec.settings import Config
 from .telemetry.logring import RING
+from .telemetry.metrics import BoxMetrics
+from .web.api.front import Api
 from .web.api.proxy import Proxy
-from .web.app import App, key_checker
+from .web.app import App
+from .web.auth import Keys
 from .web.errors import JsonGuard
 from .web.ops.page import Ops
+from .web.ops.routes import Own
 from .web.protocol import protocol_class
 
-# Several models (profiles_dir) and HAProxy's agent check are imported where they are set up, only when the
-# settings ask for them: a single-model supervisor (the common case) starts without loading them (start
-# time and idle memory, benchmark P3/P6).
+# HAProxy's agent check is imported where it is set up, only when the settings ask for it.
 if TYPE_CHECKING:
-    from .core.agent import Load
     from .fleet.agent import AgentListener
-    from .models import watch as multi
-    from .models.pool import Pool
-    from .web.front import Front
 
 log = structlog.get_logger("server")
 
@@ -59,7 +60,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class Daemon:
-    """One supervisor: runner, proxy, HTTP server and background tasks, started and stopped as a unit."""
+    """One supervisor: the pool, its HTTP server and background tasks, started and stopped as a unit."""
 
     def __init__(self, cfg: Config, profile_path: Path, settings_file: Path | None = None,
                  notifier: Notifier | None = None, overrides: dict[str, Any] | None = None) -> None:
@@ -73,81 +74,64 @@ class Daemon:
         self.agent: AgentListener | None = None
         self._notice: asyncio.TimerHandle | None = None
         self._stopping = False
-        self.pool: Pool | None = None  # several models (profiles_dir); None: the one runner below
-        self.reloader: Reloader | multi.FolderReloader
 
-    async def start(self) -> None:
-        """Raises ProfileError for a bad profile and OSError when the address is taken."""
+    async def prepare(self) -> None:
+        """Read the profiles and build the pool and the app, starting nothing. Raises ProfileError for a bad
+        default profile."""
         cfg = self.cfg
         loaded = await asyncio.to_thread(load_checked, self.profile_path)
-        if cfg.profiles_dir is not None:  # every profile in the folder is a model this box offers
-            await self._start_pool(loaded)
-            return
-        self.runner = runner = Runner(cfg, loaded, notifier=self.notifier)
-        runner.metrics.attach_sampler(lambda: status.sample(runner))
-        self.proxy = proxy = Proxy(runner)
-        self.reloader = Reloader(runner, self.profile_path, self.settings_file, overrides=self.overrides,
-                                 in_flight=lambda: proxy.in_flight, on_applied=proxy.sync_profile,
-                                 drain=self.drain)
-        self.ops = Ops(lambda: [runner], RING, has_admin_key=(cfg.admin_key or cfg.api_key) is not None,
-                       key_ok=key_checker(cfg.admin_key or cfg.api_key), sample_interval_s=cfg.sample_interval_s)
-        self.ops.watch(runner)
-        self.reloader.observers.append(self.ops.reloaded)
-        sock = bind(cfg.host, cfg.port)
-        host, port = sock.getsockname()[:2]
-        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        self.server = self._server(App(runner, self.proxy, self.reloader, self.drain, self.ops))
-        log.info("listening", url=self.url, profile=str(self.profile_path), binary=loaded.caps.binary,
+        # Every profile in profiles_dir is a model this box offers; without one, the default alone.
+        folder = Path(cfg.profiles_dir) if cfg.profiles_dir is not None else None
+        catalog = await asyncio.to_thread(scan, folder, loaded)
+        self.metrics = metrics = BoxMetrics()
+        self.pool = pool = Pool(cfg, catalog, loaded.profile.name, notifier=self.notifier, metrics=metrics)
+        metrics.attach_sampler(lambda: status.sample(pool))
+        self.reloader = Reloader(pool, folder, loaded.path, self.settings_file, self.overrides, drain=self.drain)
+        keys = Keys(cfg.api_key, cfg.admin_key)
+        self.api = api = Api(pool, metrics)
+        self.own = own = Own(pool, api, self.reloader, self.drain)
+        self.ops = ops = Ops(pool.runners, own.page_models, RING,
+                             key_ok=keys.admin_checker() if keys.admin_or_api else None,
+                             sample_interval_s=cfg.sample_interval_s)
+        for model in pool.models.values():
+            ops.watch(model.runner)
+        pool.on_model.append(lambda model: ops.watch(model.runner))
+        pool.on_swap.append(ops.timeline.swapped)
+        self.reloader.observers.append(ops.timeline.reloaded)
+        self.app = App(pool, api, own, ops, keys, metrics)
+        log.info("models", profile=str(self.profile_path), models=list(catalog.models), binary=loaded.caps.binary,
                  llama_server_version=loaded.caps.version)
-        await self._start_agent(sock)
-        self._background_tasks()
-        await runner.start()
-        await self._serve(sock)
 
-    async def _start_pool(self, loaded: Loaded) -> None:
-        from .models import pool_status
-        from .models import watch as multi  # several models only (see the imports at the top)
-        from .models.catalog import scan
-        from .web.front import Front
-
-        cfg = self.cfg
-        catalog = await asyncio.to_thread(scan, Path(cfg.profiles_dir or "."), loaded)
-        self.pool, self.reloader = pool, _ = multi.build(cfg, loaded, catalog, self.notifier, self.settings_file,
-                                                         self.overrides)
-        self.ops = Ops(pool.runners, RING, has_admin_key=cfg.admin_key is not None,
-                       key_ok=key_checker(cfg.admin_key), sample_interval_s=cfg.sample_interval_s)
-        pool.on_runner.append(self.ops.watch)
-        pool.on_swap.append(self.ops.timeline.swapped)
-        self.reloader.observers.append(self.ops.timeline.folder_reloaded)
+    async def start(self) -> None:
+        """Raises ProfileError for a bad default profile and OSError when the address is taken."""
+        await self.prepare()
+        cfg, pool = self.cfg, self.pool
         sock = bind(cfg.host, cfg.port)
         host, port = sock.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        self.server = self._server(Front(pool, self.reloader, self.drain, self.ops))
-        log.info("listening", url=self.url, profile=str(self.profile_path), models=pool.ids,
-                 binary=loaded.caps.binary, llama_server_version=loaded.caps.version)
-        await self._start_agent(sock, lambda: pool_status.agent_load(pool, self.drain.reason))
+        self.server = self._server(self.app)
+        log.info("listening", url=self.url)
+        await self._start_agent(sock)
         self._background_tasks()
         await pool.start()
         await self._serve(sock)
 
-    async def _start_agent(self, sock: socket.socket, load: Callable[[], Load] | None = None) -> None:
-        """HAProxy's agent check, when `agent_port` is set; the main socket is closed if its port is taken.
-        `load` is the pool's; None: the one runner's."""
+    async def _start_agent(self, sock: socket.socket) -> None:
+        """HAProxy's agent check, when `agent_port` is set; the main socket is closed if its port is taken."""
         if self.cfg.agent_port is None:
             return
-        from .fleet.agent import AgentListener, RunnerLoad  # only with an agent port (see the imports at the top)
+        from .fleet.agent import AgentListener  # only with an agent port (see the imports at the top)
 
-        if load is None:
-            proxy = self.proxy
-            load = RunnerLoad(self.runner, self.drain, lambda: proxy.in_flight)
-        self.agent = AgentListener(load, self.cfg.agent_host or self.cfg.host, self.cfg.agent_port)
+        pool, drain = self.pool, self.drain
+        self.agent = AgentListener(lambda: status.agent_load(pool, drain.reason), self.cfg.agent_host or self.cfg.host,
+                                   self.cfg.agent_port)
         try:
             await self.agent.start()
         except OSError:
             sock.close()
             raise
 
-    def _server(self, app: App | Front) -> _Server:
+    def _server(self, app: App) -> _Server:
         # ws="none": nothing here speaks WebSocket, so an upgrade is answered as the plain HTTP request it also
         # is (like any other upgrade), not by a WebSocket handshake that fails with a text 500; and the
         # websockets library is not imported on the event loop at every start.
@@ -168,29 +152,31 @@ class Daemon:
             await asyncio.sleep(0.01)
 
     def _state(self) -> State:
-        """The lifecycle state systemd hears about: the one runner's, or the default model's (an unloaded
-        default is not a starting service)."""
-        if self.pool is None:
-            return self.runner.machine.state
-        slot = self.pool.slots.get(self.pool.default)
-        default = slot.runner if slot is not None else None
-        return default.machine.state if default is not None else State.READY
+        """The lifecycle state systemd hears about: the default model's (an unloaded default is not a starting
+        service)."""
+        default = self.pool.models.get(self.pool.default)
+        return default.runner.machine.state if default is not None and default.resident else State.READY
 
     def in_flight(self) -> int:
-        return self.pool.in_flight() if self.pool is not None else self.proxy.in_flight
+        return self.pool.in_flight()
+
+    @property
+    def default(self) -> Model:
+        """The default model: what requests without a model, /health and systemd follow."""
+        return self.pool.models[self.pool.default]
+
+    def proxy_of(self, mid: str | None = None) -> Proxy:
+        return self.api.proxies[mid or self.pool.default]
 
     @property
     def closing(self) -> bool:
-        return self.pool.stopping if self.pool is not None else self.runner.closing
+        return self.pool.stopping
 
     def request_stop(self) -> None:
         """Leave the balancer's pool first (/health 503, agent `drain`), then, `drain_notice_s` later, stop
         accepting and drain the requests in flight. A second request skips what is left of the notice."""
         again, self._stopping = self._stopping, True
-        if self.pool is not None:
-            self.pool.shutting_down()
-        else:
-            self.runner.shutting_down()
+        self.pool.shutting_down()
         self.drain.reason = "shutdown"  # whatever drain was on (a profile change), this one wins
         if not again:
             self.notifier.send("STOPPING=1")
@@ -225,11 +211,7 @@ class Daemon:
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
-            if self.pool is not None:
-                await self.pool.stop()
-            else:
-                await self.runner.stop()
-                await self.proxy.aclose()
+            await self.pool.stop()
             if self.agent is not None:  # last: it says `drain` until the very end
                 await self.agent.close()
             self.notifier.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -42,3 +43,17 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of every `llama_supervisor_<name>` sample in a /metrics page whose labels include `labels`
+    (every model's series carries a `model` label: pass model=... to pick one)."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"llama_supervisor_{name}(?:\{{([^}}]*)\}})? (\S+)$", line)
+        if m is None:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total

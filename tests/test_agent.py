@@ -87,16 +87,16 @@ async def test_listener_weight_follows_free_slots(tmp_path: Path, write_profile)
     async with running(tmp_path, write_profile(parallel=2, ctx_size=4096), agent_port=0) as d:
         assert d.agent is not None
         assert (await _ask(d.agent)).startswith("maint #")  # still loading
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         assert await _ask(d.agent) == "ready 100%\n"
         await wait_for(lambda: d.agent is not None and d.agent.load().total_slots == 2, what="/props asked")
         long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500, "ignore_eos": True}
         async with httpx.AsyncClient(timeout=60) as c:
             one = asyncio.ensure_future(c.post(f"{d.url}/v1/chat/completions", json=long))
-            await wait_for(lambda: d.proxy.in_flight == 1, what="one request in flight")
+            await wait_for(lambda: d.default.in_flight == 1, what="one request in flight")
             assert await _ask(d.agent) == "ready 50%\n"
             two = asyncio.ensure_future(c.post(f"{d.url}/v1/chat/completions", json=long))
-            await wait_for(lambda: d.proxy.in_flight == 2, what="two requests in flight")
+            await wait_for(lambda: d.default.in_flight == 2, what="two requests in flight")
             assert await _ask(d.agent) == f"ready {MIN_WEIGHT_PCT}%\n"
             assert [r.status_code for r in await asyncio.gather(one, two)] == [200, 200]
 
@@ -108,11 +108,11 @@ async def test_shutdown_leaves_the_pool_before_it_stops_accepting(tmp_path: Path
     async with running(tmp_path, write_profile(ctx_size=4096), agent_port=0, drain_notice_s=1.0,
                        drain_s=60) as d:
         assert d.agent is not None
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         async with httpx.AsyncClient(timeout=60) as c:
             long = asyncio.ensure_future(c.post(f"{d.url}/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500, "ignore_eos": True}))
-            await wait_for(lambda: d.proxy.in_flight == 1, what="a request in flight")
+            await wait_for(lambda: d.default.in_flight == 1, what="a request in flight")
             t0 = time.monotonic()
             d.request_stop()
             health = await c.get(f"{d.url}/health")
@@ -135,19 +135,19 @@ async def test_profile_change_drains_before_the_restart(tmp_path: Path, write_pr
     profile = write_profile(ctx_size=1024)
     async with running(tmp_path, profile, agent_port=0, drain_notice_s=0.5) as d:
         assert d.agent is not None
-        await wait_for(lambda: d.runner.ready, what="ready")
-        first = d.runner.machine.gen
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        first = d.default.runner.machine.gen
         profile.write_text(profile.read_text().replace("ctx_size: 1024", "ctx_size: 2048"))
         reload = asyncio.ensure_future(d.reloader.reload("test"))
         await wait_for(lambda: d.drain.reason is not None, what="drain")
-        assert d.runner.ready and d.runner.machine.gen == first  # the old child still serves ...
+        assert d.default.runner.ready and d.default.runner.machine.gen == first  # the old child still serves ...
         assert await _ask(d.agent) == "drain #profile_change\n"  # ... but the balancer is told to go away
         async with httpx.AsyncClient(timeout=10) as c:
             assert (await c.get(f"{d.url}/health")).status_code == 503
-        assert (await reload)["restarted"] is True
-        assert d.drain.reason is None and not d.runner.ready
+        assert (await reload)["restarted"] == [d.pool.default]
+        assert d.drain.reason is None and not d.default.runner.ready
         assert (await _ask(d.agent)).startswith("maint #")  # restarting: out until the new child is ready
-        await wait_for(lambda: d.runner.ready and d.runner.machine.gen == first + 1, what="ready again")
+        await wait_for(lambda: d.default.runner.ready and d.default.runner.machine.gen == first + 1, what="ready again")
         assert await _ask(d.agent) == "ready 100%\n"
 
 
@@ -167,10 +167,10 @@ async def test_agent_with_several_models_follows_health(tmp_path: Path, write_pr
             httpx.AsyncClient(base_url=d.url, timeout=60) as c:
         assert d.agent is not None and d.pool is not None
         pool = d.pool
-        await wait_for(lambda: pool.slots["alpha"].seen().value == "loaded", what="alpha loaded")
+        await wait_for(lambda: pool.models["alpha"].seen().value == "loaded", what="alpha loaded")
         assert await _ask(d.agent) == "ready 100%\n"
         assert (await c.post("/admin/models/beta/load")).status_code == 202
-        await wait_for(lambda: pool.slots["beta"].seen().value == "loaded", what="beta loaded")
+        await wait_for(lambda: pool.models["beta"].seen().value == "loaded", what="beta loaded")
         long = {"model": "beta", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500,
                 "ignore_eos": True}
         one = asyncio.ensure_future(c.post("/v1/chat/completions", json=long))
@@ -179,11 +179,11 @@ async def test_agent_with_several_models_follows_health(tmp_path: Path, write_pr
         assert (await one).status_code == 200
 
         assert (await c.post("/admin/models/alpha/unload")).status_code == 202
-        await wait_for(lambda: pool.slots["alpha"].seen().value == "unloaded", what="alpha unloaded")
+        await wait_for(lambda: pool.models["alpha"].seen().value == "unloaded", what="alpha unloaded")
         assert (await c.get("/health")).status_code == 503
         assert await _ask(d.agent) == "maint #unloaded\n"
         assert (await c.post("/admin/models/alpha/load")).status_code == 202
-        await wait_for(lambda: pool.slots["alpha"].seen().value == "loaded", what="alpha loaded again")
+        await wait_for(lambda: pool.models["alpha"].seen().value == "loaded", what="alpha loaded again")
         assert await _ask(d.agent) == "ready 100%\n"
         d.request_stop()
         assert await _ask(d.agent) == "drain #shutdown\n"

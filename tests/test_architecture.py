@@ -1,5 +1,6 @@
-"""The layout's rules, checked: `core/` holds pure decisions (no I/O, no clock, nothing outside core), and
-no module imports one that imports it back."""
+"""The layout's rules, checked: `core/` holds pure decisions (no I/O, no clock, nothing outside core); packages
+import only downwards (LAYERS); no module imports one that imports it back, not even for annotations; the top
+level holds only the entry points; no module is over 400 lines."""
 
 from __future__ import annotations
 
@@ -15,16 +16,22 @@ CORE_STDLIB_ALLOWED = frozenset({
 })
 
 
-def _runtime_imports(path: Path, root: Path = PKG.parent) -> list[tuple[int, str]]:
+# Packages, lowest first: a module imports (at run time) only from its own package or one listed before it.
+LAYERS = ("core", "host", "spec", "telemetry", "media", "child", "fleet", "models", "web", "")  # "": cli, daemon
+TOP_LEVEL = frozenset({"__init__", "__main__", "cli", "daemon"})
+MAX_LINES = 400
+
+
+def _runtime_imports(path: Path, root: Path = PKG.parent, *, annotations: bool = False) -> list[tuple[int, str]]:
     """(line, absolute module) for every import that runs at import time: `if TYPE_CHECKING:` blocks are
-    annotations only and do not count."""
+    annotations only and do not count, unless `annotations`."""
     tree = ast.parse(path.read_text(), str(path))
     pkg_parts = list(path.relative_to(root).with_suffix("").parts)[:-1]
     out: list[tuple[int, str]] = []
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test) and not annotations:
                 for other in child.orelse:
                     visit(other)
                 continue
@@ -82,14 +89,15 @@ def test_no_import_cycles() -> None:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         deps = set()
-        for _, mod in _runtime_imports(path):
+        for _, mod in _runtime_imports(path, annotations=True):
             # `from ..host import gpu` names the module supervisor.host.gpu; fall back to the package.
             while mod and mod not in modules:
                 mod = mod.rsplit(".", 1)[0] if "." in mod else ""
             if mod and mod != name and mod.startswith("supervisor"):
                 deps.add(mod)
         graph[name] = deps
-    # Packages' __init__ files are empty; a cycle is a path from a module back to itself.
+    # Packages' __init__ files are empty; a cycle is a path from a module back to itself. Annotation-only
+    # imports count: a cycle through them is still two modules that cannot be read one without the other.
     sys.setrecursionlimit(10_000)
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -109,3 +117,40 @@ def test_no_import_cycles() -> None:
     for node in sorted(graph):
         if node not in state and (cycle := dfs(node)):
             raise AssertionError("import cycle: " + " → ".join(cycle))
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) >= 2 and parts[1] in LAYERS else ""
+
+
+def test_packages_import_only_downwards() -> None:
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        me = _module_name(path)
+        rank = LAYERS.index(_layer(me))
+        for line, mod in _runtime_imports(path):
+            if mod.startswith("supervisor.__"):  # the package's own attributes (__version__)
+                continue
+            if mod.startswith("supervisor.") and LAYERS.index(_layer(mod)) > rank:
+                bad.append(f"{path.relative_to(PKG.parent)}:{line}: {_layer(me) or 'top'} imports {mod}")
+    assert not bad, f"packages import only downwards ({' < '.join(x or 'top' for x in LAYERS)}):\n" + "\n".join(bad)
+
+
+def test_layering_check_catches_an_upward_import(tmp_path: Path) -> None:
+    probe = tmp_path / "supervisor" / "models" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text("from ..web.api import proxy\nfrom ..child import runner\n")
+    ranks = [LAYERS.index(_layer(m)) for _, m in _runtime_imports(probe, tmp_path)]
+    assert ranks == [LAYERS.index("web"), LAYERS.index("child")] and ranks[0] > LAYERS.index("models") > ranks[1]
+
+
+def test_top_level_holds_only_entry_points() -> None:
+    extra = sorted(p.stem for p in PKG.glob("*.py") if p.stem not in TOP_LEVEL)
+    assert not extra, f"supervisor/ keeps only {sorted(TOP_LEVEL)}; move these into a subpackage: {extra}"
+
+
+def test_modules_stay_small() -> None:
+    big = {str(p.relative_to(PKG.parent)): n for p in PKG.rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not big, f"modules over {MAX_LINES} lines: {big}"

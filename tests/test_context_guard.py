@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 from PIL import Image
-from support import running, wait_for
+from support import metric, running, wait_for
 
 from supervisor.media.images import OMITTED
 
@@ -34,11 +34,6 @@ def photo_conversation(colors: list[str], last: str = "white") -> list[dict[str,
                  {"role": "assistant", "content": f"A {c} rectangle."}]
     msgs.append({"role": "user", "content": [{"type": "text", "text": "And this one?"}, photo(last)]})
     return msgs
-
-
-def metric(text: str, name: str) -> float:
-    m = re.search(rf"^llama_supervisor_{name} ([0-9.e+-]+)$", text, re.MULTILINE)
-    return float(m.group(1)) if m else 0.0
 
 
 def trimmed(header: str | None) -> dict[str, int]:
@@ -68,8 +63,8 @@ async def exact_count(child_url: str, body: dict[str, Any]) -> int:
 async def test_photos_that_do_not_fit_are_dropped_oldest_first(tmp_path: Path, vl_profile) -> None:
     body = {"messages": photo_conversation(["red", "green", "blue"]), "max_tokens": 8}
     async with running(tmp_path, vl_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=120) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
-        child = d.runner.child_url or ""
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        child = d.default.runner.child_url or ""
         original = await exact_count(child, body)
         assert original > CTX  # four photos of ~770 tokens: llama-server alone would refuse it
 
@@ -99,7 +94,7 @@ async def test_photos_that_do_not_fit_are_dropped_oldest_first(tmp_path: Path, v
         assert metric(text, "images_dropped_total") == 2
         assert metric(text, "turns_dropped_total") == 0
         assert metric(text, "context_tokens_saved_total") == dropped["tokens"]
-        assert metric(text, 'context_checks_total{outcome="trimmed"}') == 1
+        assert metric(text, "context_checks_total", outcome="trimmed") == 1
 
         # Streaming: the same decision, the header on the stream's response.
         async with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True,
@@ -120,7 +115,7 @@ async def test_old_turns_go_after_the_photos_and_a_last_turn_too_big_is_a_400(tm
                                                  {"role": "assistant", "content": chatter})]
     body = {"messages": msgs, "max_tokens": 16}
     async with running(tmp_path, vl_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=120) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         r = await c.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
         dropped = trimmed(r.headers.get("x-context-trimmed"))
@@ -136,7 +131,7 @@ async def test_old_turns_go_after_the_photos_and_a_last_turn_too_big_is_a_400(tm
                 m for i in range(3) for m in ({"role": "user", "content": f"{i}: " + "a b c d " * 40 + "z" * n},
                                               {"role": "assistant", "content": "e f g h " * 40})] + [
                 {"role": "user", "content": "go on"}]
-        child, lo, hi = d.runner.child_url or "", 0, 2000
+        child, lo, hi = d.default.runner.child_url or "", 0, 2000
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if await exact_count(child, {"messages": near(mid)}) <= CTX - 16 + 8 else (lo, mid - 1)
@@ -155,13 +150,13 @@ async def test_old_turns_go_after_the_photos_and_a_last_turn_too_big_is_a_400(tm
         assert r.status_code == 400
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and err["code"] == 400
-        needed = await exact_count(d.runner.child_url or "", alone)
+        needed = await exact_count(d.default.runner.child_url or "", alone)
         m = re.search(r"needs (\d+) tokens \((\d+) for the prompt with the system messages \+ 100 kept for the "
                       rf"reply\) but profile 'vl' allows {CTX} per slot \(ctx_size {CTX}\)", err["message"])
         assert m, err["message"]
         assert int(m.group(1)) == int(m.group(2)) + 100 and abs(int(m.group(2)) - needed) <= 3
-        assert metric((await c.get("/metrics")).text, 'context_checks_total{outcome="rejected"}') == 1
-        assert d.runner.ready and d.runner.machine.restarts == 0
+        assert metric((await c.get("/metrics")).text, "context_checks_total", outcome="rejected") == 1
+        assert d.default.runner.ready and d.default.runner.machine.restarts == 0
 
 
 async def test_feature_off_keeps_llama_servers_own_answer_and_a_reload_turns_it_on(tmp_path: Path,
@@ -169,7 +164,7 @@ async def test_feature_off_keeps_llama_servers_own_answer_and_a_reload_turns_it_
     body = {"messages": photo_conversation(["red", "green", "blue"]), "max_tokens": 8}
     profile = vl_profile(fit_context=False)
     async with running(tmp_path, profile) as d, httpx.AsyncClient(base_url=d.url, timeout=120) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         assert (await c.get("/status")).json()["context"] is None  # nothing learned, nothing asked at warmup
         r = await c.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and "x-context-trimmed" not in r.headers
@@ -179,15 +174,15 @@ async def test_feature_off_keeps_llama_servers_own_answer_and_a_reload_turns_it_
         assert metric(text, "images_dropped_total") == 0 and "context_checks_total{" not in text
 
         # Turned on by a reload (no restart: nothing llama-server sees changed): the guard learns on first use.
-        pid = d.runner.child.pid if d.runner.child else None
+        pid = d.default.runner.child.pid if d.default.runner.child else None
         data = yaml.safe_load(profile.read_text())
         profile.write_text(yaml.safe_dump({**data, "images": {**data["images"], "fit_context": True}}))
         assert (await c.post("/admin/reload")).status_code == 200
-        await wait_for(lambda: d.runner.loaded.profile.images.fit_context is True, what="reloaded")
+        await wait_for(lambda: d.default.runner.loaded.profile.images.fit_context is True, what="reloaded")
         r = await c.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
         assert trimmed(r.headers.get("x-context-trimmed"))["images"] == 2
-        assert d.runner.child is not None and d.runner.child.pid == pid
+        assert d.default.runner.child is not None and d.default.runner.child.pid == pid
         assert (await c.get("/status")).json()["context"]["n_ctx_per_slot"] == CTX
 
 

@@ -23,7 +23,7 @@ async def test_health_goes_503_then_200_and_chat_works(tmp_path: Path, write_pro
             assert r.json()["status"] in ("starting", "warming")
             await asyncio.sleep(0.005)
         assert seen == {503, 200}, seen
-        assert r.json() == {"status": "ok"}
+        assert r.json()["status"] == "ok"
         r = await c.post("/v1/chat/completions",
                          json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "ignore_eos": True})
         assert r.status_code == 200, r.text
@@ -34,7 +34,7 @@ async def test_health_goes_503_then_200_and_chat_works(tmp_path: Path, write_pro
 
 async def test_streaming_passes_chunks_through(tmp_path: Path, write_profile) -> None:
     async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32, "stream": True, "ignore_eos": True}
         events = []
         async with c.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -55,7 +55,7 @@ async def test_client_disconnect_stops_generation(tmp_path: Path, write_profile)
     """Leaving mid-stream must close the upstream request: llama-server's slot goes idle long before
     the 100k tokens asked for could be generated."""
     async with running(tmp_path, write_profile(parallel=1)) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000, "stream": True,
                 "ignore_eos": True}
         async with c.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -80,7 +80,7 @@ async def test_client_disconnect_stops_generation(tmp_path: Path, write_profile)
 async def test_status_fields_are_true(tmp_path: Path, write_profile) -> None:
     profile = write_profile(name="stat")
     async with running(tmp_path, profile) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         st = (await c.get("/status")).json()
         assert st["state"] == "ready"
         assert st["profile"] == {"name": "stat", "file": str(profile)}
@@ -91,7 +91,7 @@ async def test_status_fields_are_true(tmp_path: Path, write_profile) -> None:
         assert st["child"]["rss_bytes"] > 0
         assert st["restarts"] == 0 and st["last_exit"] is None
         assert st["load_s"] > 0 and st["warmup_s"] > 0
-        assert st["llama_server_version"].startswith(d.runner.loaded.caps.version.split()[0])
+        assert st["llama_server_version"].startswith(d.default.runner.loaded.caps.version.split()[0])
         assert any("load_model" in line or "model" in line for line in st["log_tail"])
         assert [t["to"] for t in st["transitions"]] == ["starting", "warming", "ready"]
         assert st["supervisor"]["uptime_s"] > 0
@@ -100,7 +100,7 @@ async def test_status_fields_are_true(tmp_path: Path, write_profile) -> None:
 
 async def test_proxy_passes_other_routes_and_forwarded_for(tmp_path: Path, write_profile) -> None:
     async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         r = await c.post("/tokenize", json={"content": "hello"})
         assert r.status_code == 200 and r.json()["tokens"]
         props = (await c.get("/props")).json()
@@ -115,7 +115,7 @@ async def test_proxy_passes_other_routes_and_forwarded_for(tmp_path: Path, write
 
 async def test_child_metrics_are_exposed(tmp_path: Path, write_profile) -> None:
     async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         r = await c.get("/child/metrics")
         assert r.status_code == 200 and "llamacpp:" in r.text
 
@@ -133,7 +133,7 @@ async def test_image_to_a_text_only_profile_is_a_400(tmp_path: Path, write_profi
     img = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     async with running(tmp_path, write_profile(name="textonly")) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [img]}]})
         assert r.status_code == 400 and "no vision projector" in r.json()["error"]["message"]
         r = await c.post("/predict", json={"prompt": "x", "images": ["iVBORw0KGgo="]})
@@ -146,8 +146,8 @@ async def test_a_conversation_over_the_context_is_a_400_and_the_child_keeps_serv
                                                                                    write_profile) -> None:
     async with running(tmp_path, write_profile(name="small", ctx_size=512)) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
-        pid = d.runner.child.pid
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        pid = d.default.runner.child.pid
         long = {"messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 4}
         for body in (long, {**long, "stream": True}):
             r = await c.post("/v1/chat/completions", json=body)
@@ -160,4 +160,4 @@ async def test_a_conversation_over_the_context_is_a_400_and_the_child_keeps_serv
             assert err["message"].endswith("or set images.keep_last_turns in the profile")  # not set in this profile
         r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert r.status_code == 200
-        assert d.runner.ready and d.runner.child.pid == pid and d.runner.machine.restarts == 0
+        assert d.default.runner.ready and d.default.runner.child.pid == pid and d.default.runner.machine.restarts == 0

@@ -15,10 +15,7 @@ import openai
 import pytest
 from support import make_config
 
-from supervisor.child.runner import Runner
-from supervisor.models.reload import Reloader
-from supervisor.spec.loaded import load_checked
-from supervisor.web.api.proxy import Proxy
+from supervisor.daemon import Daemon
 from supervisor.web.app import App
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -38,14 +35,14 @@ def openai_error(r: httpx.Response, status: int) -> dict[str, Any]:
 
 @pytest.fixture
 async def app(tmp_path: Path, write_profile) -> AsyncIterator[App]:
+    """The daemon's app, wired as in production, with no model loaded (its pool never started)."""
     profile = write_profile()
     cfg = make_config(tmp_path, api_key="api-secret", admin_key="admin-secret", queue_wait_s=0.0,
                       max_body_bytes=1000)
-    runner = Runner(cfg, load_checked(profile))
-    proxy = Proxy(runner)
-    yield App(runner, proxy, Reloader(runner, profile))
-    await proxy.aclose()
-    await runner.http.aclose()
+    daemon = Daemon(cfg, profile)
+    await daemon.prepare()
+    yield daemon.app
+    await daemon.pool.stop()
 
 
 def client(app: App, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
@@ -67,22 +64,19 @@ async def test_own_route_errors(app: App) -> None:
         openai_error(await c.get("/admin/restart"), 405)
         err = openai_error(await c.get("/child/metrics"), 503)
         assert "not running" in err["message"]
-        r = await c.get("/health")  # stopped: 503 with the status fields load balancers and people read
+        r = await c.get("/health")  # not loaded: 503 with the status fields load balancers and people read
         openai_error(r, 503)
-        assert r.json()["status"] == "stopped" and r.headers["retry-after"] == "5"
-    app.reload = None
-    async with client(app, ADMIN) as c:
-        openai_error(await c.post("/admin/reload"), 501)
+        assert r.json()["status"] == "unloaded" and r.headers["retry-after"] == "5"
 
 
 async def test_rejected_reload_keeps_its_fields(app: App) -> None:
-    assert app.reload is not None
-    app.reload.path.write_text("name: broken\nmodel: /nonexistent.gguf\n")
+    path = app.own.reloader.default_path
+    path.write_text("name: broken\nmodel: /nonexistent.gguf\n")
     async with client(app, ADMIN) as c:
         r = await c.post("/admin/reload")
     err = openai_error(r, 422)
-    assert r.json()["ok"] is False and r.json()["restarted"] is False
-    assert err["file"] == str(app.reload.path) and err["errors"][0]["field"] == "model"
+    assert r.json()["ok"] is False and r.json()["restarted"] == []
+    assert err["file"] == str(path) and err["errors"][0]["field"] == "model"
     assert "/nonexistent.gguf" in err["message"]
 
 

@@ -103,7 +103,7 @@ async def test_pre_launch_estimate_with_fake_nvml(tmp_path: Path, write_profile,
     profile = write_profile(binary=str(double), n_gpu_layers=99)
     async with running(tmp_path, profile, estimate_vram=estimate_on, vram_release_wait_s=0) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         tried = record.read_text().split()
         st = (await c.get("/status")).json()
     if estimate_on:

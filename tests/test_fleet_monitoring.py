@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import running, wait_for
 
 from supervisor.host.gpu import GpuInfo
-from supervisor.telemetry.metrics import Metrics
+from supervisor.telemetry.metrics import BoxMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -111,20 +111,20 @@ def _labels_used(expr: str, metric: str) -> set[str]:
 @pytest.mark.integration
 async def test_dashboard_uses_only_metrics_a_supervisor_exports(tmp_path: Path, write_profile) -> None:
     async with running(tmp_path, write_profile()) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         async with httpx.AsyncClient(timeout=30) as c:
             r = await c.post(f"{d.url}/v1/chat/completions",
                              json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
             assert r.status_code == 200
-            child = d.runner.child
+            child = d.default.runner.child
             assert child is not None
             os.kill(child.pid, signal.SIGKILL)  # so that restarts_total{cause} has a series
-            await wait_for(lambda: not d.runner.ready, what="the exit noticed")
-            await wait_for(lambda: d.runner.ready, what="ready again")
+            await wait_for(lambda: not d.default.runner.ready, what="the exit noticed")
+            await wait_for(lambda: d.default.runner.ready, what="ready again")
             text = (await c.get(f"{d.url}/metrics")).text
     exported = _exported(text)
     # GPU series exist only with NVML: take them from the same collector, fed one GPU's figures.
-    gpu_metrics = Metrics()
+    gpu_metrics = BoxMetrics()
     gpu_metrics.attach_sampler(lambda: {"gpus": [GpuInfo(0, "NVIDIA H100", 81559, 4882, 76677, 12, 40).as_dict()]})
     for name, labels in _exported(generate_latest(gpu_metrics.registry).decode()).items():
         if "gpu_" in name:

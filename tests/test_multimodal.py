@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from support import running, wait_for
+from support import metric, running, wait_for
 
 
 def jpeg(w: int, h: int, color: str = "orange", **kw: object) -> bytes:
@@ -40,18 +40,18 @@ def vl_profile(write_profile, tiny_vl):
 async def test_big_photo_arrives_downscaled(tmp_path: Path, vl_profile) -> None:
     photo = image_part(jpeg(4000, 3000))
     async with running(tmp_path, vl_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=120) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         st = (await c.get("/status")).json()
         assert st["warmup"]["image"] is True  # the first-encode cost was paid at warmup
         through = (await c.post("/v1/chat/completions", json=chat(photo))).json()["usage"]["prompt_tokens"]
-        direct = (await httpx.AsyncClient(timeout=120).post(f"{d.runner.child_url}/v1/chat/completions",
+        direct = (await httpx.AsyncClient(timeout=120).post(f"{d.default.runner.child_url}/v1/chat/completions",
                                                              json=chat(photo))).json()["usage"]["prompt_tokens"]
         same_size = image_part(jpeg(1024, 768))
         expected = (await c.post("/v1/chat/completions", json=chat(same_size))).json()["usage"]["prompt_tokens"]
         assert direct > 3000  # llama-server alone spends ~4000 tokens on a 12 MP photo
         assert through == expected < 1000  # the proxy sent 1024×768
         metrics = (await c.get("/metrics")).text
-        assert "llama_supervisor_images_total 2.0" in metrics
+        assert metric(metrics, "images_total") == 2.0
 
 
 async def test_alpha_png_and_exif_photo_are_accepted(tmp_path: Path, vl_profile) -> None:
@@ -61,7 +61,7 @@ async def test_alpha_png_and_exif_photo_are_accepted(tmp_path: Path, vl_profile)
     exif = rotated.getexif()
     exif[0x0112] = 6
     async with running(tmp_path, vl_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=120) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         r = await c.post("/v1/chat/completions", json=chat(image_part(buf.getvalue(), "image/png")))
         assert r.status_code == 200, r.text
         r = await c.post("/v1/chat/completions", json=chat(image_part(_encode(rotated, exif))))
@@ -77,7 +77,7 @@ def _encode(img: Image.Image, exif: Image.Exif) -> bytes:
 async def test_bad_images_get_4xx(tmp_path: Path, vl_profile) -> None:
     async with running(tmp_path, vl_profile(images={"max_image_bytes": 50_000})) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=120) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         bad = {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%not-base64%%%"}}
         r = await c.post("/v1/chat/completions", json=chat(bad))
         assert r.status_code == 400
@@ -92,13 +92,13 @@ async def test_bad_images_get_4xx(tmp_path: Path, vl_profile) -> None:
         remote = {"type": "image_url", "image_url": {"url": "http://10.0.0.1/cat.png"}}
         r = await c.post("/v1/chat/completions", json=chat(remote))
         assert r.status_code == 400 and "remote image URLs are not allowed" in r.json()["error"]["message"]
-        assert d.runner.ready and d.runner.machine.restarts == 0
+        assert d.default.runner.ready and d.default.runner.machine.restarts == 0
 
 
 async def test_request_body_cap_is_413(tmp_path: Path, vl_profile) -> None:
     async with running(tmp_path, vl_profile(), max_body_bytes=100_000) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=120) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         r = await c.post("/v1/chat/completions", json=chat(image_part(b"x" * 200_000)))
         assert r.status_code == 413 and "100000 bytes" in r.json()["error"]["message"]
 
@@ -112,7 +112,7 @@ async def test_only_last_k_images_reach_the_server(tmp_path: Path, vl_profile) -
     history["messages"].append({"role": "user", "content": "and now?"})
     async with running(tmp_path, vl_profile(images={"keep_last_images": 3})) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=120) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         before = _images_total((await c.get("/metrics")).text)
         r = await c.post("/v1/chat/completions", json=history)
         assert r.status_code == 200
@@ -124,20 +124,17 @@ async def test_only_last_k_images_reach_the_server(tmp_path: Path, vl_profile) -
         for m in manual["messages"][:6:2]:
             m["content"] = [m["content"][0], {"type": "text", "text": OMITTED}]
         async with httpx.AsyncClient(timeout=120) as direct:
-            want = (await direct.post(f"{d.runner.child_url}/v1/chat/completions", json=manual)).json()
+            want = (await direct.post(f"{d.default.runner.child_url}/v1/chat/completions", json=manual)).json()
         assert r.json()["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
 
 
 def _images_total(text: str) -> float:
-    for line in text.splitlines():
-        if line.startswith("llama_supervisor_images_total "):
-            return float(line.split()[1])
-    return 0.0
+    return metric(text, "images_total")
 
 
 async def test_predict_compatibility(tmp_path: Path, vl_profile) -> None:
     async with running(tmp_path, vl_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=120) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         b64 = base64.b64encode(jpeg(3000, 2000)).decode()
         r = await c.post("/predict", json={"prompt": "Describe the image.", "images": [b64], "max_tokens": 4})
         assert r.status_code == 200, r.text
@@ -151,7 +148,7 @@ async def test_predict_compatibility(tmp_path: Path, vl_profile) -> None:
 
 async def test_openai_client_sends_an_image(tmp_path: Path, vl_profile) -> None:
     async with running(tmp_path, vl_profile()) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         client = openai.AsyncOpenAI(base_url=f"{d.url}/v1", api_key="unused")
         url = "data:image/jpeg;base64," + base64.b64encode(jpeg(800, 600)).decode()
         resp = await client.chat.completions.create(
@@ -169,7 +166,7 @@ async def test_projector_mismatch_fails_with_the_message(tmp_path: Path, write_p
     bad = tiny_gguf.write_tiny_mmproj(tmp_path / "mmproj-wrong.gguf", text_embd=96)
     profile = write_profile(name="mismatch", model=str(model), mmproj=str(bad))
     async with running(tmp_path, profile) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.machine.state.value == "failed", what="failed")
+        await wait_for(lambda: d.default.runner.machine.state.value == "failed", what="failed")
         st = (await c.get("/status")).json()
         assert st["last_exit"]["cause"] == "model_error"
         assert "mismatch between text model" in st["reason"]

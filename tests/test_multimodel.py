@@ -17,6 +17,7 @@ import yaml
 from support import running, wait_for
 
 from supervisor.daemon import Daemon
+from supervisor.web.api.body import requested_model
 
 FEW_SHOT = "Q: What is the capital of Germany?\nA: Berlin\nQ: What is the capital of Italy?\nA: Rome\n" \
            "Q: What is the capital of France?\nA:"
@@ -66,12 +67,12 @@ async def box(tmp_path: Path, profiles: Path, **overrides: Any) -> AsyncIterator
 
 def state(d: Daemon, mid: str) -> str:
     assert d.pool is not None
-    return d.pool.slots[mid].seen().value
+    return d.pool.models[mid].seen().value
 
 
 def loads(d: Daemon, mid: str) -> int:
     assert d.pool is not None
-    return d.pool.slots[mid].loads
+    return d.pool.models[mid].loads
 
 
 async def complete(c: httpx.AsyncClient, model: str, **extra: Any) -> httpx.Response:
@@ -102,15 +103,23 @@ async def test_on_demand_load_by_model_alias_and_unknown(tmp_path: Path, folder:
         assert r.status_code == 200 and "tokens" in r.json() and state(d, "tiny") == "loaded"
 
 
-async def test_multipart_form_field_picks_the_model(tmp_path: Path, folder: Callable[..., Path]) -> None:
+def test_multipart_form_field_names_the_model() -> None:
+    """No route the proxy forwards takes multipart today (the audio upload is refused before its body is read,
+    whatever the model); the form's field is read all the same, for the day one does."""
+    body = (b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF model\r\n'
+            b'--XX\r\nContent-Disposition: form-data; name="model"\r\n\r\ntiny\r\n--XX--\r\n')
+    scope = {"headers": [(b"content-type", b"multipart/form-data; boundary=XX")], "query_string": b""}
+    assert requested_model(scope, body) == "tiny"
+    assert requested_model({**scope, "query_string": b"model=vl"}, body) == "vl"  # the query wins
+
+
+async def test_a_refused_route_loads_nothing(tmp_path: Path, folder: Callable[..., Path]) -> None:
     async with box(tmp_path, folder()) as (d, c):
-        # llama-server has no multipart route (the proxy refuses it); what matters is which model it went to.
-        r = await c.post("/v1/audio/transcriptions", data={"model": "nope"}, files={"file": ("a.wav", b"RIFF")})
-        assert r.status_code == 404 and r.json()["error"]["available"] == ["vision", "gemma", "tiny"]
-        assert state(d, "tiny") == "unloaded"
         r = await c.post("/v1/audio/transcriptions", data={"model": "tiny"}, files={"file": ("a.wav", b"RIFF")})
-        assert r.status_code != 503 and state(d, "tiny") in ("loading", "loaded")
-        await wait_for(lambda: state(d, "tiny") == "loaded", what="tiny loaded for the form's model")
+        assert r.status_code == 403 and "refused by the supervisor" in r.json()["error"]["message"]
+        assert state(d, "tiny") == "unloaded"
+        r = await c.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+        assert r.status_code == 404 and r.json()["error"]["available"] == ["vision", "gemma", "tiny"]
 
 
 async def test_eviction_under_a_tight_budget(tmp_path: Path, folder: Callable[..., Path]) -> None:
@@ -121,8 +130,8 @@ async def test_eviction_under_a_tight_budget(tmp_path: Path, folder: Callable[..
         r = await complete(c, "gemma")
         assert r.status_code == 200 and r.json()["choices"][0]["text"].strip().startswith("Paris")
         assert state(d, "vision") == "unloaded"
-        assert d.pool is not None and d.pool.slots["vision"].last_unload["reason"] == "lru"
-        await wait_for(lambda: d.pool.slots["gemma"].measured is not None, what="gemma measured once ready")  # type: ignore[union-attr]
+        assert d.pool.models["vision"].last_unload["reason"] == "lru"
+        await wait_for(lambda: d.pool.models["gemma"].measured is not None, what="gemma measured once ready")  # type: ignore[union-attr]
         r = await c.post("/v1/chat/completions", json={**CHAT, "model": "vl"})
         assert r.status_code == 200 and state(d, "gemma") == "unloaded"
         metrics = (await c.get("/metrics")).text
@@ -158,7 +167,7 @@ async def test_no_eviction_while_a_stream_is_in_flight(tmp_path: Path, folder: C
         assert b"[DONE]" in text and b'"error"' not in text  # the stream ran to its end
         assert ended[0] <= answered  # vision came back only after gemma's stream was over
         assert state(d, "gemma") == "unloaded"
-        assert d.pool is not None and d.pool.slots["gemma"].last_unload["reason"] == "lru"
+        assert d.pool.models["gemma"].last_unload["reason"] == "lru"
 
 
 async def test_pinned_is_never_evicted_and_health(tmp_path: Path, folder: Callable[..., Path]) -> None:
@@ -183,7 +192,7 @@ async def test_ttl_and_preload(tmp_path: Path, folder: Callable[..., Path]) -> N
         await wait_for(lambda: state(d, "tiny") == "loaded", what="tiny preloaded")
         assert state(d, "gemma") == "unloaded"
         await wait_for(lambda: state(d, "tiny") == "unloaded", timeout=10, what="tiny unloaded after its ttl")
-        assert d.pool is not None and d.pool.slots["tiny"].last_unload["reason"] == "ttl"
+        assert d.pool.models["tiny"].last_unload["reason"] == "ttl"
         assert state(d, "vision") == "loaded"  # no ttl: stays
 
 
@@ -192,8 +201,8 @@ async def test_grouped_requests_are_one_swap(tmp_path: Path, folder: Callable[..
     waiting ones are served by one swap each way, not one swap per request."""
     async with box(tmp_path, folder(gemma=None, tiny={"ctx_size": 4096}), memory_budget_mib=110) as (d, c):
         assert d.pool is not None
-        await wait_for(lambda: d.pool.slots["vision"].measured is not None, what="vision loaded and measured")  # type: ignore[union-attr]
-        need = d.pool.slots["vision"].measured
+        await wait_for(lambda: d.pool.models["vision"].measured is not None, what="vision loaded and measured")  # type: ignore[union-attr]
+        need = d.pool.models["vision"].measured
         assert need is not None and need.host_mib > 55, need  # else the budget below holds both
         reqs = [c.post("/v1/chat/completions", json={**CHAT, "model": m}) for m in ["tiny"] * 8 + ["vision"] * 4]
         answers = await asyncio.gather(*reqs)
@@ -207,7 +216,7 @@ async def test_admin_load_unload(tmp_path: Path, folder: Callable[..., Path]) ->
         assert r.status_code == 202 and r.json()["model"] == "gemma"
         await wait_for(lambda: state(d, "gemma") == "loaded", what="gemma loaded by the operator")
         # Measured once ready (in a worker thread): unload only after that, or nothing was measured.
-        await wait_for(lambda: d.pool is not None and d.pool.slots["gemma"].measured is not None,
+        await wait_for(lambda: d.pool.models["gemma"].measured is not None,
                        what="gemma measured")
         r = await c.post("/admin/models/gemma/unload")
         assert r.status_code == 202
@@ -226,7 +235,7 @@ async def test_hot_reload_per_file(tmp_path: Path, folder: Callable[..., Path]) 
         assert d.pool is not None
         await c.post("/admin/models/tiny/load")
         await wait_for(lambda: state(d, "tiny") == "loaded", what="tiny loaded")
-        vision_pid, tiny_runner = d.pool.slots["vision"].runner.child.pid, d.pool.slots["tiny"].runner  # type: ignore[union-attr]
+        vision_pid, tiny_runner = d.pool.models["vision"].runner.child.pid, d.pool.models["tiny"].runner  # type: ignore[union-attr]
         # A new file appears in /v1/models.
         data = yaml.safe_load((profiles / "tiny.yaml").read_text())
         (profiles / "tiny2.yaml").write_text(yaml.safe_dump({**data, "name": "tiny2", "aliases": []}))
@@ -234,16 +243,16 @@ async def test_hot_reload_per_file(tmp_path: Path, folder: Callable[..., Path]) 
         (profiles / "tiny.yaml").write_text(yaml.safe_dump({**data, "ctx_size": 2048}))
         # A removed file is drained and unloaded (gemma is not loaded: it simply goes).
         (profiles / "gemma.yaml").unlink()
-        await wait_for(lambda: "tiny2" in d.pool.slots and "gemma" not in d.pool.slots, what="the folder reloaded")  # type: ignore[union-attr]
-        await wait_for(lambda: state(d, "tiny") == "loaded" and d.pool.slots["tiny"].runner.machine.effective.ctx_size == 2048,  # type: ignore[union-attr]
+        await wait_for(lambda: "tiny2" in d.pool.models and "gemma" not in d.pool.models, what="the folder reloaded")  # type: ignore[union-attr]
+        await wait_for(lambda: state(d, "tiny") == "loaded" and d.pool.models["tiny"].runner.machine.effective.ctx_size == 2048,  # type: ignore[union-attr]
                        what="tiny restarted with the edit")
-        assert d.pool.slots["tiny"].runner is tiny_runner and tiny_runner.machine.restarts == 1  # type: ignore[union-attr]
-        assert d.pool.slots["vision"].runner.child.pid == vision_pid  # type: ignore[union-attr]  # untouched
+        assert d.pool.models["tiny"].runner is tiny_runner and tiny_runner.machine.restarts == 1  # type: ignore[union-attr]
+        assert d.pool.models["vision"].runner.child.pid == vision_pid  # type: ignore[union-attr]  # untouched
         ids = [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
         assert ids == ["vision", "tiny", "tiny2"]
         # Removing a loaded model's file unloads it.
         (profiles / "tiny.yaml").unlink()
-        await wait_for(lambda: "tiny" not in d.pool.slots, what="tiny removed")  # type: ignore[union-attr]
+        await wait_for(lambda: "tiny" not in d.pool.models, what="tiny removed")  # type: ignore[union-attr]
         r = await c.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})
         assert r.status_code == 404
         # A broken file changes nothing and is reported.
@@ -272,9 +281,9 @@ async def test_oom_with_another_model_loaded_unloads_it_and_keeps_the_layers(
         r = await c.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})
         assert r.status_code == 200, r.text
         assert d.pool is not None
-        assert state(d, "vision") == "unloaded" and d.pool.slots["vision"].last_unload["reason"] == "oom"
+        assert state(d, "vision") == "unloaded" and d.pool.models["vision"].last_unload["reason"] == "oom"
         assert record.read_text().split() == ["3", "4", "4"]  # vision, tiny (out of memory), tiny again
-        runner = d.pool.slots["tiny"].runner
+        runner = d.pool.models["tiny"].runner
         assert runner is not None and runner.machine.effective.n_gpu_layers == 4 and runner.machine.adjustment is None
         assert runner.machine.last_exit is not None and runner.machine.last_exit.cause.value == "oom_load"
         metrics = (await c.get("/metrics")).text
@@ -304,7 +313,7 @@ async def test_models_come_by_themselves_when_their_files_arrive(
 
         (models / "late.part").write_bytes(data)
         (models / "late.part").rename(models / "late.gguf")
-        await wait_for(lambda: d.pool is not None and "late" in d.pool.slots, what="late offered once its file came")
+        await wait_for(lambda: "late" in d.pool.models, what="late offered once its file came")
         r = await c.post("/v1/completions", json={"model": "late", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200
 
@@ -333,7 +342,7 @@ async def test_the_settings_file_names_a_new_default(tmp_path: Path, write_profi
         assert d.pool is not None
         await wait_for(lambda: state(d, "alpha") == "loaded", what="alpha loaded")
         settings.write_text(f"profiles_dir: {profiles}\nprofile: beta\n")
-        await wait_for(lambda: d.pool is not None and d.pool.default == "beta" and state(d, "beta") == "loaded",
+        await wait_for(lambda: d.pool.default == "beta" and state(d, "beta") == "loaded",
                        what="beta the default, loaded")
         r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200 and r.json()["model"] == "beta"
@@ -367,12 +376,12 @@ async def test_reload_removes_a_failed_model_and_a_relative_folder_is_watched(
         r = await c.post("/v1/completions", json={"model": "half", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 503 and state(d, "half") == "failed"
         (profiles / "half.yaml").unlink()
-        await wait_for(lambda: d.pool is not None and "half" not in d.pool.slots, timeout=30,
+        await wait_for(lambda: "half" not in d.pool.models, timeout=30,
                        what="the failed model removed by the watched (relative) folder")
         outcome = await asyncio.wait_for(d.reloader.reload("test"), 30)  # the reload lock is free again
         assert outcome["ok"] and "half" not in [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
         write_profile("gamma").rename(profiles / "gamma.yaml")
-        await wait_for(lambda: d.pool is not None and "gamma" in d.pool.slots, timeout=30, what="gamma added")
+        await wait_for(lambda: "gamma" in d.pool.models, timeout=30, what="gamma added")
 
 
 async def test_switching_to_a_default_in_the_folder_drops_the_old_one_from_outside(
@@ -394,7 +403,7 @@ async def test_switching_to_a_default_in_the_folder_drops_the_old_one_from_outsi
         errors: list[str] = []
 
         async def probe() -> None:  # during the switch: never a 500, never a KeyError in the daemon's state
-            while d.pool is not None and (d.pool.default != "beta" or "alpha" in d.pool.slots):
+            while (d.pool.default != "beta" or "alpha" in d.pool.models):
                 d._state()
                 s = await c.get("/status")
                 if s.status_code >= 500:

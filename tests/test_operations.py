@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from support import running, wait_for
+from support import metric, running, wait_for
 
 from supervisor.host.sdnotify import Notifier
 from supervisor.spec.settings import ConfigError, load_config
@@ -45,7 +45,7 @@ async def test_sd_notify_ready_only_after_warmup(tmp_path: Path, write_profile) 
     notifier = Notifier({"NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": "300000", "WATCHDOG_PID": str(os.getpid())})
     assert notifier.watchdog_s == 0.3
     async with running(tmp_path, write_profile(), notifier=notifier) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         await wait_for(lambda: sum(m == "WATCHDOG=1" for m in ns.drain()) >= 2, what="two watchdog pings")
         msgs = ns.drain()
         ready_at = next(i for i, m in enumerate(msgs) if m.startswith("READY=1"))
@@ -66,8 +66,8 @@ def test_notifier_abstract_socket_and_foreign_watchdog_pid() -> None:
 async def test_reload_bad_edit_keeps_serving_good_edit_restarts(tmp_path: Path, write_profile) -> None:
     profile = write_profile(name="live")
     async with running(tmp_path, profile) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
-        pid = d.runner.child.pid
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        pid = d.default.runner.child.pid
         data = yaml.safe_load(profile.read_text())
 
         # A broken edit: the child keeps serving, /status says what is wrong.
@@ -82,15 +82,15 @@ async def test_reload_bad_edit_keeps_serving_good_edit_restarts(tmp_path: Path, 
         # An edit that does not touch the child (image policy): no restart, the error clears.
         profile.write_text(yaml.safe_dump({**data, "images": {"keep_last_images": 1}}))
         await wait_for(lambda: d.reloader.last_error is None, what="error cleared")
-        assert d.runner.child.pid == pid and d.runner.loaded.profile.images.keep_last_images == 1
+        assert d.default.runner.child.pid == pid and d.default.runner.loaded.profile.images.keep_last_images == 1
 
         # An atomic save (temp file renamed over) that changes the argv: one drain-and-restart.
         tmp = profile.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump({**data, "ctx_size": 2048}))
         os.replace(tmp, profile)
-        await wait_for(lambda: d.runner.ready and d.runner.child.pid != pid, what="restart with new profile")
-        assert "2048" in d.runner.argv
-        assert d.runner.machine.restarts == 1
+        await wait_for(lambda: d.default.runner.ready and d.default.runner.child.pid != pid, what="restart with new profile")
+        assert "2048" in d.default.runner.argv
+        assert d.default.runner.machine.restarts == 1
 
 
 async def test_switching_the_active_profile_in_the_settings_file(tmp_path: Path, write_profile,
@@ -104,35 +104,35 @@ async def test_switching_the_active_profile_in_the_settings_file(tmp_path: Path,
     settings.write_text(f"profile: {first}\n")
     monkeypatch.setenv("LLAMA_SUPERVISOR_CONFIG", str(settings))
     async with running(tmp_path, first, settings_file=settings) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
-        assert d.runner.loaded.profile.name == "first"
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        assert d.default.runner.loaded.profile.name == "first"
         settings.write_text(f"profile: {second}\n")
-        await wait_for(lambda: d.runner.ready and d.runner.loaded.profile.name == "second", what="switched")
-        assert "2048" in d.runner.argv
+        await wait_for(lambda: d.default.runner.ready and d.default.runner.loaded.profile.name == "second", what="switched")
+        assert "2048" in d.default.runner.argv
         # The watch followed the active profile into its folder: an edit there is picked up too.
         second.write_text(second.read_text().replace("ctx_size: 2048", "ctx_size: 3072"))
-        await wait_for(lambda: d.runner.ready and "3072" in d.runner.argv, what="edit in the new folder")
+        await wait_for(lambda: d.default.runner.ready and "3072" in d.default.runner.argv, what="edit in the new folder")
 
 
 async def test_burst_of_saves_gives_one_restart(tmp_path: Path, write_profile) -> None:
     profile = write_profile(name="burst")
     async with running(tmp_path, profile) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         data = yaml.safe_load(profile.read_text())
         for ctx in (1100, 1200, 1300, 1400, 1500):
             profile.write_text(yaml.safe_dump({**data, "ctx_size": ctx}))
             await asyncio.sleep(0.02)
-        await wait_for(lambda: d.runner.ready and "1500" in d.runner.argv, what="restart")
+        await wait_for(lambda: d.default.runner.ready and "1500" in d.default.runner.argv, what="restart")
         await asyncio.sleep(1.0)
-        assert d.runner.machine.restarts == 1
+        assert d.default.runner.machine.restarts == 1
 
 
 async def test_reload_via_api_and_sighup_path(tmp_path: Path, write_profile) -> None:
     profile = write_profile(name="api")
     async with running(tmp_path, profile) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         r = await c.post("/admin/reload")
-        assert r.json() == {"ok": True, "restarted": False}
+        assert r.json()["ok"] is True and r.json()["restarted"] == [] and r.json()["updated"] == []
         data = yaml.safe_load(profile.read_text())
         profile.write_text(yaml.safe_dump({**data, "extra_args": ["--mlock"]}))
         r = await c.post("/admin/reload")
@@ -143,34 +143,33 @@ async def test_reload_via_api_and_sighup_path(tmp_path: Path, write_profile) -> 
 
 async def test_metrics_after_traffic_and_restart(tmp_path: Path, write_profile) -> None:
     async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         for _ in range(3):
             assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 200
         body = {**CHAT, "stream": True}
         async with c.stream("POST", "/v1/chat/completions", json=body) as r:
             async for _ in r.aiter_bytes():
                 pass
-        os.kill(d.runner.child.pid, signal.SIGKILL)
-        await wait_for(lambda: d.runner.machine.restarts == 1 and d.runner.ready, what="restart")
+        os.kill(d.default.runner.child.pid, signal.SIGKILL)
+        await wait_for(lambda: d.default.runner.machine.restarts == 1 and d.default.runner.ready, what="restart")
         text = (await c.get("/metrics")).text
 
-        def value(pattern: str) -> float:
-            m = re.search(r"^" + pattern + r" ([0-9.e+-]+)$", text, re.M)
-            assert m, f"{pattern} missing from /metrics"
-            return float(m.group(1))
+        def value(name: str, **labels: str) -> float:
+            assert re.search(rf'^llama_supervisor_{name}\{{[^}}]*model="test"', text, re.M), f"{name} missing"
+            return metric(text, name, model="test", **labels)
 
-        assert value(r'llama_supervisor_state\{state="ready"\}') == 1
-        assert value(r"llama_supervisor_child_up") == 1
-        assert value(r'llama_supervisor_restarts_total\{cause="crashed"\}') == 1
-        assert value(r'llama_supervisor_requests_total\{route="/v1/chat/completions",status="200"\}') == 4
-        assert value(r'llama_supervisor_request_seconds_count\{route="/v1/chat/completions"\}') == 4
-        assert value(r'llama_supervisor_tokens_total\{kind="completion"\}') == 16
-        assert value(r'llama_supervisor_tokens_total\{kind="prompt"\}') > 0
-        assert value(r"llama_supervisor_load_seconds") > 0
-        assert value(r"llama_supervisor_warmup_seconds") > 0
-        assert value(r"llama_supervisor_effective_gpu_layers") == 0
-        assert value(r"llama_supervisor_child_rss_bytes") > 1e6
-        assert value(r"llama_supervisor_in_flight") == 0
+        assert value("state", state="ready") == 1
+        assert value("child_up") == 1
+        assert value("restarts_total", cause="crashed") == 1
+        assert value("requests_total", route="/v1/chat/completions", status="200") == 4
+        assert value("request_seconds_count", route="/v1/chat/completions") == 4
+        assert value("tokens_total", kind="completion") == 16
+        assert value("tokens_total", kind="prompt") > 0
+        assert value("load_seconds") > 0
+        assert value("warmup_seconds") > 0
+        assert value("effective_gpu_layers") == 0
+        assert value("child_rss_bytes") > 1e6
+        assert value("in_flight") == 0
         assert "llama_supervisor_gpu_memory_used_bytes" not in text  # no GPU here: series absent, no error
 
 
@@ -179,7 +178,7 @@ async def test_api_and_admin_keys(tmp_path: Path, write_profile) -> None:
     key_file.write_text("admin-secret\n")
     async with running(tmp_path, write_profile(), api_key="api-secret", admin_key_file=key_file) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         assert (await c.get("/health")).status_code == 200  # never needs a key
         r = await c.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]["message"]

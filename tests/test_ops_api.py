@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import running, wait_for
+from support import metric, running, wait_for
 
 KEY = {"Authorization": "Bearer sesame"}
 
@@ -40,7 +40,7 @@ async def _sse(c: httpx.AsyncClient, headers: dict[str, str], until: str, params
 async def test_page_files_auth_and_live_data(tmp_path: Path, write_profile) -> None:
     async with running(tmp_path, write_profile(), admin_key="sesame", sample_interval_s=0.5) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         page = await c.get("/ui")
         assert page.status_code == 200 and "<title>llama-supervisor</title>" in page.text
         assert "default-src 'self'" in page.headers["content-security-policy"]  # no CDN, no inline script
@@ -73,7 +73,7 @@ async def test_page_files_auth_and_live_data(tmp_path: Path, write_profile) -> N
         counted = sum((tps[i] or 0) * (t[i] - t[i - 1]) for i in range(1, len(t)))
         assert counted == pytest.approx(tokens, rel=0.05)
         metrics = (await c.get("/metrics", headers=KEY)).text
-        assert f'llama_supervisor_tokens_total{{kind="completion"}} {float(tokens)}' in metrics
+        assert metric(metrics, "tokens_total", kind="completion") == float(tokens)
         assert "llama_supervisor_process_resident_memory_bytes" in metrics
         assert s["series"]["sup_rss_mb"][-1] > 10 and s["series"]["child_rss_mb@test"][-1] > 1
         later = (await c.get(f"/ui/api/samples?window=300&since={s['t'][-1]}", headers=KEY)).json()
@@ -85,13 +85,13 @@ async def test_page_files_auth_and_live_data(tmp_path: Path, write_profile) -> N
         assert ov["telemetry"]["sample_bytes"] > 0
 
         # The child is killed: the timeline gets the exit with its cause, then the way back to ready.
-        pid = d.runner.child.pid
+        pid = d.default.runner.child.pid
         os.kill(pid, signal.SIGKILL)
-        await wait_for(lambda: d.runner.ready and d.runner.child is not None and d.runner.child.pid != pid,
+        await wait_for(lambda: d.default.runner.ready and d.default.runner.child is not None and d.default.runner.child.pid != pid,
                        what="back to ready")
         ev = (await c.get("/ui/api/events", headers=KEY)).json()["events"]
         exits = [e for e in ev if e["kind"] == "exit"]
-        assert exits and exits[-1]["signal"] == "SIGKILL" and exits[-1]["cause"] == d.runner.machine.last_exit.cause
+        assert exits and exits[-1]["signal"] == "SIGKILL" and exits[-1]["cause"] == d.default.runner.machine.last_exit.cause
         after_exit = [e["title"] for e in ev if e["id"] > exits[-1]["id"]]
         assert after_exit[-1] == "warming → ready", after_exit
         assert (await c.get("/ui/api/overview", headers=KEY)).json()["models"][0]["exits_by_cause"] == {
@@ -102,18 +102,18 @@ async def test_page_files_auth_and_live_data(tmp_path: Path, write_profile) -> N
 
 async def test_log_stream_through_the_daemon_resumes_with_last_event_id(tmp_path: Path, write_profile) -> None:
     async with running(tmp_path, write_profile()) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         # llama-server's own startup lines are in the ring (the process's one ring: earlier tests' lines may be
         # there too, so look for this child's address).
-        url = d.runner.child_url or ""
+        url = d.default.runner.child_url or ""
         first = await _sse(c, {}, url, "?n=1000")
         assert any(ln["source"] == "child" and "listening" in ln["text"] and url in ln["text"] for ln in first)
         assert [ln["id"] for ln in first] == sorted(ln["id"] for ln in first)
         last = first[-1]["id"]
         r = await c.post("/admin/restart")  # the new child prints its lines while no stream is open
         assert r.status_code == 202
-        await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 2, what="restarted")
-        new_url = d.runner.child_url or ""
+        await wait_for(lambda: d.default.runner.ready and d.default.runner.machine.gen == 2, what="restarted")
+        new_url = d.default.runner.child_url or ""
         resumed = await _sse(c, {"Last-Event-ID": str(last)}, new_url)
         assert resumed[0]["id"] == last + 1, (f"a resumed stream starts right after the last id it saw: "
                                               f"first ended {[(x['id'], x['text'][:50]) for x in first[-2:]]}, "
@@ -134,7 +134,7 @@ async def test_several_models_every_card_and_swaps_in_the_timeline(tmp_path: Pat
     async with running(tmp_path, profiles / "alpha.yaml", profiles_dir=profiles, admin_key="sesame",
                        sample_interval_s=0.5) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
         assert d.pool is not None
-        await wait_for(lambda: d.pool.slots["alpha"].seen().value == "loaded", what="alpha loaded")  # type: ignore[union-attr]
+        await wait_for(lambda: d.pool.models["alpha"].seen().value == "loaded", what="alpha loaded")  # type: ignore[union-attr]
         ov = (await c.get("/ui/api/overview", headers=KEY)).json()
         cards = {m["profile"]["name"]: m for m in ov["models"]}
         assert set(cards) == {"alpha", "beta"} and ov["supervisor"]["pid"] == os.getpid()
@@ -146,9 +146,9 @@ async def test_several_models_every_card_and_swaps_in_the_timeline(tmp_path: Pat
 
         r = await c.post("/v1/completions", json={"model": "beta", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200
-        await wait_for(lambda: d.pool.slots["beta"].measured is not None, what="beta measured")  # type: ignore[union-attr]
+        await wait_for(lambda: d.pool.models["beta"].measured is not None, what="beta measured")  # type: ignore[union-attr]
         assert (await c.post("/admin/models/beta/unload", headers=KEY)).status_code == 202
-        await wait_for(lambda: d.pool.slots["beta"].seen().value == "unloaded", what="beta unloaded")  # type: ignore[union-attr]
+        await wait_for(lambda: d.pool.models["beta"].seen().value == "unloaded", what="beta unloaded")  # type: ignore[union-attr]
 
         swaps = [(e["model"], e["action"], e["cause"]) for e in
                  (await c.get("/ui/api/events", headers=KEY)).json()["events"] if e["kind"] == "swap"]

@@ -211,10 +211,10 @@ def test_ops_page_in_a_real_browser(tmp_path: Path, write_profile, llama_server:
         pause.click()
         _until("held lines shown on resume", lambda: len(drv.find_elements(By.CSS_SELECTOR, "#logs .ln")) > shown)
 
-        # Reload from the page: nothing changed in the profile, so it applies without a restart; the timeline says so.
+        # Reload from the page: nothing changed in the profile, so nothing restarts; the timeline says so.
         drv.find_element(By.CSS_SELECTOR, '[data-model="test"] [data-act="reload"]').click()
         drv.switch_to.alert.accept()
-        _until("the reload's toast", lambda: "applied, no restart needed" in text("#toast"))
+        _until("the reload's toast", lambda: "Reload: nothing changed" in text("#toast"))
         _until("the reload in the timeline", lambda: drv.find_element(By.CSS_SELECTOR, '#timeline li[data-kind="reload"]'))
 
         # The dark scheme follows the system's.

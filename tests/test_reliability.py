@@ -15,7 +15,7 @@ import pytest
 import yaml
 from doubles.oom_llama_server import write_double
 from doubles.poison_llama_server import write_poison_double
-from support import make_config, running, wait_for
+from support import make_config, metric, running, wait_for
 
 import supervisor.child.driver as driver_module
 from supervisor.core.lifecycle import State
@@ -53,7 +53,7 @@ async def test_bad_environment_value_fails_cleanly_instead_of_wedging(tmp_path: 
     classified exit (bad_args → failed, with the reason), not a machine stuck in `starting`."""
     async with running(tmp_path, write_profile(env={"BROKEN": "a\0b"})) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.machine.state is State.FAILED, timeout=10, what="failed")
+        await wait_for(lambda: d.default.runner.machine.state is State.FAILED, timeout=10, what="failed")
         h = await c.get("/health")
         assert h.status_code == 503 and "null byte" in h.json()["reason"]
         assert (await c.get("/status")).json()["last_exit"]["cause"] == "bad_args"
@@ -72,8 +72,8 @@ async def test_unexpected_error_while_starting_is_retried(tmp_path: Path, write_
 
     monkeypatch.setattr(driver_module, "spawn", flaky_spawn)
     async with running(tmp_path, write_profile()) as d:
-        await wait_for(lambda: d.runner.ready, timeout=30, what="ready after two internal errors")
-        causes = [t.cause for t in d.runner.machine.history]
+        await wait_for(lambda: d.default.runner.ready, timeout=30, what="ready after two internal errors")
+        causes = [t.cause for t in d.default.runner.machine.history]
         assert causes.count("internal_error") == 2 and len(calls) == 3
 
 
@@ -87,11 +87,11 @@ async def test_stop_is_bounded_when_a_child_task_hangs(tmp_path: Path, write_pro
     monkeypatch.setattr(driver_module, "spawn", hang)
     d = Daemon(make_config(tmp_path, stop_timeout_s=1.0), write_profile())
     await d.start()
-    await wait_for(lambda: d.runner.machine.state is State.STARTING, what="starting")
+    await wait_for(lambda: d.default.runner.machine.state is State.STARTING, what="starting")
     t0 = time.monotonic()
     await asyncio.wait_for(d.stop(), 30)
     assert time.monotonic() - t0 < 15
-    assert d.runner.machine.state is State.STOPPED
+    assert d.default.runner.machine.state is State.STOPPED
 
 
 # ---- 6: held requests are not woken on failed ---------------------------------------------------------------
@@ -105,13 +105,13 @@ async def test_held_requests_get_503_at_once_when_the_start_fails(tmp_path: Path
                      f"exec {llama_server} \"$@\"\n")
     async with running(tmp_path, write_profile(binary=str(binary)), queue_wait_s=60) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=90) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         flag.touch()
         await c.post("/admin/restart")
         t0 = time.monotonic()
         held = await asyncio.gather(*(c.post("/v1/chat/completions", json=CHAT) for _ in range(4)))
         took = time.monotonic() - t0
-        assert d.runner.machine.state is State.FAILED
+        assert d.default.runner.machine.state is State.FAILED
         for r in held:
             assert r.status_code == 503
             err = r.json()["error"]
@@ -144,8 +144,8 @@ kill -ABRT $$
     # NVML keeps listing the dead child: the evidence step waits the whole vram_release_wait_s.
     async with running(tmp_path, profile, vram_release_wait_s=4.0, climb="off") as d, \
             httpx.AsyncClient(base_url=d.url, timeout=60) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
-        child = d.runner.child
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        child = d.default.runner.child
         assert child is not None
         fake.processes = ((child.pid, 900.0),)
         trigger.touch()
@@ -153,7 +153,7 @@ kill -ABRT $$
         await asyncio.sleep(0.5)  # well inside the evidence wait
         h = await c.get("/health")
         assert h.status_code == 503, h.text
-        assert d.runner.child_url is None and not d.runner.ready
+        assert d.default.runner.child_url is None and not d.default.runner.ready
         r = await c.post("/v1/chat/completions", json=CHAT)  # held until the next child, not sent to a closed port
         assert r.status_code == 200, r.text
         st = (await c.get("/status")).json()
@@ -170,22 +170,22 @@ async def test_settings_learned_for_another_profile_are_not_used(tmp_path: Path,
     double = write_double(tmp_path / "llama-server", llama_server, limit=1, mode="load", record=record)
     profile = write_profile(binary=str(double), n_gpu_layers=99, ctx_size=1024)
     async with running(tmp_path, profile, estimate_vram=False) as d:
-        await wait_for(lambda: d.runner.ready, what="ready after the ladder")
-        assert d.runner.machine.effective.n_gpu_layers == 1
+        await wait_for(lambda: d.default.runner.ready, what="ready after the ladder")
+        assert d.default.runner.machine.effective.n_gpu_layers == 1
     # Edited while stopped: another context size. The next start is the profile's, not what was learned for 1024.
     data = yaml.safe_load(profile.read_text())
     profile.write_text(yaml.safe_dump({**data, "ctx_size": 512}))
     record.write_text("")
     async with running(tmp_path, profile, estimate_vram=False) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         assert record.read_text().split()[0] == "99"
-        assert "--ctx-size" in d.runner.argv and d.runner.argv[d.runner.argv.index("--ctx-size") + 1] == "512"
-        assert "resumed" not in (d.runner.machine.adjustment or "")
+        assert "--ctx-size" in d.default.runner.argv and d.default.runner.argv[d.default.runner.argv.index("--ctx-size") + 1] == "512"
+        assert "resumed" not in (d.default.runner.machine.adjustment or "")
     # Back to the first profile: what was learned for it is used again.
     profile.write_text(yaml.safe_dump(data))
     record.write_text("")
     async with running(tmp_path, profile, estimate_vram=False) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         assert record.read_text().split() == ["1"]
 
 
@@ -202,17 +202,17 @@ async def test_reload_keeps_the_command_line_profile_and_recomputes_the_policy(
     d = Daemon(make_config(tmp_path), from_cli, settings, overrides={"profile": str(from_cli), "port": 0})
     await d.start()
     try:
-        await wait_for(lambda: d.runner.ready, what="ready")
-        pid = d.runner.child.pid
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        pid = d.default.runner.child.pid
         outcome = await d.reloader.reload("SIGHUP")
         assert outcome["ok"] and not outcome["restarted"]
-        assert d.runner.loaded.profile.name == "from-cli" and d.runner.child.pid == pid
+        assert d.default.runner.loaded.profile.name == "from-cli" and d.default.runner.child.pid == pid
         # A change that does not reach llama-server's command line still reaches the policy.
         data = yaml.safe_load(from_cli.read_text())
         from_cli.write_text(yaml.safe_dump({**data, "min_ctx_size": 1024}))
         outcome = await d.reloader.reload("SIGHUP")
-        assert outcome == {"ok": True, "restarted": False}
-        assert d.runner.policy.min_ctx == 1024 and d.runner.child.pid == pid
+        assert outcome["ok"] and outcome["restarted"] == [] and outcome["updated"] == ["from-cli"]
+        assert d.default.runner.policy.min_ctx == 1024 and d.default.runner.child.pid == pid
     finally:
         await d.stop()
 
@@ -222,16 +222,16 @@ async def test_reload_after_shutdown_starts_nothing(tmp_path: Path, write_profil
     profile = write_profile(name="late")
     d = Daemon(make_config(tmp_path), profile)
     await d.start()
-    await wait_for(lambda: d.runner.ready, what="ready")
+    await wait_for(lambda: d.default.runner.ready, what="ready")
     data = yaml.safe_load(profile.read_text())
     profile.write_text(yaml.safe_dump({**data, "ctx_size": 2048}))  # a change that would restart the child
     d.request_stop()
     assert not (await d.reloader.reload("SIGHUP"))["ok"]  # during shutdown
     await d.stop()
     assert not (await d.reloader.reload("SIGHUP"))["ok"]  # after it
-    d.runner.restart("late restart")
+    d.default.runner.restart("late restart")
     await asyncio.sleep(0.5)
-    assert d.runner.machine.state is State.STOPPED and d.runner.child is None
+    assert d.default.runner.machine.state is State.STOPPED and d.default.runner.child is None
     assert not [p for p in psutil.Process().children(recursive=True) if "llama-server" in p.name()]
 
 
@@ -244,42 +244,42 @@ async def test_poison_request_is_quarantined_after_two_crashes(tmp_path: Path, w
     poison = {"messages": [{"role": "user", "content": "PoIsOn"}], "max_tokens": 4}
     async with running(tmp_path, write_profile(binary=str(double)), quarantine_window_s=600) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=60) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         # The first copy kills the child; the proxy sends it again once (it never got an answer): a second crash.
         r = await c.post("/v1/chat/completions", json=poison)
         assert r.status_code == 502 and r.json()["error"]["type"] == "server_error"
-        await wait_for(lambda: d.runner.ready and d.runner.machine.gen == 3, what="ready after the two crashes")
-        await wait_for(lambda: len(d.proxy.poison.state.blocked) == 1, what="quarantine")
-        assert d.runner.machine.restarts == 2
+        await wait_for(lambda: d.default.runner.ready and d.default.runner.machine.gen == 3, what="ready after the two crashes")
+        await wait_for(lambda: len(d.proxy_of().poison.state.blocked) == 1, what="quarantine")
+        assert d.default.runner.machine.restarts == 2
         r = await c.post("/v1/chat/completions", json=poison)
         assert r.status_code == 422
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and "quarantined" in err["message"]
-        assert d.runner.machine.restarts == 2  # refused before it reached llama-server
+        assert d.default.runner.machine.restarts == 2  # refused before it reached llama-server
         ok = await c.post("/v1/chat/completions", json=CHAT)
         assert ok.status_code == 200
         st = (await c.get("/status")).json()
         assert len(st["quarantine"]["requests"]) == 1
         assert st["quarantine"]["requests"][0]["what"].startswith("POST /v1/chat/completions")
         text = (await c.get("/metrics")).text
-        assert "llama_supervisor_quarantined_requests 1.0" in text
-        assert "llama_supervisor_quarantine_refusals_total 1.0" in text
+        assert metric(text, "quarantined_requests") == 1.0
+        assert metric(text, "quarantine_refusals_total") == 1.0
 
 
 async def test_sigkill_from_outside_quarantines_nothing(tmp_path: Path, write_profile) -> None:
     """The same request in flight at two kills from outside (SIGKILL, the OOM killer) is not an input bug."""
     async with running(tmp_path, write_profile(parallel=1)) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=60) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         long = {**CHAT, "max_tokens": 100000, "ignore_eos": True}
         for _ in range(2):
             task = asyncio.ensure_future(c.post("/v1/chat/completions", json={**long, "stream": True}))
-            await wait_for(lambda: d.runner.last_progress > time.monotonic() - 0.2, what="tokens flowing")
-            old = d.runner.child.pid
+            await wait_for(lambda: d.default.runner.last_progress > time.monotonic() - 0.2, what="tokens flowing")
+            old = d.default.runner.child.pid
             os.kill(old, 9)
             await task
-            await wait_for(lambda old=old: d.runner.ready and d.runner.child.pid != old, what="ready again")
-        assert d.proxy.poison.state.blocked == {}
+            await wait_for(lambda old=old: d.default.runner.ready and d.default.runner.child.pid != old, what="ready again")
+        assert d.proxy_of().poison.state.blocked == {}
 
 
 # ---- failed is retried when a file it depends on changes ------------------------------------------------------
@@ -295,16 +295,16 @@ async def test_failed_start_is_retried_when_the_binary_comes_back(tmp_path: Path
     shutil.copy2(llama_server, binary)
     async with running(tmp_path, write_profile(binary=str(binary))) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         binary.unlink()
         await c.post("/admin/restart")
-        await wait_for(lambda: d.runner.machine.state is State.FAILED, what="failed")
-        assert d.runner.machine.last_exit is not None and d.runner.machine.last_exit.cause.value == "spawn_failed"
+        await wait_for(lambda: d.default.runner.machine.state is State.FAILED, what="failed")
+        assert d.default.runner.machine.last_exit is not None and d.default.runner.machine.last_exit.cause.value == "spawn_failed"
         tmp = binary.with_name("llama-server.part")
         shutil.copy2(llama_server, tmp)
         tmp.rename(binary)
-        await wait_for(lambda: d.runner.ready, timeout=30, what="ready again by itself")
-        assert any(t.cause == "retry" for t in d.runner.machine.history)
+        await wait_for(lambda: d.default.runner.ready, timeout=30, what="ready again by itself")
+        assert any(t.cause == "retry" for t in d.default.runner.machine.history)
 
 
 # ---- 9: preexec_fn without dlopen in the child -----------------------------------------------------------------
@@ -336,13 +336,13 @@ async def test_killed_while_serving_again_and_again_is_never_given_up(tmp_path: 
     async with running(tmp_path, write_profile(), breaker_failures=3, healthy_uptime_s=1.0) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=30) as c:
         for _ in range(5):
-            await wait_for(lambda: d.runner.ready, what="ready")
+            await wait_for(lambda: d.default.runner.ready, what="ready")
             await asyncio.sleep(1.2)  # serving
             assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 200
-            os.kill(d.runner.child.pid, 9)
-            await wait_for(lambda: not d.runner.ready, what="noticed")
-        await wait_for(lambda: d.runner.ready, what="ready after five kills")
-        m = d.runner.machine
+            os.kill(d.default.runner.child.pid, 9)
+            await wait_for(lambda: not d.default.runner.ready, what="noticed")
+        await wait_for(lambda: d.default.runner.ready, what="ready after five kills")
+        m = d.default.runner.machine
         assert m.restarts == 5 and not m.crash_loop and m.attempt == 1
         assert all(t.dst is not State.FAILED for t in m.history)
 
@@ -353,9 +353,9 @@ async def test_request_cut_by_the_shutdown_timeout_gets_json_503(tmp_path: Path,
     long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3800, "ignore_eos": True}
     async with running(tmp_path, write_profile(ctx_size=4096, parallel=1), drain_s=1) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=60) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         waiting = asyncio.ensure_future(c.post("/v1/chat/completions", json=long))
-        await wait_for(lambda: d.proxy.in_flight == 1, what="the long request in flight")
+        await wait_for(lambda: d.default.in_flight == 1, what="the long request in flight")
         d.request_stop()
         r = await waiting
         assert r.status_code == 503, r.text
@@ -368,7 +368,7 @@ async def test_stream_cut_by_the_shutdown_timeout_is_cut_not_answered_twice(tmp_
     long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3800, "ignore_eos": True, "stream": True}
     async with running(tmp_path, write_profile(ctx_size=4096, parallel=1), drain_s=1) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=60) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         async with c.stream("POST", "/v1/chat/completions", json=long) as r:
             assert r.status_code == 200
             seen = b""

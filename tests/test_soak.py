@@ -59,7 +59,7 @@ async def test_soak_with_random_kills(tmp_path: Path, write_profile) -> None:
     profile = write_profile(parallel=4)
     async with running(tmp_path, profile, queue_wait_s=30, backoff_cap_s=0.5) as d, \
             httpx.AsyncClient(base_url=d.url, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         await asyncio.sleep(0.3)
         baseline = asyncio.all_tasks()
@@ -70,27 +70,27 @@ async def test_soak_with_random_kills(tmp_path: Path, write_profile) -> None:
         rng = random.Random(11)
         for _ in range(KILLS):
             await asyncio.sleep(rng.uniform(4.0, SOAK_S / KILLS - 1.0))
-            await wait_for(lambda: d.runner.ready, timeout=30, what="ready before the next kill")
-            pid = d.runner.child.pid
+            await wait_for(lambda: d.default.runner.ready, timeout=30, what="ready before the next kill")
+            pid = d.default.runner.child.pid
             pids.append(pid)
             os.kill(pid, signal.SIGKILL)
         await asyncio.gather(*clients)
-        await wait_for(lambda: d.runner.ready, timeout=30, what="serving again after the soak")
+        await wait_for(lambda: d.default.runner.ready, timeout=30, what="serving again after the soak")
         ok = sum(1 for kind, _ in results if kind == "ok")
         failures = [r for r in results if r[0] != "ok"]
         assert not [r for r in failures if r[0] == "transport"], failures
         assert ok / len(results) >= 0.99, f"{ok}/{len(results)} succeeded; failures: {failures}"
-        assert d.runner.machine.restarts == KILLS and not d.runner.machine.crash_loop
+        assert d.default.runner.machine.restarts == KILLS and not d.default.runner.machine.crash_loop
         assert (await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                            "max_tokens": 2})).status_code == 200
         # Nothing left behind: tasks back to the baseline, few idle upstream connections, no orphan.
-        await wait_for(lambda: d.proxy.in_flight == 0 and d.proxy.gate.active == 0, what="requests finished")
+        await wait_for(lambda: d.default.in_flight == 0 and d.proxy_of().gate.active == 0, what="requests finished")
         try:
             await wait_for(lambda: len(asyncio.all_tasks()) <= len(baseline), timeout=10, what="task count")
         except AssertionError:
             extra = [repr(t.get_coro()) for t in asyncio.all_tasks() if t not in baseline]
             raise AssertionError(f"tasks leaked: {extra}") from None
-        assert len(d.proxy.pool.connections) <= KEEPALIVE_IDLE
+        assert len(d.proxy_of().upstream.connections) <= KEEPALIVE_IDLE
         print(f"soak: {len(results)} requests, {ok} ok, failures: {failures}")
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -103,14 +103,14 @@ async def test_liveness_never_kills_a_busy_server(tmp_path: Path, write_profile)
     profile = write_profile(parallel=1, ctx_size=2048)
     async with running(tmp_path, profile, liveness_interval_s=0.2, liveness_timeout_s=0.5, liveness_failures=2,
                        queue_wait_s=120) as d, httpx.AsyncClient(base_url=d.url, timeout=180) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 800, "ignore_eos": True}
         tasks = [asyncio.ensure_future(c.post("/v1/chat/completions", json=body)) for _ in range(10)]
         peak = 0
         while not all(t.done() for t in tasks):
-            peak = max(peak, d.proxy.gate.active)
-            assert d.proxy.gate.active <= d.proxy.gate.limit == 3  # parallel 1 + 2
+            peak = max(peak, d.proxy_of().gate.active)
+            assert d.proxy_of().gate.active <= d.proxy_of().gate.limit == 3  # parallel 1 + 2
             await asyncio.sleep(0.05)
         assert [t.result().status_code for t in tasks] == [200] * 10
-        assert d.runner.machine.restarts == 0 and d.runner.machine.gen == 1
+        assert d.default.runner.machine.restarts == 0 and d.default.runner.machine.gen == 1
         assert peak == 3

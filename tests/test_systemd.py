@@ -103,13 +103,13 @@ async def test_extensions_repeat_during_a_long_first_start_and_stop_at_ready(tmp
         async with running(tmp_path, write_profile(port=port), notifier=notifier, breaker_failures=1000) as d:
             await wait_for(lambda: sum("EXTEND_TIMEOUT_USEC=150000" in m for m in drain()) >= 3,
                            what="three start extensions while the port is taken")
-            assert not d.runner.ready
+            assert not d.default.runner.ready
             blocker.close()
-            await wait_for(lambda: d.runner.ready, what="ready once the port is free")
+            await wait_for(lambda: d.default.runner.ready, what="ready once the port is free")
             await wait_for(lambda: any(m.startswith("READY=1") for m in drain()), what="READY=1")
-            pid = d.runner.child.pid
+            pid = d.default.runner.child.pid
             os.kill(pid, 9)
-            await wait_for(lambda: d.runner.ready and d.runner.child is not None and d.runner.child.pid != pid,
+            await wait_for(lambda: d.default.runner.ready and d.default.runner.child is not None and d.default.runner.child.pid != pid,
                            what="ready again after the SIGKILL")
             await wait_for(lambda: sum(m == "WATCHDOG=1" for m in drain()[-3:]) >= 2, what="pings after it")
         msgs = drain()

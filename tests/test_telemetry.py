@@ -145,10 +145,16 @@ def test_timeline_is_bounded_and_records_reloads() -> None:
     tl = Timeline(LogRing(), maxlen=3)
     for i in range(5):
         tl.add("demo", "state", f"s{i}")
-    tl.reloaded("demo", "api", {"ok": False, "error": {"file": "x.yaml",
-                                                       "errors": [{"field": "ctx_size", "message": "bad"}]}})
+    tl.reloaded("api", {"ok": False, "errors": [{"file": "/p/demo.yaml",
+                                                 "errors": [{"field": "ctx_size", "message": "bad"}]}]})
     assert len(tl.events) == 3
-    assert tl.events[-1]["title"] == "reload rejected" and tl.events[-1]["detail"] == "ctx_size: bad"
+    last = tl.events[-1]
+    assert last["title"] == "reload rejected" and last["model"] == "demo"
+    assert last["detail"] == "/p/demo.yaml: ctx_size: bad"
+    tl.reloaded("api", {"ok": True, "restarted": ["demo"]})
+    assert tl.events[-1]["title"] == "reload: restart"
+    tl.reloaded("SIGHUP", {"ok": True, "default": "demo"})  # an operator's reload that changed nothing says so
+    assert tl.events[-1]["title"] == "reload: no change"
 
 
 @pytest.mark.parametrize(("line", "level"), [

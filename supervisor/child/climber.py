@@ -20,13 +20,13 @@ from ..core.lifecycle import Climb, State
 from . import vram
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from .view import RunnerCore
 
 log = structlog.get_logger("supervisor")
 
 
 class Climber:
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: RunnerCore) -> None:
         self.r = runner
         cfg = runner.cfg
         self.policy = climb.ClimbPolicy(enabled=cfg.climb == "auto", retry_after_s=cfg.climb_retry_s)

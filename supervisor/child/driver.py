@@ -33,7 +33,7 @@ from .readiness import NotReady, wait_healthy, warmup
 from .view import ExitListener
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from .view import RunnerCore
 
 log = structlog.get_logger("supervisor")
 
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 class ChildDriver:
-    def __init__(self, runner: Runner, *, task: Callable[[Coroutine[Any, Any, Any]], None],
+    def __init__(self, runner: RunnerCore, *, task: Callable[[Coroutine[Any, Any, Any]], None],
                  on_line: Callable[[int, str], None]) -> None:
         self.r = runner
         self._task = task  # the runner's: its stop() cancels what the driver started

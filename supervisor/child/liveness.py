@@ -41,7 +41,7 @@ from ..core.liveness import (
 )
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from .view import RunnerCore
 
 log = structlog.get_logger("supervisor")
 
@@ -173,7 +173,7 @@ async def probe_round(r: Runner, url: str) -> tuple[Answers, float | None]:
     return answers, latency
 
 
-async def liveness(r: Runner) -> None:
+async def liveness(r: RunnerCore) -> None:
     cfg = r.cfg
     failures, gen = 0, -1
     wait = cfg.liveness_interval_s

@@ -282,7 +282,11 @@ class Runner:
     # ---- starting ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start a child: the first time, or again after stop() (a model the pool unloaded and loads again).
+        The runner outlives its children: hooks, counters, generations and history carry over."""
         p = self._loaded.profile
+        self._closing = False
+        self.finished.clear()
         learned = await asyncio.to_thread(self._recall)
         self._model_layers = await asyncio.to_thread(block_count, p.model)
         raw = base_settings(p)
@@ -300,7 +304,7 @@ class Runner:
             first, why, self._last_estimate = vram.estimated(raw, base, plan)
         elif learned is None and self.cfg.estimate_vram:
             first, why, self._last_estimate = await vram.pre_launch(p, base, self._model_layers)
-        self._machine = initial(base, first, why)
+        self._machine = initial(base, first, why, after=self._machine)
         self._task(liveness(self))
         self._task(self.climber.run())
         self.dispatch(Start(time.monotonic()))
@@ -370,7 +374,8 @@ class Runner:
         self._closing = True
 
     async def stop(self, reason: str = "shutdown") -> None:
-        """Stop the child (SIGTERM, then SIGKILL after stop_timeout_s) and every task; bounded."""
+        """Stop the child (SIGTERM, then SIGKILL after stop_timeout_s) and every task; bounded. The runner can
+        start() again afterwards (its HTTP client stays open until aclose())."""
         self._closing = True
         self.dispatch(StopRequested(time.monotonic(), reason))
         try:
@@ -382,7 +387,12 @@ class Runner:
                 child.kill_now()
         for t in self._timers.values():
             t.cancel()
+        self._timers.clear()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Stop for good: the child, then the HTTP client."""
+        await self.stop()
         await self._http.aclose()

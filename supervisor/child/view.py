@@ -7,11 +7,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core.crash import Verdict
-from ..core.lifecycle import Machine
+from ..core.lifecycle import Event, Machine
 from ..spec.loaded import Loaded
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    import httpx
+
+    from ..spec.settings import Config
+    from ..telemetry.metrics import Metrics
+    from .process import Child
 
 # Called with (generation, verdict, returncode) for every classified exit (the proxy's poison guard).
 ExitListener = Callable[[int, Verdict, "int | None"], None]
@@ -36,9 +40,44 @@ class RunnerView:
     loop: dict[str, Any] | None = None  # the inference loop's probe: route, latency (child/liveness.py)
 
 
+class RunnerCore(Protocol):
+    """The runner as its helpers (driver, climber, liveness) and observers see it: what they read, and the one
+    way they change anything (`dispatch`). A protocol, so that they need not import the runner that imports them."""
+
+    cfg: Config
+    metrics: Metrics
+
+    @property
+    def machine(self) -> Machine: ...
+
+    @property
+    def loaded(self) -> Loaded: ...
+
+    @property
+    def model_layers(self) -> int | None: ...
+
+    @property
+    def http(self) -> httpx.AsyncClient: ...
+
+    @property
+    def child(self) -> Child | None: ...
+
+    @property
+    def child_url(self) -> str | None: ...
+
+    @property
+    def last_progress(self) -> float: ...
+
+    def dispatch(self, ev: Event) -> None: ...
+
+    def traffic(self) -> int: ...
+
+    def note_progress(self) -> None: ...
+
+
 class Observer(Protocol):
     """Sees what happened, decides nothing (the ops page's timeline and log ring)."""
 
-    def machine_changed(self, runner: Runner, old: Machine, new: Machine) -> None: ...
+    def machine_changed(self, runner: RunnerCore, old: Machine, new: Machine) -> None: ...
 
-    def child_line(self, runner: Runner, gen: int, line: str) -> None: ...
+    def child_line(self, runner: RunnerCore, gen: int, line: str) -> None: ...

@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from .capabilities import Capabilities
 from .ladder import RunSettings
 
-if TYPE_CHECKING:  # the schema only: core imports nothing outside core at run time
-    from ..spec.profile import Profile
+
+class ChildSpec(Protocol):
+    """What the command line is built from: the profile's fields that reach llama-server (spec/profile.py's
+    Profile has them all; a protocol, so core stays free of the schema that imports it back)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def model(self) -> object: ...  # a path: only its str() reaches the command line
+    @property
+    def mmproj(self) -> object | None: ...
+    @property
+    def metal(self) -> bool | None: ...
+    @property
+    def threads(self) -> int | None: ...
+    @property
+    def parallel(self) -> int | None: ...
+    @property
+    def flash_attn(self) -> str | None: ...
+    @property
+    def cache_type_k(self) -> str | None: ...
+    @property
+    def cache_type_v(self) -> str | None: ...
+    @property
+    def cache_ram_mib(self) -> int: ...
+    @property
+    def extra_args(self) -> Sequence[str]: ...
+    @property
+    def env(self) -> Mapping[str, str]: ...
 
 CHILD_HOST = "127.0.0.1"
 
@@ -59,7 +86,7 @@ class CommandError(Exception):
     """The profile asks for something this binary cannot do."""
 
 
-def check_extra_args(args: list[str], caps: Capabilities) -> None:
+def check_extra_args(args: Sequence[str], caps: Capabilities) -> None:
     """Reject flags the binary does not know, naming the replacement where one is known."""
     expect_value = False
     for i, arg in enumerate(args):
@@ -119,7 +146,7 @@ def _placement_args(settings: RunSettings, caps: Capabilities) -> list[str]:
     return args
 
 
-def build_argv(profile: Profile, caps: Capabilities, settings: RunSettings, port: int) -> list[str]:
+def build_argv(profile: ChildSpec, caps: Capabilities, settings: RunSettings, port: int) -> list[str]:
     """The exact command line; raises CommandError when the binary lacks something the profile needs."""
     argv = [caps.binary, "--model", str(profile.model), "--host", CHILD_HOST, "--port", str(port),
             "--ctx-size", str(settings.ctx_size)]
@@ -156,7 +183,7 @@ def build_argv(profile: Profile, caps: Capabilities, settings: RunSettings, port
     return argv + list(profile.extra_args)
 
 
-def child_env(parent: Mapping[str, str], profile: Profile) -> dict[str, str]:
+def child_env(parent: Mapping[str, str], profile: ChildSpec) -> dict[str, str]:
     """The child's environment, built on purpose: stray LLAMA_ARG_* would silently change llama-server."""
     env = {k: v for k, v in parent.items()
            if not k.startswith(_STRIPPED_ENV_PREFIXES) and k not in _STRIPPED_ENV}

@@ -231,11 +231,17 @@ class Machine:
     history: tuple[Transition, ...] = field(default=())
 
 
-def initial(base: RunSettings, start: RunSettings | None = None, why: str | None = None) -> Machine:
-    """A stopped machine; `start` (learned or estimated settings) replaces the profile's for the first start."""
+def initial(base: RunSettings, start: RunSettings | None = None, why: str | None = None,
+            after: Machine | None = None) -> Machine:
+    """A stopped machine; `start` (learned or estimated settings) replaces the profile's for the first start.
+    `after`: the machine of the runner's previous child (a model loaded again): its generations, restart count,
+    history and last exit go on, so nothing keyed by generation (quarantine, the timeline) sees one twice."""
     eff = start or base
     adj = (why or "resumed with the last settings that worked") if start and start != base else None
-    return Machine(base=base, effective=eff, adjustment=adj)
+    if after is None:
+        return Machine(base=base, effective=eff, adjustment=adj)
+    return Machine(base=base, effective=eff, adjustment=adj, state=after.state, since=after.since, gen=after.gen,
+                   restarts=after.restarts, last_exit=after.last_exit, history=after.history)
 
 
 def backoff_delay(attempt: int, jitter: float, p: Policy, loop: bool = False) -> float:

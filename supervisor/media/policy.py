@@ -28,7 +28,7 @@ _CHAT_PART = re.compile(r"messages\[\d+\]\.content\[\d+\]")  # where the context
 
 
 @dataclass
-class Slot:
+class MediaSlot:
     where: str
     value: str  # a URL, a data URI or raw base64, as sent
     put: Callable[[bytes, str], None]  # write back (image bytes, mime type) in the form llama-server reads there
@@ -38,7 +38,7 @@ class Slot:
 
 @dataclass
 class Found:
-    slots: list[Slot] = field(default_factory=list)
+    slots: list[MediaSlot] = field(default_factory=list)
 
     @property
     def images(self) -> int:
@@ -92,42 +92,42 @@ def find(doc: Any) -> Found:
     return found
 
 
-def _slots_of(node: dict[str, Any], where: str, out: list[Slot]) -> None:
+def _slots_of(node: dict[str, Any], where: str, out: list[MediaSlot]) -> None:
     kind = node.get("type")
     if kind == "image_url" and "image_url" in node:
         ref = node["image_url"]
         url = ref.get("url") if isinstance(ref, dict) else ref
         if not isinstance(url, str) or not url:
             raise ImageError(400, f"{where}: image_url must be an object with a 'url' string")
-        out.append(Slot(where, url, _setter(node, "image_url", "object"), part=_CHAT_PART.fullmatch(where) is not None))
+        out.append(MediaSlot(where, url, _setter(node, "image_url", "object"), part=_CHAT_PART.fullmatch(where) is not None))
     elif kind == "input_image" and "image_url" in node:
         url = node["image_url"]
         if not isinstance(url, str) or not url:
             raise ImageError(400, f"{where}.image_url: expected a URL or data URI string")
-        out.append(Slot(where, url, _setter(node, "image_url", "uri")))
+        out.append(MediaSlot(where, url, _setter(node, "image_url", "uri")))
     elif kind in ("image", "document") and isinstance(node.get("source"), dict):
         src = node["source"]
         if src.get("type") == "url" or "url" in src:
             url = src.get("url")
             if not isinstance(url, str):
                 raise ImageError(400, f"{where}.source.url: expected a string")
-            out.append(Slot(where, url, _setter(node, "source", "anthropic")))
+            out.append(MediaSlot(where, url, _setter(node, "source", "anthropic")))
         else:
             data = src.get("data")
             if not isinstance(data, str):
                 raise ImageError(400, f"{where}.source.data: expected a base64 string")
-            out.append(Slot(where, data, _setter(node, "source", "anthropic")))
+            out.append(MediaSlot(where, data, _setter(node, "source", "anthropic")))
     elif kind in AV_PARTS and isinstance(node.get(kind), dict):
         ref = node[kind]
         for key in ("data", "url"):
             if isinstance(ref.get(key), str):
-                out.append(Slot(f"{where}.{kind}.{key}", ref[key], _setter(ref, key, "uri"), image=False))
+                out.append(MediaSlot(f"{where}.{kind}.{key}", ref[key], _setter(ref, key, "uri"), image=False))
     if "multimodal_data" in node:
         data = node["multimodal_data"]
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
             raise ImageError(400, f"{_path(where, 'multimodal_data')}: expected an array of base64 strings")
         for i, x in enumerate(data):
-            out.append(Slot(f"{_path(where, 'multimodal_data')}[{i}]", x, _setter(data, i, "raw")))
+            out.append(MediaSlot(f"{_path(where, 'multimodal_data')}[{i}]", x, _setter(data, i, "raw")))
 
 
 def is_remote(value: str) -> bool:

@@ -39,14 +39,14 @@ def profile_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.yaml") if p.is_file())
 
 
-def scan(folder: Path, default: Loaded) -> Catalog:
-    """All profiles in `folder`, plus the default (which may live elsewhere, and must be valid: it was
-    loaded already). A name or alias that an earlier file (by name order) has already is an error of
-    the later file; the default always keeps its names."""
+def scan(folder: Path | None, default: Loaded) -> Catalog:
+    """All profiles in `folder` (None: a box of one model, the default alone), plus the default (which may live
+    elsewhere, and must be valid: it was loaded already). A name or alias that an earlier file (by name order)
+    has already is an error of the later file; the default always keeps its names."""
     cat = Catalog()
     cat.models[default.profile.name] = default
     entries = [Entry(default.profile.name, tuple(default.profile.aliases), str(default.path))]
-    for path in profile_files(folder):
+    for path in profile_files(folder) if folder is not None else []:
         if path.resolve() == default.path.resolve():
             continue
         try:

@@ -1,9 +1,10 @@
-"""The pool: the one owner of which models are loaded. One runner (today's whole lifecycle) per loaded profile.
+"""The pool: the one owner of which models are loaded, on every box (one profile is a pool of one model).
 
-Requests ask `acquire(model)`: a loaded model is admitted at once; otherwise the request joins its model's
-waiting group and the pool loop decides (core/residency.py) what to load, unload, drain or refuse, and
-carries it out — one step at a time, since unloading and loading change the memory the next decision
-reads. What a model needs is its measured VRAM and RSS once it was ready, the GGUF estimate before.
+Requests ask `acquire(model, deadline)`: a loaded, ready model is admitted at once; otherwise the request waits
+(one wait, one counter, one deadline) for its model to be loaded — the pool loop decides (core/residency.py)
+what to load, unload, drain or refuse, one step at a time, since unloading and loading change the memory the
+next decision reads — and for its child to be ready. What a model needs is its measured VRAM and RSS once it
+was ready, the GGUF estimate before. Each model keeps one runner for its whole life in the catalog.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from ..child import vram
 from ..child.runner import Runner
 from ..core import residency as rs
 from ..core.catalog import resolve
-from ..core.lifecycle import Machine, State
+from ..core.lifecycle import State
 from ..host import room
 from ..host.sdnotify import Notifier
+from ..spec.loaded import Loaded
 from ..spec.settings import Config
-from ..telemetry.pool_metrics import PoolMetrics
-from ..web.api.proxy import Proxy
+from ..telemetry.metrics import BoxMetrics
 from .catalog import Catalog
-from .model import Slot
+from .hooks import BoxNotifier, Watch
+from .model import Model
 
 log = structlog.get_logger("pool")
 
@@ -37,60 +39,82 @@ class Unavailable(Exception):
 
 
 class Pool:
-    def __init__(self, cfg: Config, catalog: Catalog, default: str, *, notifier: Notifier | None = None) -> None:
+    def __init__(self, cfg: Config, catalog: Catalog, default: str, *, notifier: Notifier | None = None,
+                 metrics: BoxMetrics | None = None) -> None:
         self.cfg = cfg
         self.default = default
         self.notifier = notifier or Notifier({})
-        self.metrics = PoolMetrics()
+        self.metrics = metrics or BoxMetrics()
         self.rules = rs.Rules(pass_over_s=cfg.swap_pass_over_s, wait_s=cfg.queue_wait_s)
-        self.slots: dict[str, Slot] = {}
+        self.models: dict[str, Model] = {}
         self.names: dict[str, str] = {}
         self.errors: dict[str, dict[str, Any]] = {}
-        self.set_catalog(catalog)
+        self.waiting_on: dict[str, list[str]] = {}
+        # told of every model made after this (the web side, the page), which see the ones there now themselves
+        self.on_model: list[Callable[[Model], None]] = []
+        self.on_forget: list[Callable[[Model], Any]] = []  # ... and of every model removed (awaited if a coroutine)
+        # told of every swap step as (model, action, cause, detail): load, drain, unload, refuse (the ops page)
+        self.on_swap: list[Callable[[str, str, str, str], None]] = []
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
         self.last_room: rs.Room | None = None
-        self.on_runner: list[Callable[[Runner], None]] = []  # told of every runner the pool starts (the ops page)
-        # told of every swap step as (model, action, cause, detail): load, drain, unload, refuse (the ops page)
-        self.on_swap: list[Callable[[str, str, str, str], None]] = []
+        self.set_catalog(catalog)
 
     # ---- the catalog ------------------------------------------------------------------------
 
     def set_catalog(self, catalog: Catalog) -> None:
+        """New ids get a model (and its runner); what is gone is the reloader's to remove (remove())."""
         for mid, loaded in catalog.models.items():
-            if mid not in self.slots:
-                self.slots[mid] = Slot(mid, loaded, self.metrics.for_model(mid))
+            if mid not in self.models:
+                self._make(mid, loaded)
         self.names = catalog.names()
         self.errors, self.waiting_on = catalog.errors, catalog.waiting_on
 
+    def _make(self, mid: str, loaded: Loaded) -> Model:
+        metrics = self.metrics.for_model(mid)
+
+        def speaks() -> bool:  # the default speaks for the box; its unload does not, but the shutdown does
+            model = self.models.get(mid)
+            return mid == self.default and model is not None and (self.stopping or not model.unloading)
+
+        runner = Runner(self.cfg, loaded, metrics=metrics, notifier=BoxNotifier(self.notifier, speaks))
+        model = self.models[mid] = Model(mid, loaded, metrics, runner)
+        runner.observe(Watch(model, self.wake, self.task))
+        runner.on_oom(lambda on: self.after_oom(mid, on))
+        for hook in self.on_model:
+            hook(model)
+        return model
+
     def resolve(self, requested: str | None) -> str | None:
-        return resolve(requested, self.names, self.default, strict=True)
+        """The model a request names. With exactly one model any name goes to it: OpenAI clients always send
+        one, whatever they were configured with."""
+        return resolve(requested, self.names, self.default, strict=len(self.models) > 1)
 
     @property
     def ids(self) -> list[str]:
-        return list(self.slots)
+        return list(self.models)
 
     def runners(self) -> list[Runner]:
-        return [s.runner for s in self.slots.values() if s.runner is not None]
+        return [m.runner for m in self.models.values()]
 
     def in_flight(self) -> int:
-        return sum(s.in_flight for s in self.slots.values())
+        return sum(m.in_flight for m in self.models.values())
 
     # ---- starting and stopping --------------------------------------------------------------
 
     async def start(self) -> None:
-        for slot in self.slots.values():
-            slot.estimate = await asyncio.to_thread(room.estimate, slot.loaded.profile)
+        for model in self.models.values():
+            model.estimate = await asyncio.to_thread(room.estimate, model.loaded.profile)
         now = time.monotonic()
         # The default first (the oldest demand is served first), then pinned and preloaded models.
-        default = self.slots[self.default]
+        default = self.models[self.default]
         default.wanted_since, default.wanted_by = now - 1.0, "start"
-        for slot in self.slots.values():
-            p = slot.loaded.profile
-            if slot.id != self.default and (p.pinned or p.preload):
-                slot.wanted_since, slot.wanted_by = now, "pinned" if p.pinned else "preload"
+        for model in self.models.values():
+            p = model.loaded.profile
+            if model.id != self.default and (p.pinned or p.preload):
+                model.wanted_since, model.wanted_by = now, "pinned" if p.pinned else "preload"
         self._loop_task = asyncio.ensure_future(self._loop())
 
     def shutting_down(self) -> None:
@@ -104,59 +128,66 @@ class Pool:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        await asyncio.gather(*(self._unload(s, "shutdown", "shutdown", count=False) for s in self.slots.values()
-                               if s.runner is not None), return_exceptions=True)
+        await asyncio.gather(*(self._unload(m, "shutdown", "shutdown", count=False) for m in self.models.values()),
+                             return_exceptions=True)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for model in self.models.values():
+            await model.runner.aclose()
+            await self._forget(model)
 
     def wake(self) -> None:
         self._wake.set()
 
     # ---- requests ----------------------------------------------------------------------------
 
-    async def acquire(self, mid: str) -> Slot:
-        """Admit a request for model `mid`, loading it (and making room) first if needed. Raises Unavailable."""
-        slot = self.slots[mid]
-        if slot.admitting:
-            slot.in_flight += 1
-            return slot
-        if slot.waiting >= self.cfg.queue_max:
-            raise Unavailable(f"model '{mid}' is not loaded and {slot.waiting} requests already wait for it")
-        slot.waiting += 1
-        if slot.since is None:
-            slot.since = time.monotonic()
-        self.metrics.queued.labels(mid).inc()
-        rejected_before = slot.rejected[0]
-        deadline = time.monotonic() + self.cfg.queue_wait_s
+    async def acquire(self, mid: str, deadline: float) -> Model:
+        """Admit a request for model `mid` once it is loaded and its child ready, loading it (and making room)
+        first if needed, until `deadline` (monotonic). Raises Unavailable."""
+        model = self.models[mid]
+        if model.admitting and model.runner.ready:
+            model.admit()
+            return model
+        if model.waiting >= self.cfg.queue_max:
+            raise Unavailable(f"model '{mid}' is {model.state_word()} and {model.waiting} requests are already "
+                              "waiting for it (queue_max)")
+        t0 = time.monotonic()
+        model.start_waiting()
+        rejected_before = model.rejected[0]
         self.wake()
         try:
-            while not slot.admitting:
-                if slot.rejected[0] != rejected_before:
-                    raise Unavailable(slot.rejected[1])
-                if mid not in self.slots or self.slots[mid] is not slot:
+            while True:
+                if model.rejected[0] != rejected_before:
+                    raise Unavailable(model.rejected[1])
+                if self.models.get(mid) is not model:
                     raise Unavailable(f"model '{mid}' was removed")
                 left = deadline - time.monotonic()
+                if model.admitting:
+                    if model.runner.ready:
+                        model.admit()
+                        return model
+                    if left > 0 and await model.runner.wait_ready(left):
+                        continue  # ready: admitted above unless it started going meanwhile
+                    if model.admitting and not model.runner.ready:
+                        m = model.runner.machine
+                        raise Unavailable(f"llama-server is not ready ({m.state.value}"
+                                          f"{': ' + m.reason if m.reason else ''})")
+                    continue
                 if left <= 0:
                     raise Unavailable(f"model '{mid}' was not loaded within {self.cfg.queue_wait_s:g}s"
-                                      + (f": {slot.waiting_why}" if slot.waiting_why else ""))
+                                      + (f": {model.waiting_why}" if model.waiting_why else ""))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(slot.changed.wait(), left)
-            slot.in_flight += 1
-            return slot
+                    await asyncio.wait_for(model.changed.wait(), left)
         finally:
-            slot.waiting -= 1
-            self.metrics.queued.labels(mid).dec()
-            if slot.waiting == 0:
-                slot.since = None
+            model.stop_waiting(t0)
 
-    def release(self, slot: Slot) -> None:
-        slot.in_flight -= 1
-        slot.last_used = time.monotonic()
-        if slot.in_flight == 0:
+    def release(self, model: Model) -> None:
+        model.done()
+        if model.in_flight == 0:
             self.wake()
 
-    # ---- operator actions ----------------------------------------------------------------------
+    # ---- operator actions and reloads ------------------------------------------------------------
 
     def set_default(self, mid: str) -> None:
         """The settings file names another default: requests without a model and /health follow it now."""
@@ -167,40 +198,104 @@ class Pool:
     def request_load(self, mid: str, cause: str = "admin") -> None:
         """Load `mid` (or keep it: a drain is called off; a failed start is tried again). Once an unload under
         way is done, the wish loads it again."""
-        slot = self.slots[mid]
-        if slot.runner is not None and slot.runner.machine.state is State.FAILED:
-            slot.runner.retry_failed(f"{cause} load request")
-        elif (slot.runner is None or slot.unloading) and slot.wanted_since is None:
-            slot.wanted_since, slot.wanted_by = time.monotonic(), cause
-        if not slot.unloading:
-            slot.draining = ""
+        model = self.models[mid]
+        if model.resident and model.runner.machine.state is State.FAILED:
+            model.runner.retry_failed(f"{cause} load request")
+        elif (not model.resident or model.unloading) and model.wanted_since is None:
+            model.wanted_since, model.wanted_by = time.monotonic(), cause
+        if not model.unloading:
+            model.draining = ""
         self.wake()
+
+    def retry_failed(self, mid: str, changed: str) -> None:
+        """A file a failed model's start depends on changed: try it again."""
+        model = self.models.get(mid)
+        if model is not None and model.resident and model.runner.machine.state is State.FAILED:
+            log.info("retry_failed_model", model=mid, changed=changed)
+            self.request_load(mid, "file change")
 
     async def unload(self, mid: str, reason: str, detail: str) -> None:
         """Unload now, whatever the model's state (a removed profile): requests in flight are cut."""
-        await self._unload(self.slots[mid], reason, detail)
+        await self._unload(self.models[mid], reason, detail)
 
     def request_unload(self, mid: str, reason: str = "admin") -> bool:
         """Drain `mid` and unload it once idle. False when there is nothing to unload."""
-        slot = self.slots[mid]
-        slot.wanted_since = None
-        if slot.runner is None or slot.unloading:
+        model = self.models[mid]
+        model.wanted_since = None
+        if not model.resident or model.unloading:
             return False
-        slot.draining = reason
+        model.draining = reason
         self._tell(mid, "drain", reason, "operator request: unloads once idle")
         self.wake()
         return True
+
+    async def update(self, mid: str, loaded: Loaded) -> None:
+        """An edit that leaves the child's command line as it is: supervisor-side settings apply at once."""
+        model = self.models[mid]
+        model.loaded = loaded
+        model.runner.apply_profile(loaded)
+
+    async def replace(self, mid: str, loaded: Loaded, drain_s: float) -> None:
+        """An edit that changes the child: hold new requests, let those in flight finish (bounded), restart."""
+        model = self.models[mid]
+        model.loaded, model.measured = loaded, None  # new settings: measure again
+        model.estimate = await asyncio.to_thread(room.estimate, loaded.profile)
+        if not model.resident:
+            model.runner.apply_profile(loaded)
+            return
+        deadline = time.monotonic() + drain_s
+        model.holding = True
+        try:
+            while model.in_flight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            model.runner.replace_profile(loaded)
+        finally:
+            model.holding = False
+            model.notify()
+
+    async def add(self, mid: str) -> None:
+        """A model a reload added: its estimate, and a load if it is pinned or preloaded."""
+        model = self.models[mid]
+        model.estimate = await asyncio.to_thread(room.estimate, model.loaded.profile)
+        p = model.loaded.profile
+        if p.pinned or p.preload:
+            self.request_load(mid, "pinned" if p.pinned else "preload")
+
+    async def remove(self, mid: str) -> None:
+        """A profile file is gone: drain its model (requests in flight finish, bounded by drain_s), unload it,
+        forget it. Residency unloads only a ready model: one failed or still starting is unloaded here."""
+        model = self.models[mid]
+        if model.resident and model.runner.ready and self.request_unload(mid, "reload"):
+            deadline = time.monotonic() + self.cfg.drain_s + self.cfg.stop_timeout_s
+            while model.resident and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(model.changed.wait(), deadline - time.monotonic())
+        if model.resident:
+            await self._unload(model, "reload", "profile removed")
+        self.models.pop(mid)
+        model.notify()  # its waiting requests learn it is gone
+        await model.runner.aclose()
+        await self._forget(model)
+
+    async def _forget(self, model: Model) -> None:
+        for hook in self.on_forget:
+            with contextlib.suppress(Exception):
+                result = hook(model)
+                if asyncio.iscoroutine(result):
+                    await result
 
     # ---- the loop ----------------------------------------------------------------------------
 
     def view(self, r: rs.Room) -> rs.View:
         demands = []
-        for s in self.slots.values():
-            if s.waiting:
-                demands.append(rs.Demand(s.id, s.waiting, s.since or time.monotonic()))
-            elif s.wanted_since is not None:
-                demands.append(rs.Demand(s.id, 0, s.wanted_since))
-        return rs.View(tuple(s.as_model() for s in self.slots.values()), r, tuple(demands))
+        for m in self.models.values():
+            if m.resident and not m.unloading:
+                continue  # requests waiting for a loaded model's child are not a load demand
+            if m.waiting:
+                demands.append(rs.Demand(m.id, m.waiting, m.since or time.monotonic()))
+            elif m.wanted_since is not None:
+                demands.append(rs.Demand(m.id, 0, m.wanted_since))
+        return rs.View(tuple(m.as_model() for m in self.models.values()), r, tuple(demands))
 
     async def _loop(self) -> None:
         while True:
@@ -209,15 +304,15 @@ class Pool:
                 await self._step()
             except Exception as exc:  # the pool must go on deciding whatever one step did
                 log.error("pool_error", error=repr(exc), exc_info=exc)
-            busy = any(s.waiting or s.wanted_since is not None or s.draining or s.loaded.profile.ttl_s
-                       for s in self.slots.values())
+            busy = any(m.waiting or m.wanted_since is not None or m.draining or m.loaded.profile.ttl_s
+                       for m in self.models.values())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.5 if busy else None)
 
     async def _step(self) -> None:
         if self.stopping:
             return
-        pending = any(s.waiting or s.wanted_since is not None for s in self.slots.values())
+        pending = any((m.waiting and not m.resident) or m.wanted_since is not None for m in self.models.values())
         r = await asyncio.to_thread(room.room, self.cfg.memory_budget_mib) if pending else rs.Room()
         self.last_room = r if pending else self.last_room
         for action in rs.decide(self.view(r), self.rules, time.monotonic()):
@@ -226,22 +321,22 @@ class Pool:
     async def _perform(self, a: rs.Action) -> None:
         match a:
             case rs.Load(model=mid):
-                await self._load(self.slots[mid])
+                await self._load(self.models[mid])
             case rs.Unload(model=mid, reason=reason, detail=detail):
-                await self._unload(self.slots[mid], reason, detail)
+                await self._unload(self.models[mid], reason, detail)
             case rs.Drain(model=mid, reason=reason, detail=detail):
-                slot = self.slots[mid]
-                if not slot.draining:
+                model = self.models[mid]
+                if not model.draining:
                     log.info("model_drain", model=mid, reason=reason, detail=detail)
-                    slot.draining = reason
+                    model.draining = reason
                     self._tell(mid, "drain", reason, detail)
             case rs.Wait(model=mid, detail=detail):
-                slot = self.slots[mid]
-                if slot.waiting_why != detail:
+                model = self.models[mid]
+                if model.waiting_why != detail:
                     log.info("model_wait", model=mid, detail=detail)
-                slot.waiting_why = detail
+                model.waiting_why = detail
             case rs.Reject(model=mid, detail=detail):
-                gone = self.slots.get(mid)
+                gone = self.models.get(mid)
                 if gone is not None:
                     log.warning("model_reject", model=mid, waiting=gone.waiting, detail=detail)
                     self._tell(mid, "refuse", "no room", detail)
@@ -250,25 +345,19 @@ class Pool:
                     gone.since = time.monotonic() if gone.waiting else None
                     gone.notify()
 
-    async def _load(self, slot: Slot) -> None:
-        cause = "request" if slot.waiting else (slot.wanted_by or "admin")
-        log.info("model_load", model=slot.id, cause=cause, waiting=slot.waiting,
-                 need=(slot.measured or slot.estimate).__dict__, measured=slot.measured is not None)
-        runner = Runner(self.cfg, slot.loaded, metrics=slot.metrics, notifier=_BoxNotifier(self, slot))
-        proxy = Proxy(runner)
-        runner.observe(_Watch(self, slot))
-        runner.on_oom(lambda on: self.after_oom(slot.id, on))
-        for hook in self.on_runner:
-            hook(runner)
-        self._tell(slot.id, "load", cause, f"{slot.waiting} request(s) waiting" if slot.waiting else "")
-        slot.wanted_since, slot.wanted_by, slot.draining, slot.waiting_why, slot.unloading = None, "", "", "", False
-        slot.loads += 1
-        self.metrics.swaps.labels(slot.id, cause).inc()
-        await runner.start()
+    async def _load(self, model: Model) -> None:
+        cause = "request" if model.waiting else (model.wanted_by or "admin")
+        log.info("model_load", model=model.id, cause=cause, waiting=model.waiting,
+                 need=(model.measured or model.estimate).__dict__, measured=model.measured is not None)
+        self._tell(model.id, "load", cause, f"{model.waiting} request(s) waiting" if model.waiting else "")
+        model.wanted_since, model.wanted_by, model.draining, model.waiting_why = None, "", "", ""
+        model.loads += 1
+        self.metrics.swaps.labels(model.id, cause).inc()
+        await model.runner.start()
         # Admitted only now: before start() its machine is `stopped`, which a waiting request takes for an end.
-        slot.runner, slot.proxy = runner, proxy
-        slot.last_used = time.monotonic()
-        slot.notify()  # the waiting group goes in together
+        model.resident = True
+        model.last_used = time.monotonic()
+        model.notify()  # the waiting group goes in together
 
     def _tell(self, mid: str, action: str, cause: str, detail: str) -> None:
         for hook in self.on_swap:
@@ -277,46 +366,30 @@ class Pool:
             except Exception as exc:  # noqa: BLE001
                 log.error("swap_observer_error", error=repr(exc))
 
-    def _task(self, coro: Any) -> None:
+    def task(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _measure(self, slot: Slot, runner: Runner, gen: int) -> None:
-        """What the child really holds once ready: from now on residency uses this, not the estimate."""
-        child = runner.child
-        if child is None or slot.runner is not runner:
+    async def _unload(self, model: Model, reason: str, detail: str, *, count: bool = True) -> None:
+        if not model.resident or model.unloading:
             return
-        mem = await asyncio.to_thread(room.measure, child.pid)
-        # A child that stopped being ready while it was measured (an unload, a crash) is measured mid-teardown:
-        # keep the figure only for the child that is still serving.
-        if mem is not None and runner.machine.gen == gen and runner.ready and not slot.unloading:
-            slot.measured = mem
-            log.info("model_measured", model=slot.id, gpu_mib=mem.gpu_mib, host_mib=mem.host_mib,
-                     estimate_gpu_mib=slot.estimate.gpu_mib, estimate_host_mib=slot.estimate.host_mib)
-        self.wake()
-
-    async def _unload(self, slot: Slot, reason: str, detail: str, *, count: bool = True) -> None:
-        runner, proxy = slot.runner, slot.proxy
-        if runner is None or slot.unloading:
-            return
-        log.info("model_unload", model=slot.id, reason=reason, detail=detail, in_flight=slot.in_flight)
-        slot.unloading = True
-        self._tell(slot.id, "unload", reason, detail)
+        runner = model.runner
+        log.info("model_unload", model=model.id, reason=reason, detail=detail, in_flight=model.in_flight)
+        model.unloading = True
+        self._tell(model.id, "unload", reason, detail)
         pid = runner.child.pid if runner.child is not None else None
         try:
             await runner.stop("shutdown" if reason == "shutdown" else f"unload ({reason})")
-            if proxy is not None:
-                await proxy.aclose()
-            if pid is not None and slot.measured is not None and any(slot.measured.gpu_mib):
+            if pid is not None and model.measured is not None and any(model.measured.gpu_mib):
                 # The driver frees a dead process's VRAM a little later: the next load's estimate must see it.
                 await vram.after_exit(pid, self.cfg.vram_release_wait_s)
         finally:
-            slot.runner, slot.proxy, slot.unloading, slot.draining = None, None, False, ""
-            slot.last_unload = {"reason": reason, "detail": detail, "at": time.time()}
+            model.resident, model.unloading, model.draining = False, False, ""
+            model.last_unload = {"reason": reason, "detail": detail, "at": time.time()}
             if count:
-                self.metrics.evictions.labels(slot.id, reason).inc()
-            slot.notify()
+                self.metrics.evictions.labels(model.id, reason).inc()
+            model.notify()
             self.wake()
 
     async def after_oom(self, mid: str, on: frozenset[int] | None = None) -> bool:
@@ -324,41 +397,5 @@ class Pool:
         again."""
         unloads = rs.after_oom(self.view(rs.Room()), mid, on)
         for u in unloads:
-            await self._unload(self.slots[u.model], u.reason, u.detail)
+            await self._unload(self.models[u.model], u.reason, u.detail)
         return bool(unloads)
-
-
-class _Watch:
-    """A runner observer: wakes the pool on every state change, and measures the child when it is ready."""
-
-    def __init__(self, pool: Pool, slot: Slot) -> None:
-        self.pool, self.slot = pool, slot
-
-    def machine_changed(self, runner: Runner, old: Machine, new: Machine) -> None:
-        if new.state is old.state:
-            return
-        if new.state is State.READY:
-            self.pool._task(self.pool._measure(self.slot, runner, new.gen))
-        self.pool.wake()
-
-    def child_line(self, runner: Runner, gen: int, line: str) -> None:
-        pass
-
-
-class _BoxNotifier(Notifier):
-    """systemd hears about the box from its default model only, and never STOPPING=1 or the states of an
-    unload: evicting a model is not the service stopping (the daemon sends STOPPING=1 itself at shutdown).
-    Which model is the default is read at each message: the settings file may name another one."""
-
-    def __init__(self, pool: Pool, slot: Slot) -> None:
-        super().__init__({})
-        self.pool, self.slot = pool, slot
-        self.address, self.watchdog_s = pool.notifier.address, pool.notifier.watchdog_s
-
-    def send(self, *fields: str) -> bool:
-        if self.slot.id != self.pool.default or self.slot.unloading or any(f == "STOPPING=1" for f in fields):
-            return False
-        return self.pool.notifier.send(*fields)
-
-    def close(self) -> None:
-        pass

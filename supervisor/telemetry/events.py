@@ -21,7 +21,7 @@ from ..core.crash import signal_name
 from .logring import LogRing
 
 if TYPE_CHECKING:
-    from ..child.runner import Runner
+    from ..child.view import RunnerCore
     from ..core.lifecycle import Machine
 
 log = structlog.get_logger("telemetry")
@@ -69,7 +69,7 @@ class Timeline:
 
     # ---- observer of the runner (see Runner.observers) --------------------------------------------
 
-    def machine_changed(self, runner: Runner, old: Machine, new: Machine) -> None:
+    def machine_changed(self, runner: RunnerCore, old: Machine, new: Machine) -> None:
         try:  # called inside the runner's dispatch: a bug here must not stop the supervisor
             self._record(runner.loaded.profile.name, old, new)
         except Exception as exc:  # noqa: BLE001
@@ -95,7 +95,7 @@ class Timeline:
                 title = "back to profile settings"
             self.add(model, "ladder", title, new.adjustment or "", changed=changed)
 
-    def child_line(self, runner: Runner, gen: int, line: str) -> None:
+    def child_line(self, runner: RunnerCore, gen: int, line: str) -> None:
         self.logs.append("child", child_level(line), line, model=runner.loaded.profile.name)
 
     # ---- swap steps (see Pool.on_swap) -------------------------------------------------------------
@@ -106,23 +106,18 @@ class Timeline:
 
     # ---- reload outcomes (see Reloader.observers) ---------------------------------------------------
 
-    def reloaded(self, model: str, source: str, outcome: dict[str, Any]) -> None:
-        if not outcome.get("ok"):
-            err = outcome.get("error") or {}
-            problems = "; ".join(f"{p.get('field', '')}: {p.get('message', '')}" for p in err.get("errors", [])
-                                 if isinstance(p, dict)) or str(err)
-            self.add(model, "reload", "reload rejected", problems, source=source, ok=False)
-        else:
-            title = "reload: restart" if outcome.get("restarted") else "reload: applied, no restart"
-            self.add(model, "reload", title, "", source=source, ok=True, restarted=bool(outcome.get("restarted")))
-
-    def folder_reloaded(self, source: str, outcome: dict[str, Any]) -> None:
-        """A profiles_dir reload: one event per model it touched, and one per file it rejected."""
+    def reloaded(self, source: str, outcome: dict[str, Any]) -> None:
+        """A reload: one event per model it touched, and one per file it rejected; an operator's reload that
+        changed nothing says so on the default model."""
         titles = {"added": "reload: added", "removed": "reload: removed", "restarted": "reload: restart",
                   "updated": "reload: applied, no restart"}
+        touched = False
         for key, title in titles.items():
             for model in outcome.get(key) or []:
+                touched = True
                 self.add(model, "reload", title, "", source=source, ok=True, restarted=key == "restarted")
+        if not touched and outcome.get("ok") and source in ("api", "SIGHUP") and outcome.get("default"):
+            self.add(outcome["default"], "reload", "reload: no change", "", source=source, ok=True, restarted=False)
         # A file still bad at the next reload (reloads also come from the files a rejected profile names, e.g.
         # every few seconds while a model is copied in) is written down again only when its errors change.
         seen = {}

@@ -1,4 +1,9 @@
-"""Prometheus metrics of the supervisor (prometheus-client), one registry per running supervisor."""
+"""Prometheus metrics of the supervisor (prometheus-client).
+
+Every model keeps its own series (`Metrics`: its runner's and its proxy's); the box's registry (`BoxMetrics`)
+collects them at scrape time with a `model` label added, next to what belongs to the box: the pool's loads and
+unloads, reloads, requests refused before a model was chosen, the supervisor process, children and GPUs. One
+profile is a pool of one model: the same names and labels on every box, so one dashboard serves them all."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ..core.lifecycle import State
@@ -30,8 +36,13 @@ def _gpu_families() -> dict[str, GaugeMetricFamily]:
     }
 
 
+def _child_families() -> dict[str, GaugeMetricFamily]:
+    return {key: GaugeMetricFamily(f"{NS}_{name}", doc, labels=["model"]) for name, key, doc in _CHILD_SERIES}
+
+
 class _Sampled(Collector):
-    """Series read at scrape time (child RSS/CPU, GPUs) so nothing polls when nobody scrapes."""
+    """Series read at scrape time (each model's child RSS/CPU, the GPUs) so nothing polls when nobody scrapes.
+    `sample` returns {"children": {model: {rss_bytes, cpu_percent}}, "gpus": [GPU dicts]}."""
 
     def __init__(self, sample: Callable[[], dict[str, Any]]) -> None:
         self._sample = sample
@@ -40,18 +51,17 @@ class _Sampled(Collector):
         """The series' names, read nothing. The registry asks at registration (for name clashes); without
         this it would call collect(), which reads /proc and NVML (importing and initialising it) on the
         event loop while the supervisor starts."""
-        for name, _, doc in _CHILD_SERIES:
-            yield GaugeMetricFamily(f"{NS}_{name}", doc)
+        yield from _child_families().values()
         yield from _gpu_families().values()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         s = self._sample()
-        child = s.get("child") or {}
-        for name, key, doc in _CHILD_SERIES:
-            if child.get(key) is not None:
-                g = GaugeMetricFamily(f"{NS}_{name}", doc)
-                g.add_metric([], float(child[key]))
-                yield g
+        children = _child_families()
+        for mid, child in (s.get("children") or {}).items():
+            for key, fam in children.items():
+                if child.get(key) is not None:
+                    fam.add_metric([mid], float(child[key]))
+        yield from (f for f in children.values() if f.samples)
         gpus = s.get("gpus") or []
         if gpus:
             fams = _gpu_families()
@@ -63,7 +73,14 @@ class _Sampled(Collector):
             yield from fams.values()
 
 
+def requests_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(f"{NS}_requests_total", "Requests by route and status (model '': refused before a model was "
+                   "chosen)", ["route", "status"], registry=registry)
+
+
 class Metrics:
+    """One model's series (its runner's and its proxy's); the box adds the `model` label when it collects."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.state = Gauge(f"{NS}_state", "1 for the current lifecycle state", ["state"], registry=r)
@@ -90,13 +107,13 @@ class Metrics:
         self.gpu_layers = Gauge(f"{NS}_effective_gpu_layers", "GPU layers the child runs with (-1: auto/all)",
                                 registry=r)
         self.ctx_size = Gauge(f"{NS}_effective_ctx_size", "Context size the child runs with", registry=r)
-        self.requests = Counter(f"{NS}_requests_total", "Proxied requests by route and status", ["route", "status"],
-                                registry=r)
+        self.requests = requests_counter(r)
         self.latency = Histogram(f"{NS}_request_seconds", "Proxied request duration (to the last byte)", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge(f"{NS}_in_flight", "Proxied requests in progress", registry=r)
-        self.queued = Gauge(f"{NS}_queued", "Requests waiting for the child to be ready", registry=r)
-        self.queue_wait = Histogram(f"{NS}_queue_wait_seconds", "Time requests waited for readiness",
+        self.queued = Gauge(f"{NS}_queued", "Requests waiting for the model to load or its child to be ready",
+                            registry=r)
+        self.queue_wait = Histogram(f"{NS}_queue_wait_seconds", "Time requests waited for a load or readiness",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter(f"{NS}_tokens_total", "Tokens reported by llama-server in responses", ["kind"],
                               registry=r)
@@ -113,15 +130,60 @@ class Metrics:
                                          "(counting, planning, re-serialising)", buckets=GUARD_BUCKETS, registry=r)
         self.context_checks = Counter(f"{NS}_context_checks_total", "Chat requests the context guard looked at, "
                                       "by how it decided", ["outcome"], registry=r)
-        # The supervisor's own RSS and CPU (llama_supervisor_process_*), as the ops page charts them.
-        ProcessCollector(namespace=NS, registry=r)
-        self.reloads = Counter(f"{NS}_reloads_total", "Profile reloads by outcome", ["outcome"], registry=r)
-
-    def attach_sampler(self, sample: Callable[[], dict[str, Any]]) -> None:
-        self.registry.register(_Sampled(sample))
 
     def set_state(self, state: State, crash_loop: bool = False) -> None:
         for s in State:
             self.state.labels(s.value).set(1 if s is state else 0)
         self.child_up.set(1 if state is State.READY else 0)
         self.crash_loop.set(1 if crash_loop else 0)
+
+
+class _PerModel(Collector):
+    """Each model's registry (and the front's), collected at scrape time, one family per name with `model` added."""
+
+    def __init__(self, models: dict[str, Metrics], front: CollectorRegistry) -> None:
+        self.models, self.front = models, front
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for mid, registry in [*((m, x.registry) for m, x in list(self.models.items())), ("", self.front)]:
+            for fam in registry.collect():
+                out = families.get(fam.name)
+                if out is None:
+                    out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                for s in fam.samples:
+                    out.add_sample(s.name, {"model": mid, **s.labels}, s.value, s.timestamp, s.exemplar)
+        yield from families.values()
+
+
+class BoxMetrics:
+    """The box's registry: what /metrics serves."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.models: dict[str, Metrics] = {}
+        front = CollectorRegistry(auto_describe=True)
+        self.front_requests = requests_counter(front)  # refused before a model was chosen (401, 404, 413)
+        r.register(_PerModel(self.models, front))
+        # The supervisor's own RSS and CPU (llama_supervisor_process_*), once for the box.
+        ProcessCollector(namespace=NS, registry=r)
+        self.swaps = Counter(f"{NS}_model_loads_total", "Models loaded, by what asked for it (request, start, "
+                             "pinned, preload, admin)", ["model", "cause"], registry=r)
+        self.evictions = Counter(f"{NS}_model_unloads_total",
+                                 "Models unloaded, by reason (lru, ttl, oom, drain, admin, reload)",
+                                 ["model", "reason"], registry=r)
+        self.reloads = Counter(f"{NS}_reloads_total", "Profile reloads by outcome (per model: restart, update, "
+                               "unchanged; per file: invalid)", ["outcome"], registry=r)
+
+    def for_model(self, mid: str) -> Metrics:
+        m = self.models.get(mid)
+        if m is None:
+            m = self.models[mid] = Metrics()
+        return m
+
+    def forget(self, mid: str) -> None:
+        self.models.pop(mid, None)
+
+    def attach_sampler(self, sample: Callable[[], dict[str, Any]]) -> None:
+        """Children and GPUs, read at scrape time."""
+        self.registry.register(_Sampled(sample))

@@ -1,20 +1,23 @@
-"""Which model a request names: `model` in a JSON body, in a multipart form, or in the query string."""
+"""A request's body, read once, and the model it names: `model` in a JSON body, a multipart form or the query."""
 
 from __future__ import annotations
 
 import json
 from urllib.parse import parse_qs
 
-from ..errors import Headers, Receive, Scope, json_error
-
-# Bodies are only parsed when they mention a model at all; beyond this size the model field is looked up
-# without parsing the whole document (it is near the top in every client seen).
-_HEAD = 64 * 1024
+from ..errors import Receive, Scope
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body; None when the client left first. Stops reading once over `limit` (the
-    caller answers 413 when len(body) > limit)."""
+class TooLarge(Exception):
+    """The body is over max_body_bytes (by its Content-Length, or by what arrived): answered 413."""
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, read once for everyone after it; None when the client left first. The limit is
+    enforced before reading (Content-Length) and while reading: raises TooLarge, the rest is not read."""
+    for k, v in scope["headers"]:
+        if k == b"content-length" and (not v.isdigit() or int(v) > limit):
+            raise TooLarge
     chunks, size = [], 0
     while True:
         msg = await receive()
@@ -22,13 +25,11 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
             return None
         chunk = msg.get("body", b"")
         size += len(chunk)
+        if size > limit:
+            raise TooLarge
         chunks.append(chunk)
-        if size > limit or not msg.get("more_body"):
-            return b"".join(chunks)
-
-
-def too_large(limit: int) -> tuple[int, Headers, bytes]:
-    return json_error(413, f"request body over the limit of {limit} bytes", "invalid_request_error")
+        if not msg.get("more_body"):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def requested_model(scope: Scope, body: bytes) -> str | None:
@@ -41,8 +42,9 @@ def requested_model(scope: Scope, body: bytes) -> str | None:
             return values[0]
     if not body or b"model" not in body:
         return None
-    ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"").decode("latin-1").lower()
-    if ctype.startswith("multipart/form-data"):
+    # Not lowercased: a multipart boundary is case-sensitive (only the media type is not).
+    ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"").decode("latin-1")
+    if ctype.lower().startswith("multipart/form-data"):
         return _form_field(body, ctype, "model")
     if body.lstrip()[:1] == b"{":
         return _json_model(body)
@@ -60,7 +62,7 @@ def _json_model(body: bytes) -> str | None:
 
 def _form_field(body: bytes, ctype: str, name: str) -> str | None:
     boundary = next((p.split("=", 1)[1].strip().strip('"') for p in ctype.split(";")[1:]
-                     if p.strip().startswith("boundary=")), None)
+                     if p.strip().lower().startswith("boundary=")), None)
     if not boundary:
         return None
     want = f'name="{name}"'.encode()

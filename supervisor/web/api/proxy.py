@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpcore
 import structlog
 
-from ...child.runner import Runner
 from ...core import quarantine
 from ...media import policy as media
 from ...media.images import ImageError, Stats, rewrite_chat
 from ...media.workers import ImageWorkers
+from ...models.model import Model
+from ...models.pool import Unavailable
 from ..errors import Receive, Scope, Send, json_error, send_simple
 from ..guard.context import ContextGuard, ContextRejected, CountError
 from ..guard.poison import PoisonGuard
-from ..guard.validate import Rejected, parse_json, serialise
+from ..guard.validate import BIG_BODY, Rejected, parse_json, serialise
 from . import routes
 from .gate import Gate, upstream_limit
 from .predict import predict_to_chat
@@ -32,9 +34,9 @@ from .routes import PREDICT, Route
 from .upstream import AsyncioBackend
 
 log = structlog.get_logger("proxy")
+# Waits for the model to be loaded and its child ready; returns the call that ends the admission.
+Admit = Callable[[], Awaitable[Callable[[], None]]]
 
-# Bodies larger than this are parsed in a thread, not on the event loop.
-BIG_BODY = 256 * 1024
 # Failures that mean the request never reached a live llama-server: safe to send again.
 RETRYABLE = (httpcore.ConnectError, httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
 TIMEOUTS = {"connect": 5.0, "read": None, "write": 60.0, "pool": None}
@@ -55,52 +57,43 @@ def _printable(query: bytes) -> bytes:
 
 
 class Proxy:
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-        self.metrics = runner.metrics
+    """One model's way to llama-server, made with the model and kept for its whole life in the catalog: its
+    upstream gate, quarantine, learned context costs and connections survive unloads, loads and restarts."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.runner = runner = model.runner
+        self.metrics = model.metrics
         self.remote_hosts = frozenset(h.lower() for h in runner.cfg.remote_image_hosts)
         cfg = runner.cfg
         self.images = ImageWorkers(cfg.image_workers, cfg.image_queue_wait_s, cfg.image_queue_max)
-        self.in_flight = 0  # requests inside the proxy (any stage)
-        self.waiting = 0  # ... of which waiting for the child to be ready
         self.gate = Gate(upstream_limit(runner.cfg, runner.loaded.profile), self.metrics)
         self.poison = PoisonGuard(self.metrics, quarantine.Policy(window_s=runner.cfg.quarantine_window_s,
                                                                   duration_s=runner.cfg.quarantine_s))
         runner.on_exit(self.poison.on_exit)
-        runner.set_traffic(lambda: self.in_flight)
         # httpcore directly, not httpx: on this hot path httpx's request/response models cost a third of the
         # proxy's CPU per request, and nothing here needs them (no redirects, cookies, auth or decoding).
         # Keep few idle connections, and not for long: every idle keep-alive connection pins one of
         # llama-server's fixed HTTP threads (parallel + 4 of them) until its 5 s keep-alive timeout, and a
         # new connection that finds them all pinned waits for that timeout (measured: 5 s stalls).
         # The network layer is our asyncio one (see upstream.py): cheaper per streamed token.
-        self.pool = httpcore.AsyncConnectionPool(max_connections=512, max_keepalive_connections=KEEPALIVE_IDLE,
-                                                 keepalive_expiry=4.0, network_backend=AsyncioBackend())
-        self.context = ContextGuard(runner, self.pool)
+        self.upstream = httpcore.AsyncConnectionPool(max_connections=512, max_keepalive_connections=KEEPALIVE_IDLE,
+                                                     keepalive_expiry=4.0, network_backend=AsyncioBackend())
+        self.context = ContextGuard(runner, self.upstream)
         runner.on_warmed(self.context.after_warmup)
 
     async def aclose(self) -> None:
         self.images.close()
-        await self.pool.aclose()
+        await self.upstream.aclose()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
-        route = routes.lookup(raw_path)
-        refusal = self._refusal(scope, raw_path, route)
-        if refusal is not None:
-            await send_simple(send, *refusal)
-            self.metrics.requests.labels(route.label if route else "other", str(refusal[0])).inc()
-            return
-        assert route is not None
-        body = await self._read_body(scope, receive, send, route)
-        if body is None:
-            return
+    async def serve(self, scope: Scope, receive: Receive, send: Send, route: Route, raw_path: bytes, body: bytes,
+                    admit: Admit, deadline: float) -> None:
+        """Forward one request whose route was allowed and whose body was read: `admit` waits (until `deadline`)
+        for the model to be loaded and ready and returns its release; the client leaving cancels everything."""
         label = route.label
         t0 = time.perf_counter()
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
         status = [499]  # what the client got; stays 499 if it left first
-        work = asyncio.ensure_future(self._forward(scope, raw_path, route, body, send, status))
+        work = asyncio.ensure_future(self._forward(scope, raw_path, route, body, send, status, admit, deadline))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
@@ -108,56 +101,12 @@ class Proxy:
             for task in (work, watch):
                 task.cancel()
             await asyncio.gather(work, watch, return_exceptions=True)
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
             self.metrics.requests.labels(label, str(status[0])).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
         if work.done() and not work.cancelled() and (exc := work.exception()) is not None:
             log.error("proxy_error", path=scope["path"], error=repr(exc), exc_info=exc)
             if status[0] == 499:  # nothing was sent yet: the client still gets an answer
                 await send_simple(send, *json_error(500, f"supervisor error: {type(exc).__name__}", "server_error"))
-
-    def _refusal(self, scope: Scope, raw_path: bytes, route: Route | None
-                 ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-        """The allow-list (routes.py): unknown paths, refused routes and wrong methods never reach llama-server."""
-        method = scope["method"]
-        shown = raw_path.decode("ascii", "backslashreplace")[:200]
-        if route is None:
-            why = routes.REFUSED.get(raw_path)
-            if why is not None:
-                return json_error(403, f"{shown}: refused by the supervisor: {why}", "invalid_request_error")
-            return json_error(404, f"{method} {shown}: not a route the supervisor forwards", "invalid_request_error")
-        if method not in route.methods:
-            allow = ", ".join(sorted(route.methods))
-            return json_error(405, f"{method} {shown}: method not allowed (allowed: {allow})",
-                              "invalid_request_error", [(b"allow", allow.encode())])
-        return None
-
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send, route: Route) -> bytes | None:
-        """The body, with the limit enforced before (Content-Length) and while reading; None when answered."""
-        limit = self.runner.cfg.max_body_bytes
-        for k, v in scope["headers"]:
-            if k == b"content-length" and (not v.isdigit() or int(v) > limit):
-                break
-        else:
-            v = b""
-        chunks, size = [], 0
-        while not v:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return None
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                break
-            chunks.append(chunk)
-            if not msg.get("more_body"):
-                return b"".join(chunks)
-        # The rest of the body is not read: close the connection rather than drain it.
-        await send_simple(send, *json_error(413, f"request body over the limit of {limit} bytes (max_body_bytes)",
-                                            "invalid_request_error", [(b"connection", b"close")]))
-        self.metrics.requests.labels(route.label, "413").inc()
-        return None
 
     async def _check_body(self, route: Route, body: bytes) -> tuple[bytes, Chat | None]:
         """Parse once, decide on the parsed request, forward what was decided on: shape errors are 400s that name
@@ -229,26 +178,6 @@ class Proxy:
         """The profile changed (reload): follow its parallel slots."""
         self.gate.set_limit(upstream_limit(self.runner.cfg, self.runner.loaded.profile))
 
-    async def _wait_ready(self) -> tuple[bool, str]:
-        r = self.runner
-        if r.ready:
-            return True, ""
-        if self.waiting >= r.cfg.queue_max:
-            return False, f"llama-server is {r.machine.state.value} and {self.waiting} requests are already waiting"
-        self.waiting += 1
-        self.metrics.queued.inc()
-        t0 = time.perf_counter()
-        try:
-            ok = await r.wait_ready(r.cfg.queue_wait_s)
-        finally:
-            self.waiting -= 1
-            self.metrics.queued.dec()
-            self.metrics.queue_wait.observe(time.perf_counter() - t0)
-        if ok:
-            return True, ""
-        m = r.machine
-        return False, f"llama-server is not ready ({m.state.value}{': ' + m.reason if m.reason else ''})"
-
     async def _settle(self, gen: int, within_s: float = 0.3) -> None:
         """After a refused or reset upstream request, give the runner a moment to notice a dead child (it
         usually does within milliseconds), so the retry waits for the next one instead of hitting a closed
@@ -274,12 +203,12 @@ class Proxy:
         return out
 
     async def _forward(self, scope: Scope, raw_path: bytes, route: Route, body: bytes, send: Send,
-                       status: list[int]) -> None:
+                       status: list[int], admit: Admit, deadline: float) -> None:
         chat: Chat | None = None
         digest = await self.poison.digest(scope["method"], scope["path"], body)
-        if (refusal := self.poison.refusal(digest)) is not None:
+        if (quarantined := self.poison.refusal(digest)) is not None:
             status[0] = 422
-            await send_simple(send, *json_error(422, refusal, "invalid_request_error"))
+            await send_simple(send, *json_error(422, quarantined, "invalid_request_error"))
             return
         what = f"{scope['method']} {route.label} ({len(body)} bytes)"
         try:
@@ -295,12 +224,28 @@ class Proxy:
         query = scope.get("query_string", b"")
         # The raw bytes the client sent, as routes.py matched them: never the decoded path (%2F, %23, UTF-8).
         target = (b"/v1/chat/completions" if route is PREDICT else raw_path) + (b"?" + _printable(query) if query else b"")
+        try:
+            release = await admit()  # the model loaded (a swap, if needed) and its child ready
+        except Unavailable as exc:
+            status[0] = 503
+            await send_simple(send, *json_error(503, str(exc), "unavailable_error", [(b"retry-after", b"5")]))
+            return
+        try:
+            await self._send(scope, target, route, body, chat, digest, what, headers, send, status, deadline)
+        finally:
+            release()
+
+    async def _send(self, scope: Scope, target: bytes, route: Route, body: bytes, chat: Chat | None, digest: str,
+                    what: str, headers: list[tuple[bytes, bytes]], send: Send, status: list[int],
+                    deadline: float) -> None:
+        """Send to the child, once more if the first try never reached a live one (it died): the same deadline
+        covers the wait for the next child and for a place at the upstream gate."""
         extra: list[tuple[bytes, bytes]] = []
         fitted_gen = -1
         attempt = 0
         while attempt < 2:
-            ok, why = await self._wait_ready()
-            if ok and not await self.gate.acquire(self.runner.cfg.queue_wait_s):
+            ok, why = await self.model.wait_ready(deadline)
+            if ok and not await self.gate.acquire(deadline - time.monotonic()):
                 ok, why = False, (f"llama-server is busy: {self.gate.active} requests in progress, "
                                   f"{self.gate.waiting} waiting")
             if not ok:
@@ -348,7 +293,7 @@ class Proxy:
             req = httpcore.Request(method, url, content=body, extensions={"timeout": TIMEOUTS},
                                    headers=[(b"host", f"{host}:{port}".encode()), *headers,
                                             (b"content-length", str(len(body)).encode())])
-            upstream = await self.pool.handle_async_request(req)
+            upstream = await self.upstream.handle_async_request(req)
         except RETRYABLE as exc:
             if attempt == 2:
                 status[0] = 502
@@ -388,3 +333,19 @@ class Chat:
 
     doc: dict[str, Any]
     sizes: list[tuple[int, int] | None]
+
+
+def refusal(scope: Scope, raw_path: bytes, route: Route | None) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    """The allow-list (routes.py): unknown paths, refused routes and wrong methods never reach llama-server."""
+    method = scope["method"]
+    shown = raw_path.decode("ascii", "backslashreplace")[:200]
+    if route is None:
+        why = routes.REFUSED.get(raw_path)
+        if why is not None:
+            return json_error(403, f"{shown}: refused by the supervisor: {why}", "invalid_request_error")
+        return json_error(404, f"{method} {shown}: not a route the supervisor forwards", "invalid_request_error")
+    if method not in route.methods:
+        allow = ", ".join(sorted(route.methods))
+        return json_error(405, f"{method} {shown}: method not allowed (allowed: {allow})",
+                          "invalid_request_error", [(b"allow", allow.encode())])
+    return None

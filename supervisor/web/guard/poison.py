@@ -13,9 +13,9 @@ import structlog
 from ...core import quarantine as q
 from ...core.crash import Verdict
 from ...telemetry.metrics import Metrics
+from .validate import BIG_BODY
 
 log = structlog.get_logger("proxy")
-BIG_BODY = 256 * 1024
 
 
 class PoisonGuard:

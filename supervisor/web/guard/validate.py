@@ -14,6 +14,8 @@ from typing import Any
 from ...core.refusal import Rejected
 
 MAX_DEPTH = 64
+# Bodies larger than this are parsed (and hashed) in a worker thread, not on the event loop.
+BIG_BODY = 256 * 1024
 JSONDoc = dict[str, Any]
 Check = Callable[[JSONDoc], None]
 

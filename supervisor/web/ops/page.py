@@ -50,20 +50,18 @@ def needs_admin(path: str) -> bool:
 class Ops:
     """Telemetry of one supervisor and the routes that show it."""
 
-    def __init__(self, runners: Callable[[], list[Runner]], logs: LogRing, *, has_admin_key: bool,
-                 key_ok: Callable[[Scope], bool], sample_interval_s: float = 2.0) -> None:
+    def __init__(self, runners: Callable[[], list[Runner]], model_docs: Callable[[], Awaitable[list[dict[str, Any]]]],
+                 logs: LogRing, *, key_ok: Callable[[Scope], bool] | None, sample_interval_s: float = 2.0) -> None:
         self.runners = runners
+        # The cards: every model of the catalog, loaded or not, each with its status and residency.
+        self.model_docs = model_docs
         self.timeline = Timeline(logs)
         self.logs = logs
         self.sampling = sample_interval_s > 0  # 0: no sampler task, the charts stay empty
         self.sampler = Sampler(self._sources, interval_s=sample_interval_s or 2.0)
         self.stream = LogStream(logs)
-        self.has_admin_key, self.key_ok = has_admin_key, key_ok
-        # /status's body for a runner; the App puts its own here (it adds what the proxy and reloader own).
-        self.status_of: Callable[[Runner], Awaitable[dict[str, Any]]] = status.build
-        # The cards: one per running model by default; with several models the Front lists every model of the
-        # catalog, loaded or not, with its residency (and the page offers load/unload).
-        self.model_docs: Callable[[], Awaitable[list[dict[str, Any]]]] = self._runner_docs
+        # The same key the admin routes take (web/auth.py); None: no key is set.
+        self.key_ok = key_ok
         self.app = Starlette(routes=[
             Route("/ui", self.page), Route("/ui/", self.page),
             Route("/ui/api/auth", self.auth), Route("/ui/api/overview", self.overview),
@@ -76,10 +74,6 @@ class Ops:
 
     def watch(self, runner: Runner) -> None:
         runner.observe(self.timeline)
-
-    def reloaded(self, source: str, outcome: dict[str, Any]) -> None:
-        for r in self.runners():
-            self.timeline.reloaded(r.loaded.profile.name, source, outcome)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] == LOG_STREAM:
@@ -94,11 +88,8 @@ class Ops:
 
     async def auth(self, request: Request) -> Response:
         """Whether a key is needed and whether the one presented is right: the page asks before it polls."""
-        valid = None if not self.has_admin_key else self.key_ok(request.scope)
-        return JSONResponse({"required": self.has_admin_key, "valid": valid})
-
-    async def _runner_docs(self) -> list[dict[str, Any]]:
-        return [await self.status_of(r) for r in self.runners()]
+        valid = None if self.key_ok is None else self.key_ok(request.scope)
+        return JSONResponse({"required": self.key_ok is not None, "valid": valid})
 
     async def overview(self, request: Request) -> Response:
         models = await self.model_docs()

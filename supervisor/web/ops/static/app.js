@@ -188,11 +188,12 @@
   async function act(model, what) {
     var label = { restart: "Restart llama-server of " + model + "?",
                   reset: "Restart " + model + " with the profile's settings (forget learned and ladder settings)?",
-                  reload: S.multi ? "Reload the profiles (every model's file)?" : "Reload the profile of " + model + "?",
+                  reload: Object.keys(S.cards).length > 1 ? "Reload the profiles (every model's file)?"
+                    : "Reload the profile of " + model + "?",
                   load: "Load " + model + "?",
                   unload: "Unload " + model + "? Requests in flight finish first; a request for it loads it again." }[what];
     if (!window.confirm(label)) return;
-    var q = S.multi ? "model=" + encodeURIComponent(model) : "";
+    var q = "model=" + encodeURIComponent(model);
     var url = what === "reload" ? "/admin/reload"
       : what === "load" || what === "unload" ? "/admin/models/" + encodeURIComponent(model) + "/" + what
       : "/admin/restart" + (what === "reset" ? "?reset=1" + (q ? "&" + q : "") : (q ? "?" + q : ""));
@@ -220,7 +221,6 @@
   }
 
   function reloadSummary(body) {
-    if (!Array.isArray(body.restarted)) return body.restarted ? "restarting with the new profile" : "applied, no restart needed";
     var parts = ["added", "removed", "restarted", "updated"].filter(function (k) { return (body[k] || []).length; })
       .map(function (k) { return k + " " + body[k].join(", "); });
     return parts.length ? parts.join("; ") : "nothing changed";
@@ -401,7 +401,6 @@
       ]);
       var ov = res[0];
       S.gpuUnavailable = ov.gpu_unavailable;
-      S.multi = ov.models.some(function (m) { return !!m.residency; });
       ov.models.forEach(renderModel);
       var names = ov.models.map(function (m) { return m.profile.name; });
       Object.keys(S.cards).forEach(function (n) {  // a profile removed by a reload: its card goes too
