@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -31,7 +30,6 @@ from ..core.lifecycle import State, Unresponsive
 from ..core.liveness import (
     Answers,
     Outcome,
-    Pace,
     Work,
     judge,
     loop_route_unusable,
@@ -44,28 +42,6 @@ if TYPE_CHECKING:
     from .view import RunnerCore
 
 log = structlog.get_logger("supervisor")
-
-
-@dataclass
-class LoopWatch:
-    """What the probes found about the current child's inference loop (for /status and the metrics)."""
-
-    gen: int = -1
-    routes: tuple[str, ...] = ()  # loop routes still usable for this child, best first
-    latency_s: float | None = None  # the last answered probe's round trip
-    answered_at: float | None = None  # monotonic
-    rounds: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)
-    pace: Pace | None = None  # the loop's work at the last answer, and since when it stood still
-
-    def reset(self, gen: int, routes: tuple[str, ...]) -> None:
-        self.gen, self.routes, self.latency_s, self.answered_at, self.pace = gen, routes, None, None, None
-
-    def status(self, now: float) -> dict[str, Any]:
-        return {"route": self.routes[0] if self.routes else None,
-                "latency_ms": None if self.latency_s is None else round(self.latency_s * 1000, 2),
-                "answered_s_ago": None if self.answered_at is None else round(now - self.answered_at, 1),
-                "rounds": self.rounds, "outcomes": dict(self.outcomes)}
 
 
 async def _get(http: httpx.AsyncClient, url: str, timeout_s: float) -> tuple[int | None, bytes]:
@@ -128,7 +104,7 @@ def work_from(route: str, body: bytes) -> Work | None:
     return work_from_metrics(body) if route == "/metrics" else work_from_slots(body)
 
 
-async def probe_round(r: Runner, url: str) -> tuple[Answers, float | None]:
+async def probe_round(r: RunnerCore, url: str) -> tuple[Answers, float | None]:
     """One round: the loop route and /health at once; the loop's round trip time when it answered."""
     cfg, watch = r.cfg, r.loop_watch
     route = watch.routes[0] if watch.routes else None

@@ -1,10 +1,14 @@
-"""Signs of life from a child's answers, as liveness reads them: when the last byte came, from any answer and
-from a stream (which only the inference loop produces). Updated on the proxy's hot path (once per streamed
-chunk): a clock read and two attribute writes."""
+"""Signs of life from a child, as liveness reads them: when the last byte came, from any answer and from a
+stream (which only the inference loop produces), and what the probes of the inference loop found. `note` is on
+the proxy's hot path (once per streamed chunk): a clock read and two attribute writes."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.liveness import Pace
 
 
 class Progress:
@@ -17,3 +21,25 @@ class Progress:
         self.last = now
         if stream:
             self.last_stream = now
+
+
+@dataclass
+class LoopWatch:
+    """What the probes found about the current child's inference loop (for /status and the metrics)."""
+
+    gen: int = -1
+    routes: tuple[str, ...] = ()  # loop routes still usable for this child, best first
+    latency_s: float | None = None  # the last answered probe's round trip
+    answered_at: float | None = None  # monotonic
+    rounds: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    pace: Pace | None = None  # the loop's work at the last answer, and since when it stood still
+
+    def reset(self, gen: int, routes: tuple[str, ...]) -> None:
+        self.gen, self.routes, self.latency_s, self.answered_at, self.pace = gen, routes, None, None, None
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {"route": self.routes[0] if self.routes else None,
+                "latency_ms": None if self.latency_s is None else round(self.latency_s * 1000, 2),
+                "answered_s_ago": None if self.answered_at is None else round(now - self.answered_at, 1),
+                "rounds": self.rounds, "outcomes": dict(self.outcomes)}

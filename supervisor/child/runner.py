@@ -55,9 +55,9 @@ from ..telemetry.metrics import Metrics
 from . import vram
 from .climber import Climber
 from .driver import ChildDriver
-from .liveness import LoopWatch, liveness
+from .liveness import liveness
 from .process import Child
-from .progress import Progress
+from .progress import LoopWatch, Progress
 from .view import ExitListener, Observer, RunnerView
 
 log = structlog.get_logger("supervisor")

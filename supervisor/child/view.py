@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..spec.settings import Config
     from ..telemetry.metrics import Metrics
     from .process import Child
+    from .progress import LoopWatch, Progress
 
 # Called with (generation, verdict, returncode) for every classified exit (the proxy's poison guard).
 ExitListener = Callable[[int, Verdict, "int | None"], None]
@@ -46,6 +47,8 @@ class RunnerCore(Protocol):
 
     cfg: Config
     metrics: Metrics
+    progress: Progress
+    loop_watch: LoopWatch
 
     @property
     def machine(self) -> Machine: ...
@@ -64,6 +67,9 @@ class RunnerCore(Protocol):
 
     @property
     def child_url(self) -> str | None: ...
+
+    @property
+    def argv(self) -> list[str]: ...
 
     @property
     def last_progress(self) -> float: ...

@@ -139,7 +139,6 @@ class Pool:
 
     def wake(self) -> None:
         self._wake.set()
-
     # ---- requests ----------------------------------------------------------------------------
 
     async def acquire(self, mid: str, deadline: float) -> Model:
@@ -277,7 +276,7 @@ class Pool:
         await model.runner.aclose()
         await self._forget(model)
 
-    async def _forget(self, model: Model) -> None:
+    async def _forget(self, model: Model) -> None:  # the web side closes the model's proxy
         for hook in self.on_forget:
             with contextlib.suppress(Exception):
                 result = hook(model)
