@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import structlog
-from support import running, wait_for
+from support import metric, running, wait_for
 from thread_stop import ThreadStop
 
 from supervisor.core.crash import Cause
@@ -43,9 +43,9 @@ async def _hang(pid: int, url: str) -> ThreadStop:
 
 async def test_hung_loop_of_an_idle_child_is_wedged_and_restarted(tmp_path: Path, write_profile) -> None:
     async with running(tmp_path, write_profile(), **FAST) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
-        await wait_for(lambda: d.runner.loop_watch.latency_s is not None, what="a first loop probe")
-        pid, url = d.runner.child.pid, d.runner.child_url
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.loop_watch.latency_s is not None, what="a first loop probe")
+        pid, url = d.default.runner.child.pid, d.default.runner.child_url
         with structlog.testing.capture_logs() as logs:
             stop = await _hang(pid, url)
             try:
@@ -53,14 +53,14 @@ async def test_hung_loop_of_an_idle_child_is_wedged_and_restarted(tmp_path: Path
                 # The hang /health cannot see: llama-server itself says ok, the supervisor still says ready.
                 assert (await c.get(f"{url}/health")).status_code == 200
                 assert (await c.get("/health")).status_code == 200
-                await wait_for(lambda: not d.runner.ready, timeout=15, what="the hung loop found")
+                await wait_for(lambda: not d.default.runner.ready, timeout=15, what="the hung loop found")
                 found_s = time.monotonic() - t0
-                await wait_for(lambda: d.runner.ready and d.runner.child.pid != pid, timeout=30, what="ready again")
+                await wait_for(lambda: d.default.runner.ready and d.default.runner.child.pid != pid, timeout=30, what="ready again")
             finally:
                 await asyncio.to_thread(stop.release)
         # Found within an interval plus the loop's timeout (plus the /health re-check and this box's jitter).
         assert found_s <= FAST["liveness_interval_s"] + FAST["loop_timeout_s"] + 1.5, found_s
-        assert d.runner.machine.last_exit.cause is Cause.WEDGED
+        assert d.default.runner.machine.last_exit.cause is Cause.WEDGED
         st = (await c.get("/status", headers=KEY)).json()
         assert st["last_exit"]["cause"] == "wedged" and st["last_exit"]["signal"] == "SIGKILL"
         assert "/slots not answered" in st["last_exit"]["detail"] and "/health answered 200" in st["last_exit"]["detail"]
@@ -68,8 +68,8 @@ async def test_hung_loop_of_an_idle_child_is_wedged_and_restarted(tmp_path: Path
         assert next(t for t in st["transitions"] if t["from"] == "ready")["cause"] == "wedged"
         assert st["loop"]["route"] == "/slots"
         metrics = (await c.get("/metrics", headers=KEY)).text
-        assert 'llama_supervisor_restarts_total{cause="wedged"} 1.0' in metrics
-        assert 'llama_supervisor_loop_probes_total{outcome="wedged"} 1.0' in metrics
+        assert metric(metrics, "restarts_total", cause="wedged", model="test") == 1.0
+        assert metric(metrics, "loop_probes_total", outcome="wedged", model="test") == 1.0
         assert "llama_supervisor_loop_latency_seconds" in metrics
         events = (await c.get("/ui/api/events", headers=KEY)).json()["events"]
         assert [e["cause"] for e in events if e["kind"] == "exit"] == ["wedged"]
@@ -83,8 +83,8 @@ async def test_hung_loop_under_eight_streams_is_found_and_new_requests_succeed(t
     """Every slot streaming when the loop stops: no byte flows, the probe finds it, the child is restarted."""
     profile = write_profile(parallel=8, ctx_size=8192)
     async with running(tmp_path, profile, **FAST) as d, httpx.AsyncClient(base_url=d.url, timeout=60) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
-        pid = d.runner.child.pid
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        pid = d.default.runner.child.pid
         body = {**CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}
         started = asyncio.Event()
         seen = [0] * 8
@@ -102,22 +102,22 @@ async def test_hung_loop_under_eight_streams_is_found_and_new_requests_succeed(t
 
         tasks = [asyncio.ensure_future(stream(i)) for i in range(8)]
         await asyncio.wait_for(started.wait(), 30)
-        stop = await _hang(pid, d.runner.child_url)
+        stop = await _hang(pid, d.default.runner.child_url)
         try:
             t0 = time.monotonic()
-            await wait_for(lambda: not d.runner.ready, timeout=15, what="the hung loop found under load")
+            await wait_for(lambda: not d.default.runner.ready, timeout=15, what="the hung loop found under load")
             found_s = time.monotonic() - t0
             results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
         finally:
             await asyncio.to_thread(stop.release)
         assert found_s <= FAST["liveness_interval_s"] * 2 + FAST["loop_timeout_s"] + 1.5, found_s
-        await wait_for(lambda: d.runner.machine.last_exit is not None, what="the exit examined")
-        assert d.runner.machine.last_exit.cause is Cause.WEDGED
+        await wait_for(lambda: d.default.runner.machine.last_exit is not None, what="the exit examined")
+        assert d.default.runner.machine.last_exit.cause is Cause.WEDGED
         assert all(lines for lines in results)
-        await wait_for(lambda: d.runner.ready, what="ready again")
+        await wait_for(lambda: d.default.runner.ready, what="ready again")
         replies = await asyncio.gather(*(c.post("/v1/chat/completions", json=CHAT) for _ in range(8)))
         assert [r.status_code for r in replies] == [200] * 8
-        assert d.runner.machine.gen == 2
+        assert d.default.runner.machine.gen == 2
 
 
 async def test_a_long_generation_on_every_slot_is_never_restarted(tmp_path: Path, write_profile) -> None:
@@ -126,18 +126,18 @@ async def test_a_long_generation_on_every_slot_is_never_restarted(tmp_path: Path
     profile = write_profile(parallel=4, ctx_size=16384)
     quick = {**FAST, "liveness_interval_s": 0.2}
     async with running(tmp_path, profile, **quick) as d, httpx.AsyncClient(base_url=d.url, timeout=180) as c:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         prompt = " ".join(f"w{i}" for i in range(600))  # ~3000 tokens with the tiny byte-level vocabulary
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 400, "ignore_eos": True}
-        probes_before = d.runner.loop_watch.rounds
+        probes_before = d.default.runner.loop_watch.rounds
         streamed = {**body, "stream": True}
         tasks = [asyncio.ensure_future(c.post("/v1/chat/completions", json=body)) for _ in range(2)]
         tasks += [asyncio.ensure_future(c.post("/v1/chat/completions", json=streamed)) for _ in range(2)]
         replies = await asyncio.gather(*tasks)
         assert [r.status_code for r in replies] == [200] * 4, replies[0].text
         assert [r.json()["usage"]["completion_tokens"] for r in replies[:2]] == [400, 400]
-        assert d.runner.machine.gen == 1 and d.runner.machine.restarts == 0
-        watch = d.runner.loop_watch
+        assert d.default.runner.machine.gen == 1 and d.default.runner.machine.restarts == 0
+        watch = d.default.runner.loop_watch
         # Probes were sent while it worked (the test can fail), and every one was answered through the loop.
         assert watch.rounds > probes_before + 2, watch.status(time.monotonic())
         assert set(watch.outcomes) == {"alive"}, watch.outcomes

@@ -96,18 +96,18 @@ async def test_a_model_that_fits_either_gpu_goes_where_it_leaves_least_room(box:
                                                                            write_profile) -> None:
     box.layers_fit(40, 12)  # both hold all 5 layers; GPU 1 is the tighter fit
     async with running(tmp_path, write_profile(binary=str(box.binary), n_gpu_layers="auto")) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         (start,) = box.starts()
         assert start["devices"] == ["CUDA1"] and start["split_mode"] == "none" and start["ngl"] == "auto"
-        assert d.runner.machine.adjustment is None  # placing is not an adjustment
-        assert d.runner.machine.effective.placement is not None
-        assert d.runner.machine.effective.placement.gpus == (1,)
+        assert d.default.runner.machine.adjustment is None  # placing is not an adjustment
+        assert d.default.runner.machine.effective.placement is not None
+        assert d.default.runner.machine.effective.placement.gpus == (1,)
 
 
 async def test_gpus_1_is_respected(box: Box, tmp_path: Path, write_profile) -> None:
     box.layers_fit(12, 40)  # GPU 0 would be the best fit
     async with running(tmp_path, write_profile(binary=str(box.binary), n_gpu_layers="all", gpus=[1])) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         assert [s["devices"] for s in box.starts()] == [["CUDA1"]]
 
 
@@ -115,7 +115,7 @@ async def test_a_model_bigger_than_either_gpu_is_split_in_proportion(box: Box, t
                                                                      write_profile) -> None:
     box.layers_fit(2.5, 3.5)  # 5 layers: neither alone, both together
     async with running(tmp_path, write_profile(binary=str(box.binary), n_gpu_layers="auto")) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         (start,) = box.starts()
         assert start["devices"] == ["CUDA0", "CUDA1"] and start["split_mode"] == "layer"
         assert start["tensor_split"] == [2.0, 3.0] and start["ngl"] == "5"
@@ -128,9 +128,9 @@ async def test_an_oom_on_one_gpu_moves_the_model_when_the_other_has_room(box: Bo
     box.limits.write_text(json.dumps({"CUDA1": 0}))  # ... which runs out of memory (something NVML did not show)
     async with running(tmp_path, write_profile(binary=str(box.binary), n_gpu_layers="all"),
                        vram_release_wait_s=0) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         assert [s["devices"] for s in box.starts()] == [["CUDA1"], ["CUDA0"]]
-        m = d.runner.machine
+        m = d.default.runner.machine
         assert m.effective.n_gpu_layers == "all" and m.effective.placement.gpus == (0,)  # type: ignore[union-attr]
         assert "GPU 1 ran out of memory, moved to GPU 0" in (m.adjustment or "")
         # Learned settings remember where it ran.
@@ -146,11 +146,11 @@ async def test_an_oom_on_one_gpu_of_a_split_lowers_only_that_gpu(box: Box, tmp_p
     box.limits.write_text(json.dumps({"CUDA1": 1}))
     async with running(tmp_path, write_profile(binary=str(box.binary), n_gpu_layers="all"),
                        vram_release_wait_s=0) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
+        await wait_for(lambda: d.default.runner.ready, what="ready")
         layers = [s["layers"] for s in box.starts()]
         assert layers == [{"CUDA0": 2, "CUDA1": 3}, {"CUDA0": 2, "CUDA1": 2}, {"CUDA0": 2, "CUDA1": 1}]
-        assert "GPU layers on GPU 1 2 → 1" in (d.runner.machine.adjustment or "")
-        assert "the others keep theirs (GPU 0 2)" in (d.runner.machine.adjustment or "")
+        assert "GPU layers on GPU 1 2 → 1" in (d.default.runner.machine.adjustment or "")
+        assert "the others keep theirs (GPU 0 2)" in (d.default.runner.machine.adjustment or "")
 
 
 async def test_climbing_back_re_places_over_the_gpus(box: Box, tmp_path: Path, write_profile) -> None:
@@ -158,17 +158,17 @@ async def test_climbing_back_re_places_over_the_gpus(box: Box, tmp_path: Path, w
     box.limits.write_text(json.dumps({"CUDA1": 1}))
     async with running(tmp_path, write_profile(binary=str(box.binary), n_gpu_layers="all"),
                        vram_release_wait_s=0, climb_interval_s=3600) as d:
-        await wait_for(lambda: d.runner.ready, what="ready")
-        assert d.runner.machine.effective.n_gpu_layers == 3
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        assert d.default.runner.machine.effective.n_gpu_layers == 3
         # The other process on GPU 1 is gone: now all of it fits there alone.
         box.limits.write_text("{}")
         box.layers_fit(2.5, 12)
-        assert await d.runner.climber.check()
-        await wait_for(lambda: d.runner.ready and len(box.starts()) == 4, what="ready after the climb")
+        assert await d.default.runner.climber.check()
+        await wait_for(lambda: d.default.runner.ready and len(box.starts()) == 4, what="ready after the climb")
         last = box.starts()[-1]
         assert last["devices"] == ["CUDA1"] and last["ngl"] == "5"  # all of it (the split at start made it a count)
-        assert d.runner.machine.effective.placement.gpus == (1,)  # type: ignore[union-attr]
-        estimate = d.runner.climber.status()["last_check"]["estimate"]
+        assert d.default.runner.machine.effective.placement.gpus == (1,)  # type: ignore[union-attr]
+        estimate = d.default.runner.climber.status()["last_check"]["estimate"]
         assert estimate["plan"]["kind"] == "one" and set(estimate["free_mib"]) == {"0", "1"}
 
 
