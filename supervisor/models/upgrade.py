@@ -28,6 +28,7 @@ import structlog
 
 from ..child import canary as run
 from ..child.runner import Runner
+from ..child.view import RunnerCore
 from ..core import canary
 from ..core.canary import Limits, Measured, Verdict
 from ..core.lifecycle import Machine, State
@@ -356,21 +357,21 @@ class _Follower:
     def __init__(self, owner: Upgrades, target: Target) -> None:
         self.owner, self.target = owner, target
 
-    def machine_changed(self, runner: Runner, old: Machine, new: Machine) -> None:
+    def machine_changed(self, runner: RunnerCore, old: Machine, new: Machine) -> None:
         if new.state not in (State.BACKOFF, State.FAILED) or old.state is new.state:
             return
         why = (new.history[-1].detail if new.history else "") or new.reason or new.state.value
         owner, mid = self.owner, self.target.id
         pending = owner._in_place.get(mid)
         if pending is not None and runner.loaded is pending.candidate and not pending.done.done():
-            pending.failed(runner, why[:400])
+            pending.failed(self.target.runner, why[:400])
             return
         st = owner.models.get(mid)
         if st is not None and st.previous is not None and runner.loaded is not st.previous[0] and in_probation(
                 st.switched_at, time.monotonic(), owner.cfg.upgrade_probation_s):
             owner._task(owner._probation_failed(self.target, why[:400]))
 
-    def child_line(self, runner: Runner, gen: int, line: str) -> None:
+    def child_line(self, runner: RunnerCore, gen: int, line: str) -> None:
         pass
 
 
