@@ -19,7 +19,7 @@ if ! .venv/bin/python -c 'import supervisor, pytest, respx, hypothesis, selenium
     touch .venv/.installed
 fi
 # The tests verify the systemd unit with systemd-analyze, and boot Debian's systemd in private namespaces to run
-# the installed unit for real (tests/sdbox.py: unshare, nsenter, setpriv, pivot_root from util-linux; pgrep).
+# the installed unit for real (scripts/sdbox.py: unshare, nsenter, setpriv, pivot_root from util-linux; pgrep).
 if { ! command -v systemd-analyze || ! [ -x /lib/systemd/systemd ] || ! command -v pgrep || ! command -v setpriv \
         || ! command -v nsenter; } >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     echo "[setup] installing systemd, util-linux, procps (for the systemd tests)" >&2
