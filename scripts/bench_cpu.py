@@ -34,6 +34,10 @@ CLK = os.sysconf("SC_CLK_TCK")
 # The targets of issue 25 (aims printed beside the figures, not assertions).
 TARGET_REQUEST_MS = 0.3
 TARGET_TOKEN_US = 10.0
+CHAT8 = json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "ignore_eos": True}).encode()
+STREAM_TOKENS = 128
+STREAM = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": STREAM_TOKENS, "stream": True,
+                     "ignore_eos": True}).encode()
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
@@ -198,24 +202,29 @@ async def keep_alive(base: str, body: bytes, n: int) -> None:
 
 
 async def one_stream(base: str, body: bytes) -> int:
-    """One streamed request on its own connection; the content chunks (tokens) it got."""
+    """One streamed request on its own connection; the SSE events it got (llama-server sends one per generated
+    token, less the few whose text is an incomplete UTF-8 sequence, plus the final ones)."""
     host, port = _addr(base)
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(request_bytes(base, body, keep_alive=False))
-    n, tail = 0, b""
+    events, tail, last = 0, b"", b""
     while chunk := await reader.read(65536):
         buf = tail + chunk
-        n += buf.count(b'"content":"') - tail.count(b'"content":"')
-        tail = buf[-16:]
+        events += buf.count(b"data: ") - tail.count(b"data: ")
+        tail = buf[-8:]
+        last = (last + chunk)[-4096:]
     writer.close()
-    return n
+    if b'"finish_reason":"length"' not in last:
+        raise SystemExit(f"{base}: a stream ended before its {STREAM_TOKENS} tokens: {last[-300:]!r}")
+    return events
 
 
-async def streams(base: str, body: bytes, clients: int, rounds: int) -> int:
-    tokens = 0
+async def streams(base: str, body: bytes, clients: int, rounds: int) -> tuple[int, int]:
+    """`rounds` of `clients` streams at once: (tokens generated, SSE events relayed)."""
+    events = 0
     for _ in range(rounds):
-        tokens += sum(await asyncio.gather(*(one_stream(base, body) for _ in range(clients))))
-    return tokens
+        events += sum(await asyncio.gather(*(one_stream(base, body) for _ in range(clients))))
+    return clients * rounds * STREAM_TOKENS, events
 
 
 # ---- phases ------------------------------------------------------------------------------------------
@@ -242,9 +251,6 @@ def put(out: dict[str, Any], key: str, spent: float, count: int, scale: float) -
     out[f"{key}_resolution"] = round(1 / CLK / count * scale, 4)
 
 
-CHAT8 = json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "ignore_eos": True}).encode()
-STREAM = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 128, "stream": True,
-                     "ignore_eos": True}).encode()
 
 
 async def text_phases(sides: dict[str, tuple[str, list[int]]], n: int, rounds: int) -> dict[str, Any]:
@@ -263,13 +269,13 @@ async def text_phases(sides: dict[str, tuple[str, list[int]]], n: int, rounds: i
         spent, _ = await measure(pids, idle[name], keep_alive(url, CHAT8, n))
         put(out[name], "chat_keepalive_ms", spent, n, 1e3)
     for name, (url, pids) in sides.items():
-        spent, tokens = await measure(pids, idle[name], streams(url, STREAM, 16, rounds))
+        spent, (tokens, events) = await measure(pids, idle[name], streams(url, STREAM, 16, rounds))
         requests = 16 * rounds
         put(out[name], "stream_token_us", spent, tokens, 1e6)
         # The same less each stream's request cost (as measured for a fresh-connection chat): what each token adds.
         per_request = out[name]["chat_fresh_ms"] / 1000
         put(out[name], "stream_token_marginal_us", max(spent - requests * per_request, 0), tokens, 1e6)
-        out[name]["stream_tokens"] = tokens
+        out[name]["stream_tokens"], out[name]["stream_events"] = tokens, events
     out["n"], out["stream_rounds"] = n, rounds
     return out
 
