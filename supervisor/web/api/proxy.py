@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpcore
 import structlog
 
 from ...core import quarantine
@@ -31,15 +30,12 @@ from .gate import Gate, upstream_limit
 from .predict import predict_to_chat
 from .relay import HOP_BY_HOP, ctx_words, relay
 from .routes import PREDICT, Route
-from .upstream import AsyncioBackend
+from .upstream import Retryable, UpstreamError, UpstreamPool
 
 log = structlog.get_logger("proxy")
 # Waits for the model to be loaded and its child ready; returns the call that ends the admission.
 Admit = Callable[[], Awaitable[Callable[[], None]]]
 
-# Failures that mean the request never reached a live llama-server: safe to send again.
-RETRYABLE = (httpcore.ConnectError, httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
-TIMEOUTS = {"connect": 5.0, "read": None, "write": 60.0, "pool": None}
 KEEPALIVE_IDLE = 4  # within llama-server's "+4" spare HTTP threads
 TRIMMED_HEADER = b"x-context-trimmed"  # what the context guard left out: images=N; turns=N; messages=N; tokens=N
 
@@ -71,14 +67,12 @@ class Proxy:
         self.poison = PoisonGuard(self.metrics, quarantine.Policy(window_s=runner.cfg.quarantine_window_s,
                                                                   duration_s=runner.cfg.quarantine_s))
         runner.on_exit(self.poison.on_exit)
-        # httpcore directly, not httpx: on this hot path httpx's request/response models cost a third of the
-        # proxy's CPU per request, and nothing here needs them (no redirects, cookies, auth or decoding).
+        # Our own HTTP/1.1 client (upstream.py: httptools' parser), not httpx or httpcore: on this hot path they
+        # cost most of the proxy's CPU per request and per streamed token.
         # Keep few idle connections, and not for long: every idle keep-alive connection pins one of
         # llama-server's fixed HTTP threads (parallel + 4 of them) until its 5 s keep-alive timeout, and a
         # new connection that finds them all pinned waits for that timeout (measured: 5 s stalls).
-        # The network layer is our asyncio one (see upstream.py): cheaper per streamed token.
-        self.upstream = httpcore.AsyncConnectionPool(max_connections=512, max_keepalive_connections=KEEPALIVE_IDLE,
-                                                     keepalive_expiry=4.0, network_backend=AsyncioBackend())
+        self.upstream = UpstreamPool(max_idle=KEEPALIVE_IDLE, idle_s=4.0)
         self.context = ContextGuard(runner, self.upstream)
         runner.on_warmed(self.context.after_warmup)
 
@@ -287,20 +281,17 @@ class Proxy:
         base = self.runner.child_url
         try:
             if base is None:  # gone since the last look (the context guard awaits): as good as refused
-                raise httpcore.ConnectError("llama-server is gone")
+                raise Retryable("llama-server is gone")
             host, _, port = base.removeprefix("http://").partition(":")
-            url = httpcore.URL(scheme=b"http", host=host.encode(), port=int(port or 80), target=target)
-            req = httpcore.Request(method, url, content=body, extensions={"timeout": TIMEOUTS},
-                                   headers=[(b"host", f"{host}:{port}".encode()), *headers,
-                                            (b"content-length", str(len(body)).encode())])
-            upstream = await self.upstream.handle_async_request(req)
-        except RETRYABLE as exc:
-            if attempt == 2:
+            upstream = await self.upstream.request(host, int(port or 80), method, target,
+                                               [(b"host", f"{host}:{port}".encode()), *headers,
+                                                (b"content-length", b"%d" % len(body))], body)
+        except UpstreamError as exc:
+            if attempt == 2 or not isinstance(exc, Retryable):
                 status[0] = 502
-                msg = f"llama-server did not answer: {type(exc).__name__}"
-                await send_simple(send, *json_error(502, msg, "server_error"))
+                await send_simple(send, *json_error(502, f"llama-server did not answer: {exc}", "server_error"))
                 return False
-            log.info("proxy_retry", path=target.decode("ascii", "replace"), error=type(exc).__name__)
+            log.info("proxy_retry", path=target.decode("ascii", "replace"), error=str(exc))
             return None
         try:
             return await relay(self.runner, upstream, send, status, predict=predict, extra=extra)

@@ -22,13 +22,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpcore
 import structlog
 
 from ...child.runner import Runner
 from ...core.context import MessageCost, Plan, plan_fit, reply_room, upper_bound
 from ...media.images import OMITTED
 from ...spec.profile import Profile
+from ..api.upstream import UpstreamError, UpstreamPool
 from .context_learn import TEXT_CACHE_MAX, CountError, Learned, count_messages, learn, token_counts
 
 log = structlog.get_logger("context")
@@ -36,7 +36,7 @@ log = structlog.get_logger("context")
 TEMPLATE_FIELDS = ("tools", "functions", "response_format", "json_schema", "chat_template_kwargs",
                    "continue_final_message", "add_generation_prompt")
 
-TIMEOUTS = {"connect": 5.0, "read": 30.0, "write": 30.0, "pool": 30.0}
+TIMEOUT_S = 30.0  # a count llama-server does not answer in this long is given up (the request goes as it came)
 
 
 class ContextRejected(Exception):
@@ -97,7 +97,7 @@ def requested_reply(doc: dict[str, Any]) -> int | None:
 class ContextGuard:
     """Per-request fitting for the proxy; learns each child's figures after its warmup (or on first use)."""
 
-    def __init__(self, runner: Runner, pool: httpcore.AsyncConnectionPool) -> None:
+    def __init__(self, runner: Runner, pool: UpstreamPool) -> None:
         self.runner = runner
         self.metrics = runner.metrics
         self.pool = pool
@@ -114,18 +114,16 @@ class ContextGuard:
         base = self.runner.child_url
         if base is None:
             raise CountError("llama-server is not running")
-        content = json.dumps(body).encode() if body is not None else b""
-        headers = [(b"host", base.removeprefix("http://").encode()), (b"content-type", b"application/json"),
-                   (b"content-length", str(len(content)).encode())]
+        content = json.dumps(body).encode() if body is not None else None
         try:
-            r = await self.pool.request("POST" if body is not None else "GET", base + path, headers=headers,
-                                        content=content, extensions={"timeout": TIMEOUTS})
-        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException) as exc:
-            raise CountError(f"{path}: {type(exc).__name__}") from None
-        if r.status != 200:
-            raise CountError(f"{path} answered {r.status}: {r.content[:300].decode('utf-8', 'replace')}")
+            status, data = await self.pool.fetch(base, "POST" if content is not None else "GET", path, content,
+                                                 TIMEOUT_S)
+        except UpstreamError as exc:
+            raise CountError(f"{path}: {exc}") from None
+        if status != 200:
+            raise CountError(f"{path} answered {status}: {data[:300].decode('utf-8', 'replace')}")
         try:
-            out = json.loads(r.content)
+            out = json.loads(data)
         except ValueError:
             raise CountError(f"{path} answered something that is not JSON") from None
         if not isinstance(out, dict):
