@@ -37,7 +37,7 @@ id llama-supervisor >/dev/null 2>&1 || useradd --system --home-dir /var/lib/llam
 [ -z "$GROUPS_GPU" ] || usermod -a -G "$GROUPS_GPU" llama-supervisor
 
 mkdir -p "$PREFIX" "$ETC/profiles"
-cp -r pyproject.toml constraints.txt README.md supervisor scripts configs systemd "$PREFIX/"
+cp -r pyproject.toml constraints.txt README.md docs supervisor scripts configs systemd "$PREFIX/"
 # A virtualenv left by an earlier install with another interpreter (e.g. one under /root) is rebuilt.
 VENV_BASE=$("$PREFIX/.venv/bin/python" -c 'import os, sys; print(os.path.abspath(sys._base_executable))' \
     2>/dev/null || true)

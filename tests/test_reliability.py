@@ -307,6 +307,21 @@ async def test_failed_start_is_retried_when_the_binary_comes_back(tmp_path: Path
         assert any(t.cause == "retry" for t in d.default.runner.machine.history)
 
 
+async def test_a_reload_that_changes_only_the_supervisor_side_retries_a_failed_model(
+        tmp_path: Path, write_profile) -> None:
+    """An edit that reaches no flag of llama-server (here: the image policy) applies without a restart; for a
+    model stuck in `failed`, the reload is also the operator's "try again"."""
+    profile = write_profile(env={"BROKEN": "a\0b"})  # the spawn fails: bad_args, not retried by itself
+    async with running(tmp_path, profile) as d:
+        await wait_for(lambda: d.default.runner.machine.state is State.FAILED, timeout=10, what="failed")
+        data = yaml.safe_load(profile.read_text())
+        profile.write_text(yaml.safe_dump({**data, "images": {"keep_last_images": 2}}))
+        outcome = await d.reloader.reload("SIGHUP")
+        assert outcome["updated"] == ["test"] and outcome["restarted"] == []
+        await wait_for(lambda: any(t.cause == "retry" for t in d.default.runner.machine.history), timeout=10,
+                       what="the failed model tried again")
+
+
 # ---- 9: preexec_fn without dlopen in the child -----------------------------------------------------------------
 
 

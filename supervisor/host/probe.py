@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..core.capabilities import Capabilities, parse_devices, parse_help, parse_listing
@@ -36,13 +37,19 @@ def probe(binary: str) -> Capabilities:
     key = (str(binary), st.st_mtime_ns, st.st_size)
     if key in _cache:
         return _cache[key]
-    help_text = _run(binary, "--help")
-    flags, value_flags, ngl_auto = parse_help(help_text)
-    if "--model" not in flags:
-        raise CapabilityError(f"{binary} does not look like llama-server: its --help lists no --model flag")
-    m = _VERSION.search(_run(binary, "--version"))
+    # The three at once: every start waits for them before its child is spawned, and --list-devices initialises
+    # the GPU backends (the slowest of the three on a GPU box). A build without --list-devices fails that one
+    # alone, and its answer is then not used.
+    with ThreadPoolExecutor(3) as pool:
+        help_f, version_f, listed_f = (pool.submit(_run, binary, arg) for arg in ("--help", "--version",
+                                                                                  "--list-devices"))
+        help_text = help_f.result()
+        flags, value_flags, ngl_auto = parse_help(help_text)
+        if "--model" not in flags:
+            raise CapabilityError(f"{binary} does not look like llama-server: its --help lists no --model flag")
+        m = _VERSION.search(version_f.result())
+        listed = listed_f.result() if "--list-devices" in flags else ""
     version = f"{m.group(1)} (build {m.group(2)}, commit {m.group(3)})" if m else "unknown"
-    listed = _run(binary, "--list-devices") if "--list-devices" in flags else ""
     caps = Capabilities(str(binary), version, frozenset(flags), frozenset(value_flags), ngl_auto,
                         tuple(parse_devices(listed)), tuple(parse_listing(listed)))
     _cache[key] = caps

@@ -105,11 +105,11 @@ class Reloader:
             if loaded.path != model.loaded.path or child_identity(loaded) != child_identity(model.loaded):
                 restarted.append(mid)
                 await self._restart(mid, loaded, source)
-            elif loaded.profile != model.loaded.profile:
-                updated.append(mid)
-                await pool.update(mid, loaded)  # supervisor-side settings (images, pinned, ttl_s, aliases) at once
             else:
-                pool.retry_failed(mid, f"reload ({source})")  # an operator's reload is also "try again"
+                if loaded.profile != model.loaded.profile:
+                    updated.append(mid)
+                    await pool.update(mid, loaded)  # supervisor-side settings (images, pinned, ttl_s, aliases) now
+                pool.retry_failed(mid, f"reload ({source})")  # a reload is also "try again" for a failed model
         pool.set_catalog(catalog)
         self.default_path = path
         for mid in added:
