@@ -18,7 +18,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from supervisor.telemetry import activity as act
-from supervisor.telemetry.activity import Activity, Record
+from supervisor.telemetry.activity import Activity
+from supervisor.telemetry.activity_record import Record, StreamTap
 from supervisor.telemetry.activity_store import Filters
 from supervisor.telemetry.answer import Captured, answer_numbers, capture_request, has_token, stream_text
 
@@ -295,7 +296,7 @@ async def test_a_stream_tap_keeps_the_last_chunks_and_the_first_token_time(tmp_p
         for capture in ("off", "all"):
             rec = a.begin("m", "/v1/chat/completions", "POST", None, capture=capture)  # type: ignore[arg-type]
             assert rec is not None
-            tap = act.StreamTap(rec)
+            tap = StreamTap(rec)
             tap.feed(chunks[0], False)
             assert rec.ttft_ms is None  # the role-only first event is not a token
             tap.feed(chunks[1], False)

@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from . import answer
-from .activity_store import COLUMNS, Filters, Store, by_model, public
+from .activity_record import Capture, Record
+from .activity_store import Filters, Store, by_model, public
 
 if TYPE_CHECKING:
     from ..spec.settings import Config
@@ -43,109 +42,11 @@ FLUSH_S = 0.25  # a record is on disk within about this long
 RECENT_MAX = 512  # the newest records, also kept in memory: readable before their batch lands, or with no disk
 PENDING_BYTES_MAX = 64 << 20  # capture material (bodies, stream chunks) held for the writer at once, at most
 PRUNE_EVERY_S = 60.0
-TAIL_MAX = 8  # chunks kept after the one with a stream's timings
 REOPEN_AFTER_S = 5.0  # a failed database is opened again at most this often
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-Capture = Literal["off", "errors", "all"]
-# Scope keys between a replay (web/ops/activity.py) and the proxy: the record replayed, the new record's id.
-REPLAY_OF = "llama_supervisor.replay_of"
-RECORD_ID = "llama_supervisor.activity_id"
 _STOP = object()
-
-
-@dataclass(slots=True, eq=False)
-class Record:
-    """One request. Fields named as in the table (activity_store.COLUMNS); the rest is hand-over material."""
-
-    id: int
-    at: float  # Unix seconds
-    model: str
-    route: str
-    method: str = "POST"
-    client: str | None = None
-    replay_of: int | None = None
-    status: int = 499  # what the client got (499: it left first)
-    stream: bool = False
-    queue_ms: float = 0.0
-    load_ms: float = 0.0
-    ttft_ms: float | None = None
-    duration_ms: float | None = None
-    prompt_tokens: int | None = None
-    cached_tokens: int | None = None
-    completion_tokens: int | None = None
-    prompt_tps: float | None = None
-    decode_tps: float | None = None
-    prompt_ms: float | None = None
-    decode_ms: float | None = None
-    finish_reason: str | None = None
-    images_in: int = 0
-    images_downscaled: int = 0
-    context_trimmed: str | None = None
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)  # what the supervisor did: waited, retried, trimmed...
-    captured: bool = False
-    # hand-over to the writer thread (not stored as such)
-    t0: float = 0.0  # perf_counter at the start
-    capture: Capture = "off"
-    capture_media: bool = False
-    answer: bytes | None = None  # a whole answer, or a stream's last chunks (those with timings)
-    request_body: bytes | None = None  # as sent upstream, when captured
-    chunks: list[bytes] | None = None  # a stream's raw chunks, when captured
-    chunks_complete: bool = True
-    pending: int = 0  # bytes held for the writer
-    owner: Activity | None = None
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
-
-    def row(self) -> tuple[Any, ...]:
-        return tuple(json.dumps(self.notes) if c == "notes" else getattr(self, c) for c in COLUMNS)
-
-    def as_dict(self) -> dict[str, Any]:
-        """As /activity shows it, before (or without) its row on disk."""
-        return {**public({c: getattr(self, c) for c in COLUMNS}), "on_disk": False}
-
-
-class StreamTap:
-    """What the activity log takes from a stream as it passes, per chunk a few byte searches: the time of the
-    first generated token, and references to the last chunks (those with llama-server's timings; nothing is
-    parsed here), plus the raw chunks when the request is captured."""
-
-    __slots__ = ("first", "keep", "log", "prev", "rec", "tail")
-
-    def __init__(self, rec: Record) -> None:
-        assert rec.owner is not None
-        self.log, self.rec = rec.owner, rec
-        self.first = False
-        self.prev = b""
-        self.tail: list[bytes] | None = None
-        self.keep = rec.capture != "off"
-        if self.keep:
-            rec.chunks = []
-
-    def feed(self, chunk: bytes, timings: bool) -> None:
-        """`timings`: the chunk holds `"timings"` (the relay looks anyway, for its token counters)."""
-        if self.tail is not None:
-            if len(self.tail) < TAIL_MAX:  # after the timings: `[DONE]`, little else
-                self.tail.append(chunk)
-        elif timings:
-            self.tail = [self.prev, chunk]  # an event cut in two: its start is in the chunk before
-        if not self.first and answer.has_token(chunk):
-            self.first = True
-            self.rec.ttft_ms = (time.perf_counter() - self.rec.t0) * 1000
-        self.prev = chunk
-        if self.keep:
-            raw = self.rec.chunks
-            if raw is not None and self.log.keep_raw(self.rec, len(chunk), answer.RAW_PER_TEXT):
-                raw.append(chunk)
-            else:
-                self.keep, self.rec.chunks_complete = False, False
-
-    def done(self) -> None:
-        self.rec.stream = True
-        self.rec.answer = b"".join(self.tail) if self.tail is not None else self.prev
 
 
 class ActivityMetrics:
@@ -163,16 +64,22 @@ class ActivityMetrics:
                               "in (requests that waited)", ["model"], buckets=WAIT_BUCKETS, registry=r)
         self.dropped = Counter(f"{NS}_activity_dropped_total", "Activity records lost (the request was served): "
                                "queue full, or the database could not be written", ["reason"], registry=r)
+        self._per: dict[str, tuple[Any, ...]] = {}  # the histograms' children per model (labels() costs a lock)
 
     def observe(self, rec: Record) -> None:
+        per = self._per.get(rec.model)
+        if per is None:
+            per = self._per[rec.model] = tuple(h.labels(rec.model) for h in (self.ttft, self.decode, self.queue,
+                                                                                self.load))
+        ttft, decode, waited, load = per
         if rec.ttft_ms is not None:
-            self.ttft.labels(rec.model).observe(rec.ttft_ms / 1000)
+            ttft.observe(rec.ttft_ms / 1000)
         if rec.decode_tps is not None:
-            self.decode.labels(rec.model).observe(rec.decode_tps)
-        if rec.status != 499 or rec.queue_ms:
-            self.queue.labels(rec.model).observe(rec.queue_ms / 1000)
+            decode.observe(rec.decode_tps)
+        if rec.queue_ms or rec.ttft_ms is not None:  # it got as far as the wait (not a refusal before it)
+            waited.observe(rec.queue_ms / 1000)
         if rec.load_ms:
-            self.load.labels(rec.model).observe(rec.load_ms / 1000)
+            load.observe(rec.load_ms / 1000)
 
 
 class Activity:
@@ -295,13 +202,17 @@ class Activity:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch = [self._q.get()]
-            if batch[0] is _STOP:
+            first = self._q.get()
+            if first is _STOP:
                 break
-            deadline = time.monotonic() + FLUSH_S
-            while len(batch) < BATCH_MAX and (left := deadline - time.monotonic()) > 0:
+            # Let a batch gather by sleeping, not by waking for every record: a wake-up per request (and the
+            # GIL going back and forth with it) cost the proxy's process several times the record's own work.
+            if self._q.qsize() < BATCH_MAX:
+                time.sleep(FLUSH_S)
+            batch = [first]
+            while len(batch) < BATCH_MAX:
                 try:
-                    item = self._q.get(timeout=left)
+                    item = self._q.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:
@@ -309,21 +220,13 @@ class Activity:
                     break
                 batch.append(item)
             self._write(batch)
-        rest = []
-        while True:  # stopping: what is still queued goes in one last batch
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                rest.append(item)
-        if rest:
-            self._write(rest)
         self.store.close()
 
     def _write(self, batch: list[Record]) -> None:
         rows, captures = [], []
-        for rec in batch:
+        for i, rec in enumerate(batch):
+            if i % 8 == 7:
+                time.sleep(0)  # hand the GIL to the event loop now and then: it never waits for a whole batch
             try:
                 cap = self._settle(rec)
             except Exception as exc:  # noqa: BLE001 - a bug in reading one answer must not stop the log

@@ -43,10 +43,6 @@ def has_token(chunk: bytes) -> bool:
     return False
 
 
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
-
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
@@ -58,10 +54,11 @@ def numbers_of(doc: Any, n: Numbers) -> None:
         return
     usage, timings = doc.get("usage"), doc.get("timings")
     if isinstance(timings, dict):
-        for key, name, read in _TIMINGS:
-            if (v := read(timings.get(name))) is not None:
+        for key, name in _TIMINGS:
+            v = timings.get(name)
+            if v is not None and type(v) in (int, float):
                 n[key] = v
-        if isinstance(n.get("prompt_tokens"), int) and isinstance(n.get("cached_tokens"), int):
+        if type(n.get("prompt_tokens")) is int and type(n.get("cached_tokens")) is int:
             n["prompt_tokens"] += n["cached_tokens"]  # timings count only the evaluated part; usage the whole
     if isinstance(usage, dict):  # the client-facing count: it wins where both are given
         for key in ("prompt_tokens", "completion_tokens"):
@@ -77,10 +74,9 @@ def numbers_of(doc: Any, n: Numbers) -> None:
         n["finish_reason"] = doc["stop_type"]
 
 
-_TIMINGS = (("prompt_tokens", "prompt_n", _int), ("cached_tokens", "cache_n", _int),
-            ("completion_tokens", "predicted_n", _int), ("prompt_tps", "prompt_per_second", _num),
-            ("decode_tps", "predicted_per_second", _num), ("prompt_ms", "prompt_ms", _num),
-            ("decode_ms", "predicted_ms", _num))
+_TIMINGS = (("prompt_tokens", "prompt_n"), ("cached_tokens", "cache_n"), ("completion_tokens", "predicted_n"),
+            ("prompt_tps", "prompt_per_second"), ("decode_tps", "predicted_per_second"), ("prompt_ms", "prompt_ms"),
+            ("decode_ms", "predicted_ms"))
 
 
 def sse_events(raw: bytes) -> list[dict[str, Any]]:

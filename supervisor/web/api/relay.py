@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ...core.lifecycle import Machine
 from ...spec.profile import Profile
-from ...telemetry.activity import Record, StreamTap
+from ...telemetry.activity_record import Record, StreamTap
 from ..errors import Send, error_doc, json_error, send_simple
 from .predict import chat_to_predict
 from .upstream import Response, UpstreamError
