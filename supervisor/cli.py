@@ -44,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--json", action="store_true", help="print the raw /status JSON")
         if name == "restart":
             c.add_argument("--reset", action="store_true", help="forget ladder adjustments; use the profile's values")
+    act = sub.add_parser("activity", help="the latest proxied requests, newest first (the activity log)")
+    act.add_argument("--model", help="only this model's requests")
+    act.add_argument("--slow", type=float, metavar="MS", help="only requests that took at least this many ms")
+    act.add_argument("--status", help="a status class (2xx, 4xx, 5xx, error) or one code")
+    act.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    act.add_argument("--json", action="store_true", help="print the raw /activity JSON")
+    rep = sub.add_parser("replay", help="send a captured request again (capture: errors|all) and compare")
+    rep.add_argument("id", type=int, help="the record's id (from `activity`)")
+    rep.add_argument("--model", help="send it to this model instead of the one it went to")
+    for c in (act, rep):
+        c.add_argument("--url", help="supervisor URL (default from settings: http://127.0.0.1:8080)")
+        c.add_argument("--admin-key", help="admin key (default: LLAMA_SUPERVISOR_ADMIN_KEY / settings)")
     return p
 
 
@@ -158,6 +170,16 @@ def _remote(args: argparse.Namespace) -> int:
         with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
             if args.cmd == "status":
                 r = client.get("/status")
+            elif args.cmd == "activity":
+                query = {"model": args.model, "min_duration_ms": args.slow, "status": args.status, "limit": args.limit}
+                r = client.get("/activity", params={k: v for k, v in query.items() if v is not None})
+            elif args.cmd == "replay":
+                r = client.post(f"/admin/activity/{args.id}/replay", params={"model": args.model} if args.model else {})
+                if r.status_code < 400:
+                    new = r.json()["id"]
+                    docs = [client.get(f"/activity/{i}").json() for i in (args.id, new)]
+                    print(format_replay(docs[0], docs[1]))
+                    return EXIT_OK
             elif args.cmd == "reload":
                 r = client.post("/admin/reload")
             else:
@@ -175,6 +197,9 @@ def _remote(args: argparse.Namespace) -> int:
     if args.cmd == "status":
         print(json.dumps(data, indent=2) if args.json else format_status(data))
         return EXIT_OK if data.get("state") == "ready" else EXIT_NOT_READY
+    if args.cmd == "activity":
+        print(json.dumps(data, indent=2) if args.json else format_activity(data.get("requests") or []))
+        return EXIT_OK
     print(json.dumps(data))
     return EXIT_OK if r.status_code < 400 else EXIT_NOT_READY
 
@@ -211,6 +236,45 @@ def format_status(d: dict[str, Any]) -> str:
         errs = d["last_reload_error"]
         lines.append("last reload error: " + "; ".join(f"{errs['file']}: {e['field']}: {e['message']}"
                                                         for e in errs["errors"]))
+    return "\n".join(lines)
+
+
+def _n(v: Any, digits: int = 0) -> str:
+    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+ACTIVITY_COLUMNS = (("id", "id", 0), ("time", "at", 0), ("model", "model", 0), ("route", "route", 0),
+                    ("status", "status", 0), ("ms", "duration_ms", 0), ("ttft", "ttft_ms", 0),
+                    ("queue", "queue_ms", 0), ("load", "load_ms", 0), ("in", "prompt_tokens", 0),
+                    ("out", "completion_tokens", 0), ("tok/s", "decode_tps", 1))
+
+
+def format_activity(rows: list[dict[str, Any]]) -> str:
+    """The records as a table, newest first; what the supervisor did (or the error) at the end of the line."""
+    if not rows:
+        return "no requests recorded (yet)"
+    table = [[h for h, _, _ in ACTIVITY_COLUMNS] + ["notes"]]
+    for r in rows:
+        cells = [(r["at"][11:19] if k == "at" else _n(r.get(k), d)) for _, k, d in ACTIVITY_COLUMNS]
+        notes = list(r.get("notes") or [])
+        if r.get("error"):
+            notes.insert(0, str(r["error"])[:80])
+        table.append(cells + ["; ".join(notes)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
+                     for row in table).rstrip()
+
+
+def format_replay(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The two records side by side: the replay's id first, then what changed."""
+    lines = [f"replayed {old['id']} as {new['id']} (model {new['model']})"]
+    for label, key, digits in (("status", "status", 0), ("ttft ms", "ttft_ms", 1), ("duration ms", "duration_ms", 1),
+                               ("prompt tokens", "prompt_tokens", 0), ("completion tokens", "completion_tokens", 0),
+                               ("decode tok/s", "decode_tps", 1), ("finish", "finish_reason", 0)):
+        lines.append(f"{label + ':':<19}{_n(old.get(key), digits):>12}  {_n(new.get(key), digits):>12}")
+    for doc in (old, new):
+        text = ((doc.get("capture") or {}).get("text") or "").replace("\n", " ")
+        lines.append(f"text of {doc['id']}: {text[:200]!r}" if text else f"text of {doc['id']}: (not captured)")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from .models.pool import Pool
 from .models.watch import Reloader
 from .spec.loaded import load_checked
 from .spec.settings import Config
+from .telemetry.activity import Activity
 from .telemetry.logring import RING
 from .telemetry.metrics import BoxMetrics
 from .web.api.front import Api
@@ -88,8 +89,9 @@ class Daemon:
         metrics.attach_sampler(lambda: status.sample(pool))
         self.reloader = Reloader(pool, folder, loaded.path, self.settings_file, self.overrides, drain=self.drain)
         keys = Keys(cfg.api_key, cfg.admin_key)
-        self.api = api = Api(pool, metrics)
-        self.own = own = Own(pool, api, self.reloader, self.drain)
+        self.activity = activity = Activity.from_settings(cfg, metrics.registry)
+        self.api = api = Api(pool, metrics, activity)
+        self.own = own = Own(pool, api, self.reloader, self.drain, activity)
         self.ops = ops = Ops(pool.runners, own.page_models, RING,
                              key_ok=keys.admin_checker() if keys.admin_or_api else None,
                              sample_interval_s=cfg.sample_interval_s)
@@ -113,6 +115,7 @@ class Daemon:
         log.info("listening", url=self.url)
         await self._start_agent(sock)
         self._background_tasks()
+        await self.activity.start()
         await pool.start()
         await self._serve(sock)
 
@@ -212,6 +215,7 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
             await self.pool.stop()
+            await self.activity.stop()  # what is still queued is written first
             if self.agent is not None:  # last: it says `drain` until the very end
                 await self.agent.close()
             self.notifier.close()

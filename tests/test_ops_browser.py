@@ -325,3 +325,70 @@ def test_ops_page_with_several_models(tmp_path: Path, write_profile, llama_serve
         time.sleep(1.5)
         _shot(drv, "ops-page-models.png")
         assert _errors(drv) == [], "console errors after load, restart and unload"
+
+
+def test_activity_section_in_a_real_browser(tmp_path: Path, write_profile) -> None:
+    """The Activity section: the table fills as requests come, filters, one request's detail (timing bar,
+    what the supervisor did, its capture), the percentiles per model, and Replay with the admin key, the two
+    records side by side."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "ignore_eos": True}
+    with _daemon(write_profile(), tmp_path, capture="all") as (url, _), _chrome(tmp_path) as drv, \
+            httpx.Client(base_url=url, timeout=30) as http:
+        def rows() -> list[Any]:
+            return list(drv.find_elements(By.CSS_SELECTOR, "#act-rows tr[data-id]"))
+
+        drv.get(url + "/ui")
+        _until("the key form", lambda: drv.find_element(By.ID, "key-form").is_displayed())
+        drv.find_element(By.ID, "key-input").send_keys(KEY)
+        drv.find_element(By.ID, "key-save").click()
+        _until("state ready", lambda: drv.find_element(By.ID, "state-test").text == "ready")
+        assert http.post("/v1/chat/completions", json=chat).status_code == 200
+        assert http.post("/v1/chat/completions", json={**chat, "stream": True}).status_code == 200
+        assert http.post("/v1/chat/completions", json={"messages": "hi"}).status_code == 400
+        # Live: the rows come without a reload, newest first, with their status and llama-server's numbers.
+        _until("three rows", lambda: len(rows()) == 3)
+        _until("the 400 first", lambda: (r := rows()[0]).find_elements(By.TAG_NAME, "td")[4].text == "400"
+               and "messages" in r.text)
+        _until("the stream's numbers", lambda: "stream" in (t := rows()[1].text) and "20 / 16" in t)
+        assert "kept on disk" in drv.find_element(By.ID, "act-state").text
+        _until("the percentiles over the three", lambda: drv.find_element(  # read every 10 s
+            By.CSS_SELECTOR, '#act-stats tr[data-model="test"]').find_elements(By.TAG_NAME, "td")[0].text == "3")
+
+        Select(drv.find_element(By.ID, "act-status")).select_by_value("error")
+        _until("only the 400", lambda: len(rows()) == 1 and rows()[0].find_elements(By.TAG_NAME, "td")[4].text == "400")
+        Select(drv.find_element(By.ID, "act-status")).select_by_value("2xx")
+        _until("the two successes", lambda: len(rows()) == 2)
+        Select(drv.find_element(By.ID, "act-slow")).select_by_value("30000")
+        _until("nothing that slow", lambda: not rows() and "no requests" in drv.find_element(By.ID, "act-rows").text)
+        Select(drv.find_element(By.ID, "act-slow")).select_by_value("")
+
+        # One request: its timing bar (prompt and decode from llama-server's timings), its facts, its capture.
+        rid = int(_until("a success row", lambda: rows()[-1].get_attribute("data-id")))
+        _until("the row clicked", lambda: drv.find_element(By.CSS_SELECTOR, f'#act-rows tr[data-id="{rid}"]').click()
+               or True)
+        detail = _until("the detail", lambda: (d := drv.find_element(By.ID, "act-detail")).is_displayed() and d)
+        assert f"Request {rid}" in detail.text
+        assert detail.find_elements(By.CSS_SELECTOR, ".tbar .seg-prompt") and detail.find_elements(
+            By.CSS_SELECTOR, ".tbar .seg-decode")
+        assert "supervisor did" in detail.text and "16" in detail.text
+        assert detail.find_element(By.CSS_SELECTOR, 'pre[data-role="text"]').get_attribute("textContent")
+
+        # Replay, with the key: the new record links to the old, the two side by side.
+        detail.find_element(By.CSS_SELECTOR, 'button[data-act="replay"]').click()
+        _until("the replay's toast", lambda: f"Replayed {rid} as" in drv.find_element(By.ID, "toast").text)
+        table = _until("the comparison", lambda: drv.find_element(By.ID, "act-compare-table"))
+        assert f"request {rid}" in table.text and "replay" in table.text
+        assert table.find_element(By.CSS_SELECTOR, 'td[data-key="completion_tokens"]').text == "16"
+        new = int(table.find_elements(By.CSS_SELECTOR, "thead th")[2].text.split()[-1])
+        assert http.get(f"/activity/{new}", headers=AUTH).json()["replay_of"] == rid
+        _until("the replay in the table", lambda: any(f"replay of {rid}" in r.text for r in rows()))
+        drv.execute_script("document.getElementById('h-activity').scrollIntoView()")
+        time.sleep(0.3)
+        _shot(drv, "ops-activity.png")
+        assert _errors(drv) == [], "console errors in the Activity section"
+        # Without the key the replay is refused by the supervisor (and the detail cannot even be read).
+        assert http.post(f"/admin/activity/{rid}/replay").status_code == 401
+        assert http.get(f"/activity/{rid}").status_code == 401

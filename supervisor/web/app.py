@@ -9,6 +9,7 @@ from .api.front import Api
 from .auth import Keys
 from .errors import Receive, Scope, Send
 from .ops import page as ui
+from .ops.activity import owns as owns_activity
 from .ops.routes import ADMIN_PATHS, ADMIN_PREFIX, API_OWN, OPEN_PATHS, Own
 
 
@@ -24,9 +25,11 @@ class App:
         if path in OPEN_PATHS or (page and not ui.needs_admin(path)):
             await (self.ops if page else self.own.app)(scope, receive, send)
             return
-        admin = page or path in ADMIN_PATHS or path.startswith(ADMIN_PREFIX)
+        admin = page or path in ADMIN_PATHS or path.startswith(ADMIN_PREFIX) or owns_activity(path)
         if await self.keys.refuse(scope, send, admin=admin):
             self.metrics.front_requests.labels("admin" if admin else "other", "401").inc()
+            if not admin and path not in API_OWN:
+                self.api.unauthorized(scope, self.keys.message(admin))
             return
         if page:
             await self.ops(scope, receive, send)

@@ -43,8 +43,10 @@ class Keys:
         key = self.admin_or_api if admin else self.api
         if key is None or key_ok(scope, key):
             return False
-        what = "admin key" if admin and self.admin else "API key"
-        await send_simple(send, *json_error(
-            401, f"{what} required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
-            "authentication_error", [(b"www-authenticate", b"Bearer")]))
+        await send_simple(send, *json_error(401, self.message(admin), "authentication_error",
+                                            [(b"www-authenticate", b"Bearer")]))
         return True
+
+    def message(self, admin: bool) -> str:
+        what = "admin key" if admin and self.admin else "API key"
+        return f"{what} required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"

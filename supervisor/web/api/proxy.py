@@ -21,6 +21,7 @@ from ...media.images import ImageError, Stats, rewrite_chat
 from ...media.workers import ImageWorkers
 from ...models.model import Model
 from ...models.pool import Unavailable
+from ...telemetry.activity_record import Record
 from ..errors import Receive, Scope, Send, json_error, send_simple
 from ..guard.context import ContextGuard, ContextRejected, CountError
 from ..guard.poison import PoisonGuard
@@ -81,13 +82,14 @@ class Proxy:
         await self.upstream.aclose()
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, route: Route, raw_path: bytes, body: bytes,
-                    admit: Admit, deadline: float) -> None:
+                    admit: Admit, deadline: float, rec: Record | None = None) -> None:
         """Forward one request whose route was allowed and whose body was read: `admit` waits (until `deadline`)
-        for the model to be loaded and ready and returns its release; the client leaving cancels everything."""
+        for the model to be loaded and ready and returns its release; the client leaving cancels everything.
+        `rec`, the request's activity record, is finished here."""
         label = route.label
         t0 = time.perf_counter()
         status = [499]  # what the client got; stays 499 if it left first
-        work = asyncio.ensure_future(self._forward(scope, raw_path, route, body, send, status, admit, deadline))
+        work = asyncio.ensure_future(self._forward(scope, raw_path, route, body, send, status, admit, deadline, rec))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
@@ -100,9 +102,12 @@ class Proxy:
         if work.done() and not work.cancelled() and (exc := work.exception()) is not None:
             log.error("proxy_error", path=scope["path"], error=repr(exc), exc_info=exc)
             if status[0] == 499:  # nothing was sent yet: the client still gets an answer
-                await send_simple(send, *json_error(500, f"supervisor error: {type(exc).__name__}", "server_error"))
+                await _fail(send, status, rec, 500, f"supervisor error: {type(exc).__name__}", "server_error")
+        if rec is not None:
+            rec.status = status[0]
+            rec.finish()
 
-    async def _check_body(self, route: Route, body: bytes) -> tuple[bytes, Chat | None]:
+    async def _check_body(self, route: Route, body: bytes, rec: Record | None) -> tuple[bytes, Chat | None]:
         """Parse once, decide on the parsed request, forward what was decided on: shape errors are 400s that name
         the field; every media slot goes through the media policy; /predict becomes a chat completion.
 
@@ -121,6 +126,8 @@ class Proxy:
             else:
                 new, stats = self._apply(found, sent, changed)
         if stats.images:
+            if rec is not None:
+                rec.images_in, rec.images_downscaled = stats.images, stats.downscaled
             self.metrics.images.inc(stats.images)
             self.metrics.image_bytes.labels("in").inc(stats.bytes_in)
             self.metrics.image_bytes.labels("out").inc(stats.bytes_out)
@@ -197,54 +204,69 @@ class Proxy:
         return out
 
     async def _forward(self, scope: Scope, raw_path: bytes, route: Route, body: bytes, send: Send,
-                       status: list[int], admit: Admit, deadline: float) -> None:
+                       status: list[int], admit: Admit, deadline: float, rec: Record | None) -> None:
         chat: Chat | None = None
         digest = await self.poison.digest(scope["method"], scope["path"], body)
         if (quarantined := self.poison.refusal(digest)) is not None:
-            status[0] = 422
-            await send_simple(send, *json_error(422, quarantined, "invalid_request_error"))
+            await _fail(send, status, rec, 422, quarantined, "invalid_request_error")
             return
         what = f"{scope['method']} {route.label} ({len(body)} bytes)"
         try:
             if scope["method"] == "POST" and route.check is not None:
-                body, chat = await self._check_body(route, body)
+                body, chat = await self._check_body(route, body, rec)
         except (Rejected, ImageError) as exc:
-            status[0] = exc.status
             kind = "unavailable_error" if exc.status == 503 else "invalid_request_error"
-            await send_simple(send, *json_error(exc.status, exc.message, kind,
-                                                exc.headers if isinstance(exc, Rejected) else None))
+            await _fail(send, status, rec, exc.status, exc.message, kind,
+                        exc.headers if isinstance(exc, Rejected) else None)
             return
         headers = self._headers(scope)
         query = scope.get("query_string", b"")
         # The raw bytes the client sent, as routes.py matched them: never the decoded path (%2F, %23, UTF-8).
         target = (b"/v1/chat/completions" if route is PREDICT else raw_path) + (b"?" + _printable(query) if query else b"")
+        t_admit, loaded, state = time.perf_counter(), self.model.admitting, self.runner.machine.state.value
         try:
             release = await admit()  # the model loaded (a swap, if needed) and its child ready
         except Unavailable as exc:
-            status[0] = 503
-            await send_simple(send, *json_error(503, str(exc), "unavailable_error", [(b"retry-after", b"5")]))
+            await _fail(send, status, rec, 503, str(exc), "unavailable_error", [(b"retry-after", b"5")])
             return
+        finally:
+            if rec is not None:
+                self._admitted(rec, loaded, state, (time.perf_counter() - t_admit) * 1000)
         try:
-            await self._send(scope, target, route, body, chat, digest, what, headers, send, status, deadline)
+            await self._send(scope, target, route, body, chat, digest, what, headers, send, status, deadline, rec)
         finally:
             release()
 
+    def _admitted(self, rec: Record, loaded: bool, state: str, waited_ms: float) -> None:
+        """The admission's wait on the record: a load (or swap) when the model was not in, else a restart."""
+        if loaded:
+            rec.queue_ms += waited_ms
+            if waited_ms >= 1:
+                rec.note(f"waited for llama-server ({state}): {waited_ms:.0f} ms")
+        else:
+            rec.load_ms = waited_ms
+            rec.note(f"waited {waited_ms:.0f} ms for {self.model.id} to load")
+
     async def _send(self, scope: Scope, target: bytes, route: Route, body: bytes, chat: Chat | None, digest: str,
                     what: str, headers: list[tuple[bytes, bytes]], send: Send, status: list[int],
-                    deadline: float) -> None:
+                    deadline: float, rec: Record | None) -> None:
         """Send to the child, once more if the first try never reached a live one (it died): the same deadline
         covers the wait for the next child and for a place at the upstream gate."""
         extra: list[tuple[bytes, bytes]] = []
         fitted_gen = -1
         attempt = 0
         while attempt < 2:
+            t_wait, ready = time.perf_counter(), self.runner.ready
             ok, why = await self.model.wait_ready(deadline)
             if ok and not await self.gate.acquire(deadline - time.monotonic()):
                 ok, why = False, (f"llama-server is busy: {self.gate.active} requests in progress, "
                                   f"{self.gate.waiting} waiting")
+            if rec is not None:
+                rec.queue_ms += (time.perf_counter() - t_wait) * 1000
+                if not ready:
+                    rec.note(f"waited for llama-server ({self.runner.machine.state.value})")
             if not ok:
-                status[0] = 503
-                await send_simple(send, *json_error(503, why, "unavailable_error", [(b"retry-after", b"5")]))
+                await _fail(send, status, rec, 503, why, "unavailable_error", [(b"retry-after", b"5")])
                 return
             if not self.runner.ready:  # the child went while this request waited for a slot: wait for the next
                 self.gate.release()
@@ -259,23 +281,27 @@ class Proxy:
                     try:
                         body, extra = await self._fit_context(chat, body, gen)
                     except Rejected as exc:
-                        status[0] = exc.status
-                        await send_simple(send, *json_error(exc.status, exc.message, "invalid_request_error"))
+                        await _fail(send, status, rec, exc.status, exc.message, "invalid_request_error")
                         return
+                    if rec is not None:
+                        rec.context_trimmed = extra[0][1].decode() if extra else None
                 self.poison.sent(gen, digest, what)
                 sent = True
                 answered = await self._exchange(scope["method"], target, body, headers, send, status, attempt,
-                                                predict=route is PREDICT, extra=extra)
+                                                predict=route is PREDICT, extra=extra, rec=rec)
             finally:
                 self.gate.release()
                 if sent:
                     self.poison.finished(gen, digest, bool(answered))
             if answered is not None:
                 return
+            if rec is not None:
+                rec.note("llama-server went away before answering: sent again to the next one")
             await self._settle(gen)
 
     async def _exchange(self, method: str, target: bytes, body: bytes, headers: list[tuple[bytes, bytes]], send: Send,
-                        status: list[int], attempt: int, predict: bool, extra: list[tuple[bytes, bytes]]) -> bool | None:
+                        status: list[int], attempt: int, predict: bool, extra: list[tuple[bytes, bytes]],
+                        rec: Record | None = None) -> bool | None:
         """One exchange with the child. Returns whether it answered in full, or None when the request never
         reached a live llama-server and may be sent again."""
         base = self.runner.child_url
@@ -288,13 +314,14 @@ class Proxy:
                                                 (b"content-length", b"%d" % len(body))], body)
         except UpstreamError as exc:
             if attempt == 2 or not isinstance(exc, Retryable):
-                status[0] = 502
-                await send_simple(send, *json_error(502, f"llama-server did not answer: {exc}", "server_error"))
+                await _fail(send, status, rec, 502, f"llama-server did not answer: {exc}", "server_error")
                 return False
             log.info("proxy_retry", path=target.decode("ascii", "replace"), error=str(exc))
             return None
+        if rec is not None and rec.request_body is not None and rec.request_body is not body:
+            rec.request_body = body if rec.hold(len(body)) else None  # as sent upstream, when captured
         try:
-            return await relay(self.runner, upstream, send, status, predict=predict, extra=extra)
+            return await relay(self.runner, upstream, send, status, predict=predict, extra=extra, rec=rec)
         finally:
             await upstream.aclose()
 
@@ -324,6 +351,15 @@ class Chat:
 
     doc: dict[str, Any]
     sizes: list[tuple[int, int] | None]
+
+
+async def _fail(send: Send, status: list[int], rec: Record | None, code: int, message: str, kind: str,
+                headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Answer with an error of the supervisor's own, and write it on the request's record."""
+    status[0] = code
+    if rec is not None:
+        rec.error = message
+    await send_simple(send, *json_error(code, message, kind, headers))
 
 
 def refusal(scope: Scope, raw_path: bytes, route: Route | None) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:

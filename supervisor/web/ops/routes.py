@@ -1,4 +1,4 @@
-"""The supervisor's own routes: /health, /status, /metrics, /v1/models, /child/metrics and /admin/*. The same
+"""The supervisor's own routes: /health, /status, /metrics, /v1/models, /child/metrics, /activity and /admin/*. The same
 on every box: one profile is a pool of one model."""
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from ...models import status
 from ...models.model import Model
 from ...models.pool import Pool
 from ...models.watch import Reloader
+from ...telemetry.activity import Activity
 from ..api.front import Api
 from ..api.models import unknown_model
 from ..errors import EXCEPTION_HANDLERS, error_doc, error_response
+from .activity import ActivityRoutes
 
 OPEN_PATHS = frozenset({"/health"})
 ADMIN_PATHS = frozenset({"/status", "/metrics", "/child/metrics"})
@@ -29,7 +31,8 @@ API_OWN = frozenset({"/v1/models", "/models"})  # API routes the supervisor answ
 
 
 class Own:
-    def __init__(self, pool: Pool, api: Api, reloader: Reloader, drain: Drain) -> None:
+    def __init__(self, pool: Pool, api: Api, reloader: Reloader, drain: Drain, activity: Activity | None = None
+                 ) -> None:
         self.pool, self.api, self.reloader, self.drain = pool, api, reloader, drain
         self.app = Starlette(exception_handlers=EXCEPTION_HANDLERS, routes=[
             Route("/health", self.health), Route("/status", self.status), Route("/metrics", self.metrics),
@@ -38,6 +41,8 @@ class Own:
             Route("/admin/models/{model}/{action}", self.admin_model, methods=["POST"]),
             Route("/admin/restart", self.restart, methods=["POST"]),
             Route("/admin/reload", self.do_reload, methods=["POST"]),
+            # the activity log's; a replay goes the API's way, behind the key check it already passed here
+            *(ActivityRoutes(activity, api).routes() if activity is not None else []),
         ])
 
     def _model(self, param: str | None) -> Model | Response:

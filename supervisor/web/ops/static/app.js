@@ -417,6 +417,7 @@
       mergeSamples(res[2], reset);
       drawCharts();
       conn(true, "live");
+      window.llamaOps.onPoll.forEach(function (f) { f(); });
     } catch (e) {
       if (e.status === 401) { S.needKey = true; checkKey(); stopLogs(); return; }
       conn(false, "unreachable: " + e.message);
@@ -512,6 +513,11 @@
     if (!L.paused) { addLines(L.held); L.held = []; $("log-state").textContent = ""; toEnd(); }
     else $("log-state").textContent = "paused";
   });
+
+  // What activity.js (the Activity section) uses of this file: the key, the poll, the window.
+  window.llamaOps = { esc: esc, headers: headers, toast: toast, getJSON: getJSON, checkKey: checkKey,
+                      needKey: function () { return S.needKey; }, windowS: function () { return S.windowS; },
+                      models: function () { return Object.keys(S.cards); }, onPoll: [] };
 
   // ---- start --------------------------------------------------------------------------------------
   async function start() {
