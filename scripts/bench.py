@@ -38,6 +38,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench_activity  # noqa: E402
 import bench_context  # noqa: E402
 import bench_cpu  # noqa: E402
 import bench_models  # noqa: E402
@@ -406,6 +407,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         results["p4_recovery"] = await p4_recovery(sup)
     finally:
         sup.stop()
+    print("P1/P2 with the activity log on and off ...", file=sys.stderr)
+    results["activity_log"] = await bench_activity.on_and_off(Supervisor, text_profile, tmp, args.quick, p1_latency,
+                                                              p2_streaming)
 
     print("P5 images ...", file=sys.stderr)
     vl_profile = write_profile(tmp / "vl.yaml", binary, vl_model, mmproj, ctx_size=8192, parallel=1)
@@ -521,6 +525,7 @@ def main_table(r: dict[str, Any]) -> str:
     head = ["| measure | direct llama-server | through the supervisor | difference | target |", "|---|---|---|---|---|"]
     guard = bench_context.rows(r["p7_context_guard"]) if "p7_context_guard" in r else []
     models = bench_models.rows(r["p8_models"]) if "p8_models" in r else []
+    activity = bench_activity.rows(r["activity_log"]) if "activity_log" in r else []
     if "p1_latency" not in r:  # --only context / models
         return "\n".join(head + [f"| {' | '.join(row)} |" for row in guard + models])
     p1, p2, p3, p4, p5, p6 = (r["p1_latency"], r["p2_streaming"], r["p3_cold_start"], r["p4_recovery"],
@@ -568,7 +573,7 @@ def main_table(r: dict[str, Any]) -> str:
              f"{n2['through']['ttft_p50_ms']} ms ({name})", f"{n2['ratio'] * 100:.1f} % / "
              f"+{n2['added_ttft_p50_ms']} ms", ""),
         ]
-    rows += guard + models
+    rows += activity + guard + models
     out = head + [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(out)
 
