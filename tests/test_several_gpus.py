@@ -9,7 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
 import pytest
+import yaml
 from doubles.fake_nvml import FakeDevice, FakeNvml
 from doubles.gpus_llama_server import write_gpus_double
 from support import running, wait_for
@@ -35,19 +38,32 @@ class Box:
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, llama_server: str, tiny_model: Path) -> None:
         self.nvml = FakeNvml(FakeDevice("NVIDIA GeForce RTX 3090", 24576.0),
                              FakeDevice("NVIDIA RTX A6000", 49152.0)).install(monkeypatch)
-        self.fp = gguf.footprint(tiny_model, ctx_size=CTX)
+        self.fp, self.fp_model = gguf.footprint(tiny_model, ctx_size=CTX), tiny_model
         self.limits, self.record = tmp_path / "limits.json", tmp_path / "starts.jsonl"
         self.binary = write_gpus_double(tmp_path / "llama-server", llama_server, LISTING, self.limits, self.record,
                                         self.fp.n_layers)
+        self.nvml.live = self.children  # each running child holds its layers on its GPUs, as NVML would show
+
+    def children(self) -> dict[int, dict[int, float]]:
+        out: dict[int, dict[int, float]] = {}
+        for start in self.starts():
+            if psutil.pid_exists(start["pid"]) and psutil.Process(start["pid"]).status() != psutil.STATUS_ZOMBIE:
+                for dev, n in start["layers"].items():
+                    out.setdefault(int(dev.removeprefix("CUDA")), {})[start["pid"]] = n * self.cost
+        return out
 
     def free(self, *mib: float) -> None:
         for d, m in zip(self.nvml.devices, mib, strict=True):
             d.other_mib = d.total_mib - m
 
+    @property
+    def cost(self) -> float:
+        """A layer of the model, its biggest (the output layer counts as one)."""
+        return max(self.fp.mean_layer_mib, self.fp.output_mib)
+
     def layers_fit(self, *n: float) -> None:
-        """Room on each GPU for that many of the model's layers (its biggest: the output layer counts as one)."""
-        cost = max(self.fp.mean_layer_mib, self.fp.output_mib)
-        self.free(*(free_for(k, cost) for k in n))
+        """Room on each GPU for that many of the model's layers."""
+        self.free(*(free_for(k, self.cost) for k in n))
 
     def starts(self) -> list[dict[str, Any]]:
         return [json.loads(ln) for ln in self.record.read_text().splitlines()] if self.record.exists() else []
@@ -182,3 +198,64 @@ def test_what_residency_needs_to_place_a_profile(box: Box, write_profile) -> Non
     assert room.placing(env.profile, env.caps) is None
     cpu = load_checked(write_profile())
     assert room.placing(cpu.profile, cpu.caps) is None
+
+
+# ---- several models on several GPUs: residency, /plan, /status, /metrics ---------------------------------------
+
+
+def two_models(box: Box, tmp_path: Path, **b_fields: Any) -> Path:
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    for name, extra in (("a", {}), ("b", b_fields)):
+        data = {"name": name, "binary": str(box.binary), "model": str(box.fp_model), "n_gpu_layers": "all",
+                "ctx_size": CTX, "min_ctx_size": 256, "cache_ram_mib": 0, "threads": 1, "parallel": 1, **extra}
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+async def test_two_models_that_each_fit_one_gpu_land_on_different_gpus(box: Box, tmp_path: Path) -> None:
+    box.layers_fit(7, 9)  # a goes to GPU 0 (tighter); once it holds it, b only fits GPU 1
+    folder = two_models(box, tmp_path)
+    async with running(tmp_path, folder / "a.yaml", profiles_dir=folder, admin_key="sesame") as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60, headers={"authorization": "Bearer sesame"}) as c:
+        await wait_for(lambda: d.pool.models["a"].measured is not None, what="a ready and measured")
+        # Asked first: what loading b would do. Nothing is done.
+        plan = (await c.get("/plan", params={"model": "b"})).json()
+        assert plan["loaded"] is False and plan["placement"]["gpus"] == [1] and plan["unload"] == []
+        assert plan["layers"] == "all" and plan["ctx_size"] == CTX and set(plan["memory"]["gpu_mib"]) == {"1"}
+        assert plan["room"]["gpu_free_mib"].keys() == {"0", "1"} and "best fit" in plan["why"]
+        assert d.pool.models["b"].loads == 0
+        assert (await httpx.AsyncClient(base_url=d.url).get("/plan?model=b")).status_code == 401
+        assert (await c.get("/plan", params={"model": "nope"})).status_code == 404
+        # The ops page's card of the unloaded b shows the same plan.
+        card = next(m for m in (await c.get("/ui/api/overview")).json()["models"] if m["profile"]["name"] == "b")
+        assert card["plan"]["placement"]["gpus"] == [1]
+        r = await c.post("/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+        # Alternating requests: both stay loaded, each on its own GPU; nothing is unloaded.
+        for m in ("a", "b") * 3:
+            assert (await c.post("/v1/completions", json={"model": m, "prompt": "hi", "max_tokens": 2})).status_code == 200
+        assert [s["devices"] for s in box.starts()] == [["CUDA0"], ["CUDA1"]]
+        assert d.pool.models["a"].loads == d.pool.models["b"].loads == 1
+        st = (await c.get("/status")).json()
+        assert [sorted(g["models"]) for g in st["gpus"]] == [["a"], ["b"]]
+        assert st["gpus"][0]["others_mib"] > 0 and st["gpus"][1]["uuid"].startswith("GPU-")
+        assert (await c.get("/plan", params={"model": "a"})).json()["loaded"] is True
+        metrics = (await c.get("/metrics")).text
+        assert 'llama_supervisor_child_vram_bytes{gpu="0",model="a"}' in metrics
+        assert 'llama_supervisor_child_vram_bytes{gpu="1",model="b"}' in metrics
+        assert 'llama_supervisor_gpu_memory_free_bytes{gpu="1",name="NVIDIA RTX A6000"}' in metrics
+
+
+async def test_room_is_made_on_the_gpu_the_waiting_model_needs(box: Box, tmp_path: Path) -> None:
+    box.layers_fit(7, 9)
+    folder = two_models(box, tmp_path, gpus=[0])  # b may only use GPU 0, where a sits
+    async with running(tmp_path, folder / "a.yaml", profiles_dir=folder) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+        await wait_for(lambda: d.pool.models["a"].measured is not None, what="a ready and measured")
+        plan = (await c.get("/plan", params={"model": "b"})).json()
+        assert plan["unload"] == ["a"] and plan["placement"]["gpus"] == [0]
+        r = await c.post("/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+        assert [s["devices"] for s in box.starts()] == [["CUDA0"], ["CUDA0"]]
+        assert d.pool.models["a"].last_unload["reason"] == "lru"  # type: ignore[index]

@@ -46,6 +46,7 @@ from ..core.lifecycle import (
     initial,
     transition,
 )
+from ..core.placement import Plan
 from ..host import memory
 from ..host.gguf import block_count
 from ..host.sdnotify import Notifier
@@ -276,34 +277,28 @@ class Runner:
     def _recall(self) -> RunSettings | None:
         return self._memory.load(self.memory_key())
 
+    learned = _recall  # public, for a plan (GET /plan): blocking, like the rest of learned settings
+
     def _forget(self) -> None:
         self._memory.forget(self.memory_key())
 
     # ---- starting ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, plan: Plan | None = None) -> None:
         """Start a child: the first time, or again after stop() (a model the pool unloaded and loads again).
-        The runner outlives its children: hooks, counters, generations and history carry over."""
+        The runner outlives its children: hooks, counters, generations and history carry over. `plan`: where
+        the pool's residency decided it goes (several GPUs); None: decided here."""
         p = self._loaded.profile
         self._closing = False
         self.finished.clear()
         learned = await asyncio.to_thread(self._recall)
         self._model_layers = await asyncio.to_thread(block_count, p.model)
-        raw = base_settings(p)
-        # Several GPUs: where all of it goes now is part of what the profile asks, not an adjustment.
-        base, plan = await vram.settle(p, self._loaded.caps, raw, cut=False)
-        if learned is not None and base.placement is not None and replace(learned, placement=None) == raw:
-            learned = None  # it ran as asked: placed afresh, by the room there is now
-        first, why = learned, None
+        base, learned, first, why, estimate = await vram.first_settings(
+            p, self._loaded.caps, learned, self._model_layers, plan=plan, estimate=self.cfg.estimate_vram)
+        self._last_estimate = estimate if learned is None else self._last_estimate
         if learned is not None and learned != base:
             log.info("learned_settings", settings=learned.as_dict(), profile=p.name)
-            climbed = await self.climber.at_start(base, learned)
-            if climbed is not None:
-                first, why = climbed
-        elif learned is None and self.cfg.estimate_vram and plan is not None:
-            first, why, self._last_estimate = vram.estimated(raw, base, plan)
-        elif learned is None and self.cfg.estimate_vram:
-            first, why, self._last_estimate = await vram.pre_launch(p, base, self._model_layers)
+            first, why = await self.climber.at_start(base, learned) or (learned, None)
         self._machine = initial(base, first, why, after=self._machine)
         self._task(liveness(self))
         self._task(self.climber.run())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -20,6 +21,7 @@ from ..core.ladder import RunSettings, placed
 from ..core.placement import Gpu, Plan, ask_for, place
 from ..host import devices, gpu
 from ..host.gguf import footprint
+from ..spec.loaded import base_settings
 from ..spec.profile import Profile
 
 log = structlog.get_logger("supervisor")
@@ -74,6 +76,26 @@ async def settle(p: Profile, caps: Capabilities, settings: RunSettings, *, cut: 
     if plan is None:
         return settings, None
     return placed(settings, plan, cut=cut), plan
+
+
+async def first_settings(p: Profile, caps: Capabilities, learned: RunSettings | None, model_layers: int | None, *,
+                         plan: Plan | None, estimate: bool
+                         ) -> tuple[RunSettings, RunSettings | None, RunSettings | None, str | None, dict[str, Any] | None]:
+    """A start's settings: (the profile's own, placed where `plan` says or where all of it goes now; the learned
+    settings still worth starting from; the first start's when not those; why; the estimate's figures). Placing
+    is part of what the profile asks, not an adjustment; only a cut is (estimate_vram)."""
+    raw = base_settings(p)
+    if plan is not None:
+        base = placed(raw, plan, cut=False)
+    else:
+        base, plan = await settle(p, caps, raw, cut=False)
+    if learned is not None and base.placement is not None and replace(learned, placement=None) == raw:
+        learned = None  # it ran as asked: placed afresh, by the room there is now
+    if learned is not None or not estimate:
+        return base, learned, learned, None, None
+    if plan is not None:
+        return base, None, *estimated(raw, base, plan)
+    return base, None, *await pre_launch(p, base, model_layers)
 
 
 def estimated(raw: RunSettings, base: RunSettings, plan: Plan

@@ -17,6 +17,7 @@ from typing import Any
 from ..child.runner import Runner
 from ..core import residency as rs
 from ..core.lifecycle import State
+from ..host import room
 from ..spec.loaded import Loaded
 from ..telemetry.metrics import Metrics
 
@@ -31,6 +32,7 @@ class Model:
     metrics: Metrics
     runner: Runner
     estimate: rs.Mem = field(default_factory=rs.Mem)
+    placing: rs.Placing | None = None  # several GPUs: what placing it takes (residency decides where)
     measured: rs.Mem | None = None
     total_slots: tuple[int, int] | None = None  # (generation, llama-server's /props total_slots) once asked
     resident: bool = False  # a child was started for it and it was not unloaded since
@@ -87,7 +89,13 @@ class Model:
     def as_model(self) -> rs.Model:
         p = self.loaded.profile
         return rs.Model(self.id, self.seen(), self.measured or self.estimate, self.measured is not None,
-                        self.in_flight, p.pinned, p.ttl_s, self.last_used, self.draining)
+                        self.in_flight, p.pinned, p.ttl_s, self.last_used, self.draining, self.placing)
+
+    async def reckon(self) -> None:
+        """What it will need before it ever ran: the GGUF estimate, and (several GPUs) what placing it takes."""
+        p = self.loaded.profile
+        self.estimate = await asyncio.to_thread(room.estimate, p)
+        self.placing = await asyncio.to_thread(room.placing, p, self.loaded.caps)
 
     # ---- requests ------------------------------------------------------------------------------
 

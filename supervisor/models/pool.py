@@ -106,7 +106,7 @@ class Pool:
 
     async def start(self) -> None:
         for model in self.models.values():
-            model.estimate = await asyncio.to_thread(room.estimate, model.loaded.profile)
+            await model.reckon()
         now = time.monotonic()
         # The default first (the oldest demand is served first), then pinned and preloaded models.
         default = self.models[self.default]
@@ -238,7 +238,7 @@ class Pool:
         """An edit that changes the child: hold new requests, let those in flight finish (bounded), restart."""
         model = self.models[mid]
         model.loaded, model.measured = loaded, None  # new settings: measure again
-        model.estimate = await asyncio.to_thread(room.estimate, loaded.profile)
+        await model.reckon()
         if not model.resident:
             model.runner.apply_profile(loaded)
             return
@@ -255,7 +255,7 @@ class Pool:
     async def add(self, mid: str) -> None:
         """A model a reload added: its estimate, and a load if it is pinned or preloaded."""
         model = self.models[mid]
-        model.estimate = await asyncio.to_thread(room.estimate, model.loaded.profile)
+        await model.reckon()
         p = model.loaded.profile
         if p.pinned or p.preload:
             self.request_load(mid, "pinned" if p.pinned else "preload")
@@ -319,8 +319,8 @@ class Pool:
 
     async def _perform(self, a: rs.Action) -> None:
         match a:
-            case rs.Load(model=mid):
-                await self._load(self.models[mid])
+            case rs.Load(model=mid, plan=plan):
+                await self._load(self.models[mid], plan)
             case rs.Unload(model=mid, reason=reason, detail=detail):
                 await self._unload(self.models[mid], reason, detail)
             case rs.Drain(model=mid, reason=reason, detail=detail):
@@ -344,7 +344,7 @@ class Pool:
                     gone.since = time.monotonic() if gone.waiting else None
                     gone.notify()
 
-    async def _load(self, model: Model) -> None:
+    async def _load(self, model: Model, plan: rs.Plan | None = None) -> None:
         cause = "request" if model.waiting else (model.wanted_by or "admin")
         log.info("model_load", model=model.id, cause=cause, waiting=model.waiting,
                  need=(model.measured or model.estimate).__dict__, measured=model.measured is not None)
@@ -352,7 +352,7 @@ class Pool:
         model.wanted_since, model.wanted_by, model.draining, model.waiting_why = None, "", "", ""
         model.loads += 1
         self.metrics.swaps.labels(model.id, cause).inc()
-        await model.runner.start()
+        await model.runner.start(plan)  # where residency made the room (several GPUs)
         # Admitted only now: before start() its machine is `stopped`, which a waiting request takes for an end.
         model.resident = True
         model.last_used = time.monotonic()

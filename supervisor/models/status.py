@@ -19,6 +19,7 @@ from ..core.crash import signal_name
 from ..core.lifecycle import State
 from ..core.residency import Mem
 from ..host import gpu, procs
+from .gpus import child_pids, holders
 from .model import Model
 from .pool import Pool
 
@@ -45,7 +46,7 @@ def sample(pool: Pool) -> dict[str, Any]:
     pids = {m.id: m.runner.child.pid for m in list(pool.models.values()) if m.runner.child is not None}
     procs.forget_except(pids.values())
     return {"children": {mid: procs.sample(pid) for mid, pid in pids.items()},
-            "gpus": [g.as_dict() for g in gpu.snapshot()]}
+            "gpus": holders({pid: mid for mid, pid in pids.items()}, [g.as_dict() for g in gpu.snapshot()])}
 
 
 def modalities(model: Model) -> list[str]:
@@ -157,6 +158,8 @@ def box(pool: Pool, default_doc: dict[str, Any], extra: dict[str, Any]) -> dict[
     model's section, the residency picture and what the box owns (`extra`: draining, reload errors)."""
     default_doc.update(default_model=pool.default, models={m.id: section(pool, m) for m in pool.models.values()},
                        residency=residency(pool), profile_errors=pool.errors or None, **extra)
+    # Each GPU with what each model's child holds there (the snapshot the default's doc already read).
+    default_doc["gpus"] = holders(child_pids(pool.models.values()), default_doc.get("gpus") or [])
     return default_doc
 
 

@@ -31,9 +31,16 @@ def _gpu_families() -> dict[str, GaugeMetricFamily]:
     return {
         "memory_used_mib": GaugeMetricFamily(f"{NS}_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu", "name"]),
         "memory_total_mib": GaugeMetricFamily(f"{NS}_gpu_memory_total_bytes", "GPU memory", labels=["gpu", "name"]),
+        "memory_free_mib": GaugeMetricFamily(f"{NS}_gpu_memory_free_bytes", "GPU memory free (NVML)",
+                                             labels=["gpu", "name"]),
         "utilization_pct": GaugeMetricFamily(f"{NS}_gpu_utilization_percent", "GPU utilisation", labels=["gpu", "name"]),
         "temperature_c": GaugeMetricFamily(f"{NS}_gpu_temperature_celsius", "GPU temperature", labels=["gpu", "name"]),
     }
+
+
+def _vram_family() -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{NS}_child_vram_bytes", "GPU memory a model's llama-server holds, per GPU (NVML)",
+                             labels=["model", "gpu"])
 
 
 def _child_families() -> dict[str, GaugeMetricFamily]:
@@ -42,7 +49,8 @@ def _child_families() -> dict[str, GaugeMetricFamily]:
 
 class _Sampled(Collector):
     """Series read at scrape time (each model's child RSS/CPU, the GPUs) so nothing polls when nobody scrapes.
-    `sample` returns {"children": {model: {rss_bytes, cpu_percent}}, "gpus": [GPU dicts]}."""
+    `sample` returns {"children": {model: {rss_bytes, cpu_percent}}, "gpus": [GPU dicts, each with "models":
+    {model: MiB its child holds there}]}."""
 
     def __init__(self, sample: Callable[[], dict[str, Any]]) -> None:
         self._sample = sample
@@ -53,6 +61,7 @@ class _Sampled(Collector):
         event loop while the supervisor starts."""
         yield from _child_families().values()
         yield from _gpu_families().values()
+        yield _vram_family()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         s = self._sample()
@@ -64,13 +73,17 @@ class _Sampled(Collector):
         yield from (f for f in children.values() if f.samples)
         gpus = s.get("gpus") or []
         if gpus:
-            fams = _gpu_families()
+            fams, vram = _gpu_families(), _vram_family()
             for gpu in gpus:
                 for key, fam in fams.items():
                     v = gpu.get(key)
                     if v is not None:
                         fam.add_metric([str(gpu["index"]), gpu["name"]], v * 2**20 if key.startswith("memory") else v)
+                for mid, mib in (gpu.get("models") or {}).items():
+                    vram.add_metric([mid, str(gpu["index"])], mib * 2**20)
             yield from fams.values()
+            if vram.samples:
+                yield vram
 
 
 def requests_counter(registry: CollectorRegistry) -> Counter:

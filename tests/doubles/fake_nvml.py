@@ -5,6 +5,7 @@ is faked; host/gpu.py runs unchanged on top of it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pynvml
@@ -24,14 +25,6 @@ class FakeDevice:
     uuid: str = ""
     lost: bool = False  # fell off the bus: every query fails with GPU_IS_LOST
 
-    @property
-    def used_mib(self) -> float:
-        return self.other_mib + sum(self.processes.values())
-
-    @property
-    def free_mib(self) -> float:
-        return max(0.0, self.total_mib - self.used_mib)
-
 
 @dataclass(frozen=True)
 class _Handle:
@@ -41,6 +34,8 @@ class _Handle:
 class FakeNvml:
     def __init__(self, *devices: FakeDevice) -> None:
         self.devices = list(devices)
+        # More processes, asked at every call: {NVML index: {pid: MiB}} (children a test double says it started).
+        self.live: Callable[[], dict[int, dict[int, float]]] = dict
         for i, d in enumerate(self.devices):
             if not d.uuid:
                 d.uuid = f"GPU-{i:08x}-1111-2222-3333-{i:012x}"
@@ -83,10 +78,14 @@ class FakeNvml:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return _Handle(index)
 
+    def _processes(self, handle: _Handle, d: FakeDevice) -> dict[int, float]:
+        return {**d.processes, **self.live().get(handle.index, {})}
+
     def nvmlDeviceGetMemoryInfo(self, handle: object) -> pynvml.c_nvmlMemory_t:
         d = self._device(handle)
-        return pynvml.c_nvmlMemory_t(total=int(d.total_mib * MIB), free=int(d.free_mib * MIB),
-                                     used=int(d.used_mib * MIB))
+        used = d.other_mib + sum(max(0.0, m) for m in self._processes(handle, d).values())  # type: ignore[arg-type]
+        free = max(0.0, d.total_mib - used)
+        return pynvml.c_nvmlMemory_t(total=int(d.total_mib * MIB), free=int(free * MIB), used=int(used * MIB))
 
     def nvmlDeviceGetName(self, handle: object) -> str:
         return self._device(handle).name
@@ -107,7 +106,7 @@ class FakeNvml:
     def nvmlDeviceGetComputeRunningProcesses(self, handle: object) -> list[object]:
         d = self._device(handle)
         out = []
-        for pid, mib in d.processes.items():
+        for pid, mib in self._processes(handle, d).items():  # type: ignore[arg-type]
             obj = pynvml.nvmlStructToFriendlyObject(pynvml.c_nvmlProcessInfo_t(pid=pid, usedGpuMemory=int(mib * MIB)))
             if mib < 0:  # a test's way to say "not available" (WDDM): pynvml hands None
                 obj.usedGpuMemory = None

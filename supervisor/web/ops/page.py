@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 from ...child.runner import Runner
 from ...host import gpu
 from ...models import status
+from ...models.gpus import holders
 from ...telemetry.events import Timeline
 from ...telemetry.logring import LogRing
 from ...telemetry.sampler import Sampler, Source
@@ -100,7 +101,9 @@ class Ops:
         if first is None:  # no model loaded: the GPUs still show
             gpus = await asyncio.to_thread(lambda: [g.as_dict() for g in gpu.snapshot()])
             first = {"gpus": gpus, "gpu_unavailable": gpu.unavailable_reason() if not gpus else None}
-        return JSONResponse({"models": models, "gpus": first["gpus"], "gpu_unavailable": first.get("gpu_unavailable"),
+        pids = {m["child"]["pid"]: m["profile"]["name"] for m in models if m.get("child")}
+        return JSONResponse({"models": models, "gpus": holders(pids, first["gpus"]),
+                             "gpu_unavailable": first.get("gpu_unavailable"),
                              "supervisor": status.supervisor_info(),
                              "telemetry": {"sample_interval_s": self.sampler.interval_s,
                                            "sample_bytes": self.sampler.nbytes(),

@@ -1,5 +1,5 @@
-"""The supervisor's own routes: /health, /status, /metrics, /v1/models, /child/metrics, /activity and /admin/*. The same
-on every box: one profile is a pool of one model."""
+"""The supervisor's own routes: /health, /status, /metrics, /v1/models, /child/metrics, /plan, /activity and
+/admin/*. The same on every box: one profile is a pool of one model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...fleet.drain import Drain
-from ...models import status
+from ...models import gpus, status
 from ...models.model import Model
 from ...models.pool import Pool
 from ...models.watch import Reloader
@@ -25,7 +25,7 @@ from ..errors import EXCEPTION_HANDLERS, error_doc, error_response
 from .activity import ActivityRoutes
 
 OPEN_PATHS = frozenset({"/health"})
-ADMIN_PATHS = frozenset({"/status", "/metrics", "/child/metrics"})
+ADMIN_PATHS = frozenset({"/status", "/metrics", "/child/metrics", "/plan"})
 ADMIN_PREFIX = "/admin/"
 API_OWN = frozenset({"/v1/models", "/models"})  # API routes the supervisor answers itself (GET)
 
@@ -37,7 +37,7 @@ class Own:
         self.app = Starlette(exception_handlers=EXCEPTION_HANDLERS, routes=[
             Route("/health", self.health), Route("/status", self.status), Route("/metrics", self.metrics),
             Route("/v1/models", self.models), Route("/models", self.models),
-            Route("/child/metrics", self.child_metrics),
+            Route("/child/metrics", self.child_metrics), Route("/plan", self.plan),
             Route("/admin/models/{model}/{action}", self.admin_model, methods=["POST"]),
             Route("/admin/restart", self.restart, methods=["POST"]),
             Route("/admin/reload", self.do_reload, methods=["POST"]),
@@ -86,8 +86,16 @@ class Own:
         for model in list(self.pool.models.values()):
             doc = await self.model_doc(model)
             doc["residency"] = status.section(self.pool, model)
+            doc["plan"] = None if model.resident else await gpus.plan(self.pool, model)  # where it would go
             docs.append(doc)
         return docs
+
+    async def plan(self, request: Request) -> Response:
+        """What loading the model (`?model=`, else the default) would do now; nothing is done."""
+        found = self._model(request.query_params.get("model"))
+        if isinstance(found, Response):
+            return found
+        return JSONResponse(await gpus.plan(self.pool, found))
 
     async def models(self, request: Request) -> Response:
         return JSONResponse(status.models_list(self.pool))

@@ -76,7 +76,14 @@
 
   // ---- model cards --------------------------------------------------------------------------------
   var SETTINGS = [["n_gpu_layers", "GPU layers"], ["ctx_size", "context"], ["mmproj_offload", "projector on GPU"],
-                  ["cpu_only", "CPU only"]];
+                  ["cpu_only", "CPU only"], ["placement", "GPUs", gpusText]];
+
+  // Several GPUs: where a model runs (or would), as core/placement.py describes it.
+  function gpusText(p) {
+    if (!p || !p.gpus || !p.gpus.length) return "llama-server's default";
+    return p.gpus.length === 1 ? "GPU " + p.gpus[0]
+      : "GPUs " + p.gpus.join("+") + (p.split && p.split.length ? " (" + p.split.join(":") + " layers)" : "");
+  }
 
   function card(name) {
     if (S.cards[name]) return S.cards[name];
@@ -119,8 +126,9 @@
     var s = m.settings || {}, prof = s.profile || {}, eff = s.effective;
     var rows = SETTINGS.map(function (k) {
       var adjusted = eff != null && JSON.stringify(prof[k[0]]) !== JSON.stringify(eff[k[0]]);
+      var show = k[2] ? function (v) { return esc(k[2](v)); } : esc;
       return '<tr class="' + (adjusted ? "adjusted" : "") + '"><th scope="row">' + k[1] + "</th><td>" +
-        esc(prof[k[0]]) + "</td><td>" + (eff == null ? '<span class="muted">–</span>' : esc(eff[k[0]])) +
+        show(prof[k[0]]) + "</td><td>" + (eff == null ? '<span class="muted">–</span>' : show(eff[k[0]])) +
         (adjusted ? " ⚠ adjusted" : "") + "</td></tr>";
     }).join("");
     var exits = Object.keys(m.exits_by_cause || {}).map(function (c) {
@@ -147,7 +155,7 @@
         ? m.quarantine.requests.map(function (q) { return esc(q.what) + " (until " + esc(q.until) + ")"; }).join("<br>")
         : '<span class="muted">none</span>') + "</dd>" : "") +
       (m.last_reload_error ? '<dt>reload error</dt><dd class="st-failed">' + esc(JSON.stringify(m.last_reload_error)) + "</dd>" : "") +
-      residencyFacts(m.residency) +
+      residencyFacts(m.residency) + planFacts(m.plan) +
       "<dt>profile</dt><dd>" + esc(m.profile.file) + "</dd>" +
       "</dl>";
     el.querySelector('[data-role="body"]').innerHTML = html;
@@ -172,6 +180,31 @@
       "<dt>loads</dt><dd>" + esc(r.loads) + (r.last_used_s_ago != null ? ", last used " + dur(r.last_used_s_ago) + " ago" : "") +
         (lu ? '<br><span class="muted" data-role="last-unload">last unload: ' + esc(lu.reason) +
           (lu.detail ? " (" + esc(lu.detail) + ")" : "") + "</span>" : "") + "</dd>";
+  }
+  // An unloaded model: what loading it now would do (GET /plan, the same decision the load takes).
+  function planFacts(p) {
+    if (!p || p.loaded) return "";
+    var mem = p.memory || {}, pl = p.placement;
+    var where = pl ? gpusText(pl) + " (" + pl.kind + ")" : "llama-server's default devices";
+    var expects = Object.keys(mem.gpu_mib || {}).map(function (k) { return "GPU " + k + " " + mib(mem.gpu_mib[k]); })
+      .concat([mib(mem.host_mib) + " host"]);
+    return '<dt>would load</dt><dd data-role="plan">' + (p.refused ? '<span class="st-failed">' + esc(p.refused) + "</span>"
+      : "on " + esc(where) + ", " + esc(p.layers) + " GPU layers, ctx " + esc(p.ctx_size) +
+        (p.unload.length ? "<br>unloading " + esc(p.unload.join(", ")) : "") +
+        (p.wait_for.length ? "<br>once " + esc(p.wait_for.join(", ")) + " finish their requests" : "") +
+        '<br><span class="muted">expects ' + esc(expects.join(", ")) + " · " + esc(p.why) + "</span>") + "</dd>";
+  }
+  // Each GPU: its room, and which models hold how much of it.
+  function renderGpus(gpus) {
+    var el = $("gpus");
+    el.hidden = !gpus || !gpus.length;
+    el.innerHTML = (gpus || []).map(function (g) {
+      var held = Object.keys(g.models || {}).map(function (k) { return esc(k) + " " + mib(g.models[k]); });
+      if (g.others_mib > 0) held.push('<span class="muted">others ' + mib(g.others_mib) + "</span>");
+      return '<div class="gpu" data-gpu="' + esc(g.index) + '"><strong>GPU ' + esc(g.index) + "</strong> " + esc(g.name) +
+        " · " + mib(g.memory_free_mib) + " free of " + mib(g.memory_total_mib) +
+        (held.length ? " · " + held.join(", ") : "") + "</div>";
+    }).join("");
   }
   function actionsFor(el, m) {
     var r = m.residency, running = !!m.child;
@@ -401,6 +434,7 @@
       ]);
       var ov = res[0];
       S.gpuUnavailable = ov.gpu_unavailable;
+      renderGpus(ov.gpus);
       ov.models.forEach(renderModel);
       var names = ov.models.map(function (m) { return m.profile.name; });
       Object.keys(S.cards).forEach(function (n) {  // a profile removed by a reload: its card goes too
