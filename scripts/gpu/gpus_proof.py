@@ -206,9 +206,10 @@ def main() -> None:
 
     log("building llama-server with CUDA")
     binary = proof.build(args.source, args.jobs)
-    small = {n: proof.write_big_model(args.work / f"{n}-f16.gguf", layers=8) for n in ("a", "b")}  # ~3.3 GiB each
     result["match"] = match = case_match(binary)
     count = len(match["nvml"])
+    # ~3.3 GiB each; the second only where there is a second GPU for it
+    small = {n: proof.write_big_model(args.work / f"{n}-f16.gguf", layers=8) for n in ("ab" if count >= 2 else "a")}
     log(f"{count} GPU(s); matched: {match['named']} ({match['unmatched'] or 'ok'})")
     save()
     result["refused"] = case_refused(binary, small["a"], args.work, count)
