@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sys
+import time
 
 import structlog
 
-from supervisor.child import process
+from supervisor.child import output
 from supervisor.child.process import spawn
 from supervisor.telemetry import logs
 
@@ -64,13 +66,13 @@ w(b"no newline at the end")
 
 
 async def test_lines_are_whole_whatever_the_reads_and_echoed_per_burst(monkeypatch) -> None:
-    monkeypatch.setattr(process, "LINE_MAX", 1000)
+    monkeypatch.setattr(output, "LINE_MAX", 1000)
     out = CountingStream()
     monkeypatch.setattr(sys, "stderr", out)
     seen: list[str] = []
     try:
         logs.setup("json", "info")
-        child = await spawn([sys.executable, "-c", CHATTY], {}, on_line=seen.append)
+        child = await spawn([sys.executable, "-c", CHATTY], {}, on_lines=seen.extend)
         assert await child.wait() == 0
     finally:
         monkeypatch.setattr(logs._Output, "writer", None)
@@ -86,3 +88,25 @@ async def test_lines_are_whole_whatever_the_reads_and_echoed_per_burst(monkeypat
     assert [e["line"] for e in echoed] == expected
     assert {e["event"] for e in echoed} == {"child_output"} and {e["stream"] for e in echoed} == {"stdout"}
     assert out.writes < len(expected)  # the burst of three lines went out in one write
+
+
+# Twenty lines, each its own write, 5 ms apart, then the exit.
+STEADY = r"""
+import os, time
+time.sleep(0.3)
+for i in range(20):
+    os.write(2, b"line %d\n" % i)
+    time.sleep(0.005)
+"""
+
+
+async def test_a_serving_child_is_read_in_bursts_and_its_exit_ends_the_pause() -> None:
+    reads: list[list[str]] = []
+    child = await spawn([sys.executable, "-c", STEADY], {}, on_lines=reads.append, echo=False)
+    child.coalesce_s = 30.0  # what the driver sets once the child serves, much longer here
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(child.wait(), 10) == 0
+    assert time.monotonic() - t0 < 5  # the exit cut the pause short: the last lines were read at once
+    assert [line for read in reads for line in read] == [f"line {i}" for i in range(20)]
+    assert len(reads) <= 3  # the first line, then the rest in one read (two if a read fell between writes)
+    assert list(child.tail)[-1] == "line 19"

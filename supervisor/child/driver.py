@@ -28,6 +28,7 @@ from ..core.ladder import Evidence, RunSettings
 from ..core.lifecycle import HUNG, ChildExited, ChildGone, Healthy, Unresponsive, WarmedUp
 from . import vram
 from .exits import examine
+from .output import COALESCE_S
 from .process import Child, oom_kill_count, spawn
 from .readiness import NotReady, wait_healthy, warmup
 from .view import ExitListener
@@ -46,10 +47,10 @@ def free_port() -> int:
 
 class ChildDriver:
     def __init__(self, runner: RunnerCore, *, task: Callable[[Coroutine[Any, Any, Any]], None],
-                 on_line: Callable[[int, str], None]) -> None:
+                 on_lines: Callable[[int, list[str]], None]) -> None:
         self.r = runner
         self._task = task  # the runner's: its stop() cancels what the driver started
-        self._on_line = on_line  # (generation, line) for every line the child prints
+        self._on_lines = on_lines  # (generation, lines) for every read of lines the child prints
         self.child: Child | None = None
         self.gen = 0  # the generation `child` belongs to
         self.url: str | None = None
@@ -114,7 +115,7 @@ class ChildDriver:
         log.info("child_spawn", gen=gen, cause=cause, settings=settings.as_dict(),
                  adjustment=m.adjustment, argv=redact(argv))
         try:
-            child = await spawn(argv, child_env(os.environ, p), on_line=partial(self._on_line, gen),
+            child = await spawn(argv, child_env(os.environ, p), on_lines=partial(self._on_lines, gen),
                                 echo=r.cfg.log_child_output)
         except OSError as exc:
             return None, Verdict(Cause.SPAWN_FAILED, f"cannot start {argv[0]}: {exc.strerror or exc}")
@@ -166,6 +167,7 @@ class ChildDriver:
             return
         self.load_s = time.monotonic() - t0
         r.metrics.load_seconds.set(self.load_s)
+        child.coalesce_s = COALESCE_S  # nothing waits on its lines any more: read them in bursts (output.py)
         r.dispatch(Healthy(time.monotonic(), gen))
 
     async def warm(self, gen: int) -> None:

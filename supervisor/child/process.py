@@ -15,12 +15,11 @@ from pathlib import Path
 import structlog
 
 from ..telemetry import logs
+from .output import PipeLines
 
 log = structlog.get_logger("child")
 PR_SET_PDEATHSIG = 1
 LOG_TAIL_LINES = 200
-READ_SIZE = 64 * 1024
-LINE_MAX = 1 << 20  # a longer "line" (a binary blob on stdout?) is logged in pieces of this size
 
 
 def _resolve_prctl() -> Callable[..., int] | None:
@@ -44,9 +43,10 @@ def _die_with_parent() -> None:
 
 
 class Child:
-    """One running llama-server. `on_line` sees every log line (to spot fatal messages)."""
+    """One running llama-server. `on_lines` sees every line it prints, a read's worth at a time (to spot fatal
+    messages, and for the ops page's log). `coalesce_s` > 0 reads its pipes at most that often (output.py)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, on_line: Callable[[str], None] | None = None,
+    def __init__(self, proc: asyncio.subprocess.Process, on_lines: Callable[[list[str]], None] | None = None,
                  echo: bool = True) -> None:
         self.proc = proc
         self.pid = proc.pid
@@ -54,32 +54,18 @@ class Child:
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.last_output = time.monotonic()
         self.signalled = False
-        self.printed = asyncio.Event()  # set on every log line and when a pipe closes: readiness looks then
-        self._on_line = on_line
+        self.printed = asyncio.Event()  # set on every read of log lines and when a pipe closes: readiness looks
+        self.coalesce_s = 0.0  # the driver sets COALESCE_S once the child serves (its start reads every line at once)
+        self._exited = False
+        self._on_lines = on_lines
         self._echo = echo
-        self._drains = [
-            asyncio.create_task(self._drain(proc.stdout, "stdout")),
-            asyncio.create_task(self._drain(proc.stderr, "stderr")),
-        ]
+        self._pipes: list[PipeLines] = []
 
-    async def _drain(self, stream: asyncio.StreamReader | None, name: str) -> None:
-        """Read what the child printed, a burst at a time: the complete lines of a read are handled together
-        (one write to the supervisor's log for all of them). A line longer than LINE_MAX goes on in pieces."""
-        if stream is None:
-            return
-        pending = b""
-        while True:
-            data = await stream.read(READ_SIZE)
-            if not data:
-                self._lines(name, [pending])
-                self.printed.set()
-                return
-            *complete, pending = (pending + data).split(b"\n") if pending else data.split(b"\n")
-            if len(pending) > LINE_MAX:
-                complete.append(pending)
-                pending = b""
-            if complete:
-                self._lines(name, complete)
+    async def _read(self, fd: int, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        pipe = PipeLines(lambda raws: self._lines(name, raws), lambda: 0.0 if self._exited else self.coalesce_s)
+        self._pipes.append(pipe)
+        await loop.connect_read_pipe(lambda: pipe, os.fdopen(fd, "rb", buffering=0))
 
     def _lines(self, name: str, raws: list[bytes]) -> None:
         lines = [line for raw in raws if (line := raw.decode("utf-8", "replace").rstrip())]
@@ -90,14 +76,17 @@ class Child:
         self.printed.set()
         if self._echo:
             logs.child_lines(name, self.pid, lines)
-        if self._on_line is not None:
-            for line in lines:
-                self._on_line(line)
+        if self._on_lines is not None:
+            self._on_lines(lines)
 
     async def wait(self) -> int:
         """Wait for exit and for both pipes to be drained, so the log tail is complete."""
         rc = await self.proc.wait()
-        await asyncio.gather(*self._drains, return_exceptions=True)
+        self._exited = True
+        for pipe in self._pipes:
+            pipe.resume()  # its last lines now, not after a pause
+        await asyncio.gather(*(pipe.done for pipe in self._pipes), return_exceptions=True)
+        self.printed.set()
         return rc
 
     @property
@@ -159,16 +148,30 @@ def oom_kill_count() -> int | None:
     return None
 
 
-async def spawn(argv: Sequence[str], env: dict[str, str], on_line: Callable[[str], None] | None = None,
+async def spawn(argv: Sequence[str], env: dict[str, str], on_lines: Callable[[list[str]], None] | None = None,
                 echo: bool = True) -> Child:
     """Start argv (never through a shell) in a new session. Raises OSError when it cannot start."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-        preexec_fn=_die_with_parent if _PRCTL is not None else None,
-    )
-    return Child(proc, on_line, echo)
+    # Our own pipes, read by our own protocols (output.py), so reading can pause between bursts of lines.
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if _PRCTL is not None else None,
+        )
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)  # the child has its copies: the pipes end when it does
+        os.close(err_w)
+    child = Child(proc, on_lines, echo)
+    await child._read(out_r, "stdout")
+    await child._read(err_r, "stderr")
+    return child

@@ -91,7 +91,7 @@ class Runner:
         # into an SSL context that is never used (45 ms on the event loop at every start, and 1.7 MB).
         self._http = httpx.AsyncClient(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0), verify=False)
         self.climber = Climber(self)
-        self.driver = ChildDriver(self, task=self._task, on_line=self._on_line)
+        self.driver = ChildDriver(self, task=self._task, on_lines=self._on_lines)
 
     # ---- the read-only surface ---------------------------------------------------------------
 
@@ -304,11 +304,13 @@ class Runner:
         self._task(self.climber.run())
         self.dispatch(Start(time.monotonic()))
 
-    def _on_line(self, gen: int, line: str) -> None:
-        """Every line the child prints (the driver's spawn wires it): observers see it; a fatal one ends the child."""
+    def _on_lines(self, gen: int, lines: list[str]) -> None:
+        """Every line the child prints, a read's worth at a time (the driver's spawn wires it): observers see them;
+        a fatal one ends the child."""
         for obs in self._observers:
-            obs.child_line(self, gen, line)
-        if FATAL_WHILE_RUNNING.search(line) and self._machine.gen == gen:
+            obs.child_lines(self, gen, lines)
+        if self._machine.gen == gen and FATAL_WHILE_RUNNING.search("\n".join(lines)):
+            line = next(ln for ln in lines if FATAL_WHILE_RUNNING.search(ln))
             self.dispatch(Unresponsive(time.monotonic(), gen, f"fatal log line: {line.strip()[:300]}"))
 
     # ---- used by the API, the proxy and the reloader ---------------------------------------------

@@ -37,7 +37,7 @@ class Watch:
             self.task(self._ask_slots(new.gen))
         self.wake()
 
-    def child_line(self, runner: RunnerCore, gen: int, line: str) -> None:
+    def child_lines(self, runner: RunnerCore, gen: int, lines: list[str]) -> None:
         pass
 
     async def _measure(self, gen: int) -> None:

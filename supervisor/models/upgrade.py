@@ -371,7 +371,7 @@ class _Follower:
                 st.switched_at, time.monotonic(), owner.cfg.upgrade_probation_s):
             owner._task(owner._probation_failed(self.target, why[:400]))
 
-    def child_line(self, runner: RunnerCore, gen: int, line: str) -> None:
+    def child_lines(self, runner: RunnerCore, gen: int, lines: list[str]) -> None:
         pass
 
 

@@ -95,8 +95,8 @@ class Timeline:
                 title = "back to profile settings"
             self.add(model, "ladder", title, new.adjustment or "", changed=changed)
 
-    def child_line(self, runner: RunnerCore, gen: int, line: str) -> None:
-        self.logs.append("child", child_level(line), line, model=runner.loaded.profile.name)
+    def child_lines(self, runner: RunnerCore, gen: int, lines: list[str]) -> None:
+        self.logs.extend("child", [(child_level(line), line) for line in lines], model=runner.loaded.profile.name)
 
     # ---- swap steps (see Pool.on_swap) -------------------------------------------------------------
 

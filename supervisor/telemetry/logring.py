@@ -21,7 +21,7 @@ LINE_CHARS_MAX = 2000
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen (never changed after append): a frozen one costs 2 us to make, this 0.5
 class Line:
     id: int
     t: float
@@ -46,11 +46,17 @@ class LogRing:
         self._new = asyncio.Event()
 
     def append(self, source: str, level: str, text: str, model: str | None = None) -> None:
-        if len(text) > self.max_chars:
-            text = text[: self.max_chars] + " …"
+        self.extend(source, [(level, text)], model)
+
+    def extend(self, source: str, lines: list[tuple[str, str]], model: str | None = None) -> None:
+        """(level, text) lines from one source, under one lock and one clock reading."""
+        now, cap = time.time(), self.max_chars
         with self._lock:
-            self.last_id += 1
-            self.lines.append(Line(self.last_id, time.time(), source, level, text, model))
+            for level, text in lines:
+                if len(text) > cap:
+                    text = text[:cap] + " …"
+                self.last_id += 1
+                self.lines.append(Line(self.last_id, now, source, level, text, model))
         loop = self._loop
         if loop is None:
             return  # nobody has ever waited: no one to wake
