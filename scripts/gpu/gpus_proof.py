@@ -195,7 +195,8 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ["LLAMA_SUPERVISOR_CACHE"] = str(args.work / "cache")
+    # A CUDA build left by an earlier proof on the same (still warm) machine is used as is: LLAMA_SUPERVISOR_CACHE.
+    os.environ.setdefault("LLAMA_SUPERVISOR_CACHE", str(args.work / "cache"))
     os.environ.update(ORDER)
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": subprocess.run(
         ["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version", "--format=csv,noheader"],
