@@ -284,13 +284,25 @@ class UpstreamPool:
         when it failed before any of the response arrived (nothing was done: the request may go again)."""
         head = b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), target)
         data = b"".join([head, *[b"%s: %s\r\n" % kv for kv in headers], b"\r\n", body])
-        conn = self._take((host, port)) or await self._connect(host, port)
-        self._busy.add(conn)
-        try:
-            return await conn.exchange(data, head=method == "HEAD")
-        except BaseException:
-            self._busy.discard(conn)
-            raise
+        while True:
+            # An idle connection may have been closed by llama-server (its keep-alive timeout, or the child's
+            # end) before the event loop heard of it: one that fails before any answer is dropped and the
+            # request goes on another, as httpcore's pool does. Only a fresh connection's failure is the caller's.
+            conn = self._take((host, port))
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(host, port)
+            self._busy.add(conn)
+            try:
+                return await conn.exchange(data, head=method == "HEAD")
+            except Retryable:
+                self._busy.discard(conn)
+                conn.close()
+                if not reused:
+                    raise
+            except BaseException:
+                self._busy.discard(conn)
+                raise
 
     def _take(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
