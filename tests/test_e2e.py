@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import httpx
 import psutil
+import pytest
+import structlog
 from support import running, wait_for
 
 
@@ -75,6 +78,32 @@ async def test_client_disconnect_stops_generation(tmp_path: Path, write_profile)
         # At a few thousand tokens/s, 100k tokens take far longer than the 5 s waited here.
         s = (await c.get("/slots")).json()[0]
         assert not s["is_processing"], s
+
+
+async def test_a_client_that_leaves_a_whole_answer_is_a_499_and_nothing_else(tmp_path: Path, write_profile) -> None:
+    """A non-streamed request whose client gives up: llama-server stops generating, the request counts as 499,
+    nothing is logged as an error (it is not a supervisor error, nor a shutdown), and the next request is served."""
+    async with running(tmp_path, write_profile(parallel=1)) as d, httpx.AsyncClient(base_url=d.url, timeout=30) as c:
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000, "ignore_eos": True}
+        with structlog.testing.capture_logs() as logs:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post("/v1/chat/completions", json=body, timeout=0.5)
+
+            async def idle() -> bool:
+                return not (await c.get("/slots")).json()[0]["is_processing"]
+
+            for _ in range(100):
+                if await idle():
+                    break
+                await asyncio.sleep(0.05)
+            assert await idle()  # 100k tokens would take far longer than the 5 s waited here
+            r = await c.post("/v1/chat/completions", json={**body, "max_tokens": 4})
+            assert r.status_code == 200
+        assert not [e for e in logs if e["log_level"] in ("error", "warning")], logs
+        metrics = (await c.get("/metrics")).text
+        assert re.search(r'^llama_supervisor_requests_total\{[^}]*route="/v1/chat/completions",status="499"\} 1\.0$',
+                         metrics, re.M), metrics
 
 
 async def test_status_fields_are_true(tmp_path: Path, write_profile) -> None:

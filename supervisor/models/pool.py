@@ -182,8 +182,9 @@ class Pool:
             model.stop_waiting(t0)
 
     def release(self, model: Model) -> None:
+        """Only a drain or a model waiting for room waits on one going idle (a TTL is polled): no step per request."""
         model.done()
-        if model.in_flight == 0:
+        if model.in_flight == 0 and (model.draining or any(m.waiting or m.wanted_since for m in self.models.values())):
             self.wake()
 
     # ---- operator actions and reloads ------------------------------------------------------------
@@ -392,8 +393,7 @@ class Pool:
             self.wake()
 
     async def after_oom(self, mid: str, on: frozenset[int] | None = None) -> bool:
-        """Model `mid` ran out of memory (on GPUs `on`): unload idle others there so it can try the same settings
-        again."""
+        """Model `mid` ran out of memory (on GPUs `on`): unload idle others there, to try the same settings again."""
         unloads = rs.after_oom(self.view(rs.Room()), mid, on)
         for u in unloads:
             await self._unload(self.models[u.model], u.reason, u.detail)

@@ -41,9 +41,27 @@ KEEPALIVE_IDLE = 4  # within llama-server's "+4" spare HTTP threads
 TRIMMED_HEADER = b"x-context-trimmed"  # what the context guard left out: images=N; turns=N; messages=N; tokens=N
 
 
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+class _Departure:
+    """Cancels the request's own task when its client goes away (uvicorn's `receive` says so), until `stop()`.
+    One watching task per request; the request itself runs in the task uvicorn made for it (a task of its own
+    and asyncio.wait over the two cost more than the rest of the proxy's own work on a short request)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.left = False
+        self._stopped = False
+        self._task = asyncio.current_task()
+        self._watch = asyncio.get_running_loop().create_task(self._run(receive))
+
+    async def _run(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self._stopped and self._task is not None:
+            self.left = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._watch.cancel()
 
 
 def _printable(query: bytes) -> bytes:
@@ -89,20 +107,25 @@ class Proxy:
         label = route.label
         t0 = time.perf_counter()
         status = [499]  # what the client got; stays 499 if it left first
-        work = asyncio.ensure_future(self._forward(scope, raw_path, route, body, send, status, admit, deadline, rec))
-        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        leave = _Departure(receive)
         try:
-            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await self._forward(scope, raw_path, route, body, send, status, admit, deadline, rec)
+            finally:
+                leave.stop()
+        except asyncio.CancelledError:
+            if not leave.left:
+                raise  # not the client leaving: a shutdown (web/errors.py JsonGuard answers it)
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        except Exception as exc:
+            log.error("proxy_error", path=scope["path"], error=repr(exc), exc_info=exc)
+            if status[0] == 499 and not leave.left:  # nothing was sent yet: the client still gets an answer
+                await _fail(send, status, rec, 500, f"supervisor error: {type(exc).__name__}", "server_error")
         finally:
-            for task in (work, watch):
-                task.cancel()
-            await asyncio.gather(work, watch, return_exceptions=True)
             self.metrics.requests.labels(label, str(status[0])).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
-        if work.done() and not work.cancelled() and (exc := work.exception()) is not None:
-            log.error("proxy_error", path=scope["path"], error=repr(exc), exc_info=exc)
-            if status[0] == 499:  # nothing was sent yet: the client still gets an answer
-                await _fail(send, status, rec, 500, f"supervisor error: {type(exc).__name__}", "server_error")
         if rec is not None:
             rec.status = status[0]
             rec.finish()
