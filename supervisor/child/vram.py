@@ -89,6 +89,8 @@ async def first_settings(p: Profile, caps: Capabilities, learned: RunSettings | 
         base = placed(raw, plan, cut=False)
     else:
         base, plan = await settle(p, caps, raw, cut=False)
+    if plan is not None:
+        log.info("placement", profile=p.name, kind=plan.kind, placement=plan.as_dict(), why=plan.why)
     if learned is not None and base.placement is not None and replace(learned, placement=None) == raw:
         learned = None  # it ran as asked: placed afresh, by the room there is now
     if learned is not None or not estimate:
