@@ -185,8 +185,7 @@ class Proxy:
 
     def _apply(self, found: media.Found | None, doc: dict[str, Any] | None, changed: bool
                ) -> tuple[bytes | None, Stats]:
-        """The media policy and serialisation (blocking when there are images: runs on the image workers).
-        None: nothing to decide on, the body goes as sent."""
+        """The media policy and serialisation (blocking with images: image workers). None: the body goes as sent."""
         if doc is None or ((found is None or not found.slots) and not changed):
             return None, Stats()
         stats = media.apply(found, self.runner.loaded.profile.images, self.remote_hosts,
