@@ -243,7 +243,7 @@ def _n(v: Any, digits: int = 0) -> str:
     return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-ACTIVITY_COLUMNS = (("id", "id", 0), ("time", "at", 0), ("model", "model", 0), ("route", "route", 0),
+ACTIVITY_COLUMNS = (("id", "id", 0), ("UTC", "at", 0), ("model", "model", 0), ("route", "route", 0),
                     ("status", "status", 0), ("ms", "duration_ms", 0), ("ttft", "ttft_ms", 0),
                     ("queue", "queue_ms", 0), ("load", "load_ms", 0), ("in", "prompt_tokens", 0),
                     ("out", "completion_tokens", 0), ("tok/s", "decode_tps", 1))
@@ -256,7 +256,9 @@ def format_activity(rows: list[dict[str, Any]]) -> str:
     table = [[h for h, _, _ in ACTIVITY_COLUMNS] + ["notes"]]
     for r in rows:
         cells = [(r["at"][11:19] if k == "at" else _n(r.get(k), d)) for _, k, d in ACTIVITY_COLUMNS]
-        notes = list(r.get("notes") or [])
+        notes = (["stream"] if r.get("stream") else []) + list(r.get("notes") or [])
+        if r.get("replay_of"):
+            notes.insert(0, f"replay of {r['replay_of']}")
         if r.get("error"):
             notes.insert(0, str(r["error"])[:80])
         table.append(cells + ["; ".join(notes)])

@@ -222,7 +222,7 @@ async def test_the_cli_lists_and_replays(tmp_path: Path, write_profile) -> None:
         bad = await record(c)
         code, out, _ = await cli("activity", "--url", d.url, "--admin-key", "k")
         lines = out.splitlines()
-        assert code == 0 and lines[0].split()[:5] == ["id", "time", "model", "route", "status"]
+        assert code == 0 and lines[0].split()[:5] == ["id", "UTC", "model", "route", "status"]
         assert lines[1].split()[0] == str(bad["id"]) and "messages" in lines[1]
         assert lines[2].split()[0] == str(ok["id"]) and lines[2].split()[4] == "200"
         code, out, _ = await cli("activity", "--url", d.url, "--admin-key", "k", "--slow", "100000")

@@ -212,6 +212,9 @@ def test_ops_page_in_a_real_browser(tmp_path: Path, write_profile, llama_server:
         _until("held lines shown on resume", lambda: len(drv.find_elements(By.CSS_SELECTOR, "#logs .ln")) > shown)
 
         # Reload from the page: nothing changed in the profile, so nothing restarts; the timeline says so.
+        # (Back to the top first: scrolled down to the logs, the card's buttons sit at the viewport's top edge,
+        # under the sticky header, where a click lands on the header; a person would scroll up too.)
+        drv.execute_script("window.scrollTo(0, 0)")
         drv.find_element(By.CSS_SELECTOR, '[data-model="test"] [data-act="reload"]').click()
         drv.switch_to.alert.accept()
         _until("the reload's toast", lambda: "Reload: nothing changed" in text("#toast"))
