@@ -36,14 +36,19 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print argv as a JSON list")
 
     for name, text in (("status", "summary of a running supervisor"), ("reload", "reload the active profile"),
-                       ("restart", "restart llama-server")):
+                       ("restart", "restart llama-server"),
+                       ("upgrade", "try another llama-server build (canary) and switch to it when it is as good")):
         c = sub.add_parser(name, help=text)
         c.add_argument("--url", help="supervisor URL (default from settings: http://127.0.0.1:8080)")
         c.add_argument("--admin-key", help="admin key (default: LLAMA_SUPERVISOR_ADMIN_KEY / settings)")
-        if name == "status":
-            c.add_argument("--json", action="store_true", help="print the raw /status JSON")
+        if name in ("status", "upgrade"):
+            c.add_argument("--json", action="store_true", help="print the raw JSON answer")
         if name == "restart":
             c.add_argument("--reset", action="store_true", help="forget ladder adjustments; use the profile's values")
+        if name == "upgrade":
+            c.add_argument("--binary", required=True, help="the new llama-server (a path on the supervisor's machine)")
+            c.add_argument("--model", help="the model to upgrade (several models; default: the default model)")
+            c.add_argument("--dry-run", action="store_true", help="run the canary and print it; never switch")
     act = sub.add_parser("activity", help="the latest proxied requests, newest first (the activity log)")
     act.add_argument("--model", help="only this model's requests")
     act.add_argument("--slow", type=float, metavar="MS", help="only requests that took at least this many ms")
@@ -168,7 +173,10 @@ def _remote(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
-            if args.cmd == "status":
+            if args.cmd == "upgrade":  # the canary starts a llama-server and waits for it: as long as a start
+                body = {"binary": os.path.abspath(args.binary), "model": args.model, "dry_run": args.dry_run}
+                r = client.post("/admin/upgrade", json=body, timeout=cfg.load_max_s + 4 * cfg.warmup_timeout_s)
+            elif args.cmd == "status":
                 r = client.get("/status")
             elif args.cmd == "activity":
                 query = {"model": args.model, "min_duration_ms": args.slow, "status": args.status, "limit": args.limit}
@@ -191,6 +199,9 @@ def _remote(args: argparse.Namespace) -> int:
         data = r.json()
     except ValueError:
         data = {"error": r.text}
+    if args.cmd == "upgrade" and "verdict" in data:
+        print(json.dumps(data, indent=2) if args.json else format_upgrade(data))
+        return EXIT_OK if data.get("passed") else EXIT_NOT_READY
     if r.status_code >= 400 and args.cmd != "reload":
         print(f"llama-supervisor: {url} answered {r.status_code}: {json.dumps(data)}", file=sys.stderr)
         return EXIT_NOT_READY if r.status_code != 401 else EXIT_INVALID
@@ -202,6 +213,25 @@ def _remote(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(json.dumps(data))
     return EXIT_OK if r.status_code < 400 else EXIT_NOT_READY
+
+
+def format_upgrade(d: dict[str, Any]) -> str:
+    """The canary's comparison, old build against new, one check a line; then what happened."""
+    rows = (d.get("verdict") or {}).get("rows") or []
+    w = max([len(r["check"]) for r in rows] + [5])
+    lines = [f"{'check':<{w}}  {'old':>18}  {'new':>18}  ok"]
+    for r in rows:
+        mark = "yes" if r["ok"] else "NO: " + r["reason"]
+        lines.append(f"{r['check']:<{w}}  {str(r['old'])[:18]:>18}  {str(r['new'])[:18]:>18}  {mark}")
+    where = f" (candidate run {d['where']})" if d.get("where") and d["where"] != "nowhere" else ""
+    if d.get("passed"):
+        outcome = ("passed; dry run: not switched" if d.get("dry_run") else
+                   "passed; switched (on probation for upgrade_probation_s)" if d.get("switched") else
+                   f"passed; {d.get('note') or 'not switched'}")
+    else:
+        outcome = "FAILED; the running build stays" + ("" if d.get("dry_run") else " and this build is not tried again")
+        outcome += "".join(f"\n  {why}" for why in d.get("reasons") or [] if not rows)
+    return "\n".join([*lines, outcome + where])
 
 
 def format_status(d: dict[str, Any]) -> str:

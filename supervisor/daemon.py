@@ -18,9 +18,11 @@ from .core.lifecycle import State
 from .fleet.drain import Drain
 from .host.sdnotify import Notifier
 from .models import status
+from .models.canary_hooks import ModelTarget, reporter
 from .models.catalog import scan
 from .models.model import Model
 from .models.pool import Pool
+from .models.upgrade import Upgrades
 from .models.watch import Reloader
 from .spec.loaded import load_checked
 from .spec.settings import Config
@@ -84,14 +86,28 @@ class Daemon:
         # Every profile in profiles_dir is a model this box offers; without one, the default alone.
         folder = Path(cfg.profiles_dir) if cfg.profiles_dir is not None else None
         catalog = await asyncio.to_thread(scan, folder, loaded)
+        # Each model runs its last good llama-server build; a new one at a profile's path gets a canary first.
+        self.upgrades = upgrades = Upgrades(cfg)
+        await upgrades.resolve_catalog(catalog)
         self.metrics = metrics = BoxMetrics()
         self.pool = pool = Pool(cfg, catalog, loaded.profile.name, notifier=self.notifier, metrics=metrics)
         metrics.attach_sampler(lambda: status.sample(pool))
-        self.reloader = Reloader(pool, folder, loaded.path, self.settings_file, self.overrides, drain=self.drain)
+        self.reloader = reloader = Reloader(pool, folder, loaded.path, self.settings_file, self.overrides,
+                                            drain=self.drain)
+        reloader.before_apply.append(upgrades.resolve_catalog)
+        reloader.more_files.append(upgrades.watched)
+
+        def follow(model: Model) -> None:
+            upgrades.attach(ModelTarget(model, lambda mid, loaded, why: reloader.restart(mid, loaded, why, "upgrade")))
+
+        for model in pool.models.values():
+            follow(model)
+        pool.on_model.append(follow)
+        pool.on_forget.append(lambda model: upgrades.forget(model.id))
         keys = Keys(cfg.api_key, cfg.admin_key)
         self.activity = activity = Activity.from_settings(cfg, metrics.registry)
         self.api = api = Api(pool, metrics, activity)
-        self.own = own = Own(pool, api, self.reloader, self.drain, activity)
+        self.own = own = Own(pool, api, self.reloader, self.drain, activity, upgrades)
         self.ops = ops = Ops(pool.runners, own.page_models, RING,
                              key_ok=keys.admin_checker() if keys.admin_or_api else None,
                              sample_interval_s=cfg.sample_interval_s)
@@ -100,6 +116,7 @@ class Daemon:
         pool.on_model.append(lambda model: ops.watch(model.runner))
         pool.on_swap.append(ops.timeline.swapped)
         self.reloader.observers.append(ops.timeline.reloaded)
+        upgrades.observers += [ops.timeline.upgraded, reporter(pool, metrics)]
         self.app = App(pool, api, own, ops, keys, metrics)
         log.info("models", profile=str(self.profile_path), models=list(catalog.models), binary=loaded.caps.binary,
                  llama_server_version=loaded.caps.version)
@@ -214,6 +231,7 @@ class Daemon:
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
+            await self.upgrades.close()
             await self.pool.stop()
             await self.activity.stop()  # what is still queued is written first
             if self.agent is not None:  # last: it says `drain` until the very end

@@ -17,8 +17,8 @@ from supervisor.spec.loaded import base_settings, load_checked
 pytestmark = pytest.mark.integration
 TIMING = run.Timing(load_stall_s=30, load_max_s=60, request_timeout_s=30, stop_timeout_s=5)
 # The test's own noise on a shared 2-core machine moves tokens/s by tens of percent; the slow build is many
-# times slower. This threshold sits between the two.
-LIMITS = canary.Limits(max_slowdown=0.6, max_memory_growth=0.5)
+# times slower (10-25x at prompt processing). This threshold (5x) sits between the two.
+LIMITS = canary.Limits(max_slowdown=0.8, max_memory_growth=0.5)
 
 
 def _vl_profile(tmp_path: Path, binary: str, vl: tuple[Path, Path]) -> Path:
@@ -37,7 +37,7 @@ async def test_bad_builds_fail_the_honest_one_passes(tmp_path: Path, llama_serve
     assert [g.name for g in golden] == ["text", "stream", "image"]
     settings = base_settings(loaded.profile)
     async with httpx.AsyncClient(timeout=30) as http:
-        old = await run.try_candidate(loaded, settings, "old", golden, TIMING, http)
+        old, _ = await run.try_candidate(loaded, settings, "old", golden, TIMING, http)
         assert not old.failure and {a.name for a in old.answers} == {"text", "stream", "image"}, old
         assert all(a.status == 200 and a.completion_tokens == canary.GOLDEN_N_PREDICT for a in old.answers), old
         assert old.memory is not None and old.memory.host_mib > 0
@@ -48,7 +48,7 @@ async def test_bad_builds_fail_the_honest_one_passes(tmp_path: Path, llama_serve
             if isinstance(cand, str):
                 return canary.compare(old, canary.Measured(kind, cand), LIMITS)
             assert cand.caps.binary == str(binary)
-            new = await run.try_candidate(cand, settings, kind, golden, TIMING, http)
+            new, _ = await run.try_candidate(cand, settings, kind, golden, TIMING, http)
             return canary.compare(old, new, LIMITS)
 
         honest = await verdict("honest")
@@ -82,6 +82,6 @@ async def test_measure_running_child_and_refused_start(tmp_path: Path, llama_ser
     async with httpx.AsyncClient(timeout=30) as http:
         # A model file that is not there any more: the candidate's own words say why it did not come up.
         broken = loaded.profile.model_copy(update={"model": tmp_path / "gone.gguf"})
-        m = await run.try_candidate(type(loaded)(path, broken, loaded.caps), base_settings(broken), "b", golden,
-                                    TIMING, http)
+        m, _ = await run.try_candidate(type(loaded)(path, broken, loaded.caps), base_settings(broken), "b", golden,
+                                       TIMING, http)
         assert m.failure.startswith("load: exited with code 1") and "(" in m.failure, m.failure

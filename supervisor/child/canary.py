@@ -46,7 +46,7 @@ class Timing:
     load_max_s: float = 1800.0
     request_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
-    speed_runs: int = 3
+    speed_runs: int = 5
 
 
 async def prepare(loaded: Loaded, binary: str) -> Loaded | str:
@@ -99,15 +99,25 @@ def _parse(text: str) -> object:
         return text
 
 
-async def run_golden(http: httpx.AsyncClient, url: str, golden: list[Golden], timing: Timing) -> tuple[Answer, ...]:
-    out = []
+async def run_golden(http: httpx.AsyncClient, urls: list[str], golden: list[Golden], timing: Timing
+                     ) -> list[tuple[Answer, ...]]:
+    """The golden set against each child in `urls`, request by request in turn (old, new, old, new...): two
+    builds measured side by side meet the same load from the box, so their speeds compare fairly."""
+    runs: list[dict[str, list[Answer]]] = [{} for _ in urls]
     for g in golden:
-        runs = [await ask(http, url, g, timing.request_timeout_s)]
-        if g.name == "text":
-            for _ in range(timing.speed_runs - 1):
-                runs.append(await ask(http, url, g, timing.request_timeout_s))
-        out.append(canary.best_of(runs))
-    return tuple(out)
+        for _ in range(timing.speed_runs if g.name == "text" else 1):
+            for i, url in enumerate(urls):
+                runs[i].setdefault(g.name, []).append(await ask(http, url, g, timing.request_timeout_s))
+    return [tuple(canary.best_of(r[g.name]) for g in golden) for r in runs]
+
+
+@dataclass(frozen=True)
+class Running:
+    """The old child, serving: measured beside the candidate."""
+
+    url: str
+    pid: int
+    label: str
 
 
 def memory_of(pid: int) -> Mem | None:
@@ -134,7 +144,7 @@ def memory_of(pid: int) -> Mem | None:
 async def measure_running(http: httpx.AsyncClient, url: str, pid: int, label: str, golden: list[Golden],
                           timing: Timing) -> Measured:
     """The golden set against a child that is already up (the old build, serving), then its memory."""
-    answers = await run_golden(http, url, golden, timing)
+    (answers,) = await run_golden(http, [url], golden, timing)
     return Measured(label, "", answers, await asyncio.to_thread(memory_of, pid))
 
 
@@ -147,46 +157,52 @@ def telling_line(tail: list[str]) -> str:
 
 
 async def try_candidate(loaded: Loaded, settings: RunSettings, label: str, golden: list[Golden], timing: Timing,
-                        http: httpx.AsyncClient) -> Measured:
+                        http: httpx.AsyncClient, beside: Running | None = None) -> tuple[Measured, Measured | None]:
     """Start the candidate build (its own free port, the settings the old child runs with), warm it up as the
-    runner would, ask it the golden set, measure it, and stop it, whatever happened."""
+    runner would, ask it the golden set, measure it, and stop it, whatever happened. With `beside`, the old
+    child answers the golden set in turn with the candidate: (candidate, old); the old is None when the
+    candidate never got to the golden set."""
     p = loaded.profile
     port = free_port()
     try:
         argv = build_argv(p, loaded.caps, settings, port)
     except CommandError as exc:
-        return Measured(label, f"flags: {exc}")
+        return Measured(label, f"flags: {exc}"), None
     log.info("canary_spawn", argv=redact(argv))
     try:
         child = await spawn(argv, child_env(os.environ, p), echo=False)
     except (OSError, ValueError) as exc:
-        return Measured(label, f"cannot start {argv[0]}: {exc}")
+        return Measured(label, f"cannot start {argv[0]}: {exc}"), None
     url = f"http://127.0.0.1:{port}"
     try:
-        return await _exercise(child, url, loaded, label, golden, timing, http)
+        return await _exercise(child, url, loaded, label, golden, timing, http, beside)
     finally:
         await child.stop(timing.stop_timeout_s)
 
 
 async def _exercise(child: Child, url: str, loaded: Loaded, label: str, golden: list[Golden], timing: Timing,
-                    http: httpx.AsyncClient) -> Measured:
+                    http: httpx.AsyncClient, beside: Running | None) -> tuple[Measured, Measured | None]:
     p = loaded.profile
     try:
         await wait_healthy(http, url, child, stall_s=timing.load_stall_s, max_s=timing.load_max_s)
     except NotReady as exc:
         await _settle(child)
-        return Measured(label, f"load: {exc}" + _because(child))
+        return Measured(label, f"load: {exc}" + _because(child)), None
     try:
         await warmup(http, url, image=p.images if p.mmproj is not None else None, timeout_s=timing.request_timeout_s)
     except NotReady as exc:
         await _settle(child)
-        return Measured(label, f"warmup: {exc}" + _because(child))
-    answers = await run_golden(http, url, golden, timing)
+        return Measured(label, f"warmup: {exc}" + _because(child)), None
+    urls = [beside.url, url] if beside is not None else [url]
+    answers = await run_golden(http, urls, golden, timing)
+    old = None
+    if beside is not None:
+        old = Measured(beside.label, "", answers[0], await asyncio.to_thread(memory_of, beside.pid))
     if child.returncode is not None or not await _alive(http, url):
         await _settle(child)
-        return Measured(label, f"exited with code {child.returncode} during the golden set" + _because(child),
-                        answers)
-    return Measured(label, "", answers, await asyncio.to_thread(memory_of, child.pid))
+        why = f"exited with code {child.returncode} during the golden set" + _because(child)
+        return Measured(label, why, answers[-1]), old
+    return Measured(label, "", answers[-1], await asyncio.to_thread(memory_of, child.pid)), old
 
 
 async def _alive(http: httpx.AsyncClient, url: str) -> bool:

@@ -14,6 +14,7 @@ $ORIGIN run path); only the last good build's copy is kept.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,6 +144,11 @@ class BuildBook:
         if good is None:
             return None
         if still_there(good):
+            # The path it was given by, while that still leads there (a command line that stays the same), else
+            # the real file.
+            with contextlib.suppress(OSError):
+                if str(Path(good.path).resolve(strict=True)) == good.real_path:
+                    return good.path
             return good.real_path
         kept = self.dir / KEEP_DIR / good.id / Path(good.real_path).name
         try:

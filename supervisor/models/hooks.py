@@ -79,11 +79,25 @@ class BoxNotifier(Notifier):
         super().__init__({})
         self.box, self.speaks = box, speaks  # speaks: is this model the default, and not being unloaded?
         self.address, self.watchdog_s = box.address, box.watchdog_s
+        self.note = ""  # said after every STATUS= (an upgrade rolled back: `systemctl status` shows why)
+        self._status = "STATUS=starting"
 
     def send(self, *fields: str) -> bool:
         if not self.speaks() or any(f == "STOPPING=1" for f in fields):
             return False
+        fields = tuple(self._noted(f) for f in fields)
         return self.box.send(*fields)
+
+    def _noted(self, field: str) -> str:
+        if not field.startswith("STATUS="):
+            return field
+        self._status = field
+        return f"{field}; {self.note}"[:400] if self.note else field
+
+    def set_note(self, note: str) -> None:
+        """Say `note` with the status from now on, and at once."""
+        self.note = note
+        self.send(self._status)
 
     def close(self) -> None:
         pass

@@ -19,69 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from ..child import canary as run
-from ..child.runner import Runner
-from ..child.view import RunnerCore
 from ..core import canary
 from ..core.canary import Limits, Measured, Verdict
-from ..core.lifecycle import Machine, State
-from ..core.upgrade import Facts, Run, in_probation, plan
+from ..core.upgrade import Facts, Run, plan
 from ..host import builds
 from ..host.builds import Build, BuildBook
 from ..host.room import room
 from ..spec.loaded import Loaded
 from ..spec.settings import Config
+from .canary_hooks import Follower, InPlace, ModelBuilds, Observer, Target, now_iso
+from .catalog import Catalog
 
 log = structlog.get_logger("upgrade")
-
-
-class Target(Protocol):
-    """What an upgrade needs of a model: its id, its runner, and a restart with requests held (new requests
-    wait while those in flight finish, bounded by drain_s, then the runner restarts with `loaded`)."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def runner(self) -> Runner: ...
-
-    async def restart_with(self, loaded: Loaded, why: str) -> None: ...
-
-
-Observer = Callable[[str, str, dict[str, Any]], None]  # (model, event, details): the timeline, metrics, systemd
-
-
-@dataclass
-class ModelBuilds:
-    """One model's builds, for /status and the page, and what probation needs to go back."""
-
-    running: Build | None = None
-    profile: Build | None = None  # the build the profile's path leads to
-    last_good: Build | None = None
-    candidate: dict[str, Any] | None = None  # build, state (canary, probation, rejected, good), reasons, verdict
-    note: str = ""
-    adopt: Build | None = None  # no last good build yet: this one becomes it once ready
-    switched_at: float | None = None  # monotonic: a switched build is on probation
-    previous: tuple[Loaded, Build | None] | None = None  # what probation goes back to
-    probation: asyncio.TimerHandle | None = field(default=None, repr=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        def b(x: Build | None) -> dict[str, Any] | None:
-            return x.as_dict() if x is not None else None
-
-        return {"running": b(self.running), "profile": b(self.profile), "last_good": b(self.last_good),
-                "candidate": self.candidate, "note": self.note or None}
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class Upgrades:
@@ -92,7 +46,8 @@ class Upgrades:
         self.observers: list[Observer] = []
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._in_place: dict[str, _InPlace] = {}
+        self.in_place: dict[str, InPlace] = {}
+        self.targets: dict[str, Target] = {}
 
     @property
     def limits(self) -> Limits:
@@ -115,7 +70,7 @@ class Upgrades:
             except Exception as exc:  # noqa: BLE001 - an observer's bug must not stop an upgrade half-way
                 log.error("upgrade_observer_error", error=repr(exc))
 
-    def _task(self, coro: Any) -> None:
+    def task(self, coro: Any) -> None:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
@@ -129,6 +84,34 @@ class Upgrades:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ---- which build runs -----------------------------------------------------------------------------
+
+    async def resolve_catalog(self, catalog: Catalog) -> None:
+        """Every model's Loaded replaced by the one to run (the last good build, or the build on probation); a
+        candidate at a profile's path waits for its model to be ready, then gets its canary (kick)."""
+        for mid, loaded in list(catalog.models.items()):
+            chosen, due = await self.resolve(mid, loaded)
+            catalog.models[mid] = chosen
+            self.models[mid].pending = loaded if due else None
+            target = self.targets.get(mid)
+            if due and target is not None:
+                self.kick(target)
+
+    def watched(self) -> dict[str, set[str]]:
+        """The paths whose change means another build at a profile's binary (the file, every symlink on the
+        way), for the reloader's watch; "" marks them as files whose change reloads (which resolves again)."""
+        out: dict[str, set[str]] = {}
+        for st in self.models.values():
+            for path in st.watch:
+                out.setdefault(path, set()).add("")
+        return out
+
+    def kick(self, target: Target) -> None:
+        """A candidate waiting for its model: its canary starts once the model is ready, one at a time."""
+        st = self.models.get(target.id)
+        if st is None or st.pending is None or not target.runner.ready or self.busy(target.id):
+            return
+        candidate, st.pending = st.pending, None
+        self.task(self.try_candidate(target, candidate, source="file change"))
 
     async def resolve(self, mid: str, loaded: Loaded) -> tuple[Loaded, bool]:
         """The Loaded a model's runner should run for this (validated) profile, and whether the profile's build
@@ -144,10 +127,18 @@ class Upgrades:
             lambda: (book.last_good(mid), book.runnable(mid), book.rejected(mid, cur), book.seen(mid)))
         p = plan(Facts(cur.sha256, seen, good.sha256 if good else None, runnable is not None, rejected is not None))
         st.profile, st.last_good, st.note = cur, good, p.note
+        st.watch = await asyncio.to_thread(builds.watch_paths, loaded.profile.binary)
         if rejected is not None:
             st.candidate = {"build": cur.as_dict(), "state": "rejected", "reasons": rejected.get("reasons"),
                             "at": rejected.get("at")}
         chosen, canary_due, adopt = loaded, p.canary, p.adopt
+        running = st.running
+        if st.switched_at is not None and running is not None and (cur.sha256 == running.sha256 or not p.canary):
+            # A switched build on probation keeps running through reloads, unless a newer candidate comes.
+            if cur.sha256 == running.sha256:
+                return loaded, False
+            prepared = await run.prepare(loaded, running.path)
+            return (prepared if not isinstance(prepared, str) else loaded), False
         if p.run is Run.LAST_GOOD and runnable is not None:
             prepared = await run.prepare(loaded, runnable)
             if isinstance(prepared, str):
@@ -169,18 +160,26 @@ class Upgrades:
         """Follow a model's runner: adopt a first build once it is ready, run an in-place canary's golden set
         before its candidate is reported ready, and roll back a switched build that dies on probation."""
         r = target.runner
+        self.targets[target.id] = target
 
         async def warmed(gen: int, _info: dict[str, Any]) -> None:
             st = self.models.get(target.id)
             if st is not None and st.adopt is not None and r.loaded.caps.binary == st.adopt.path:
                 build, st.adopt = st.adopt, None
-                self._task(self._adopt(target.id, build))
-            pending = self._in_place.get(target.id)
+                self.task(self._adopt(target.id, build))
+            pending = self.in_place.get(target.id)
             if pending is not None and r.loaded is pending.candidate and not pending.done.done():
-                await pending.check(r)
+                await pending.check(target)
 
         r.on_warmed(warmed)
-        r.observe(_Follower(self, target))
+        r.observe(Follower(self, target))
+
+    def forget(self, mid: str) -> None:
+        """A model removed from the catalog."""
+        self.targets.pop(mid, None)
+        st = self.models.pop(mid, None)
+        if st is not None and st.probation is not None:
+            st.probation.cancel()
 
     async def _adopt(self, mid: str, build: Build) -> None:
         await asyncio.to_thread(self.book.set_good, mid, build, None)
@@ -203,7 +202,8 @@ class Upgrades:
         try:
             build = await asyncio.to_thread(builds.identify, binary, "unknown")
         except OSError as exc:
-            return {"passed": False, "switched": False, "reasons": [f"cannot read {binary}: {exc.strerror or exc}"]}
+            return {"passed": False, "switched": False, "verdict": None,
+                    "reasons": [f"cannot read {binary}: {exc.strerror or exc}"]}
         st = self.models.setdefault(mid, ModelBuilds())
         old = st.running.label() if st.running else "running"
         verdict = canary.compare(Measured(old), Measured(build.label(), why), self.limits)
@@ -217,12 +217,13 @@ class Upgrades:
             try:
                 build = await asyncio.to_thread(builds.identify, candidate.caps.binary, candidate.caps.version)
             except OSError as exc:
-                return {"passed": False, "switched": False, "reasons": [f"cannot read {candidate.caps.binary}: {exc}"]}
+                return {"passed": False, "switched": False, "verdict": None,
+                        "reasons": [f"cannot read {candidate.caps.binary}: {exc}"]}
             st = self.models.setdefault(mid, ModelBuilds())
             if st.running is not None and build.sha256 == st.running.sha256:
                 return {"passed": True, "switched": False, "note": "this build is already running",
-                        "build": build.as_dict()}
-            st.candidate = {"build": build.as_dict(), "state": "canary", "source": source, "at": _now()}
+                        "build": build.as_dict(), "verdict": None}
+            st.candidate = {"build": build.as_dict(), "state": "canary", "source": source, "at": now_iso()}
             self._tell(mid, "canary", build=build.label(), source=source, dry_run=dry_run)
             before = target.runner.loaded
             try:
@@ -246,31 +247,36 @@ class Upgrades:
         st = self.models[target.id]
         old_label = st.running.label() if st.running else "running"
         child, url = r.child, r.child_url
-        if r.ready and child is not None and url is not None:
+        serving = r.ready and child is not None and url is not None
+        old_mem = await asyncio.to_thread(run.memory_of, child.pid) if serving and child is not None else None
+        here = await asyncio.to_thread(room, self.cfg.memory_budget_mib)
+        budget = self.cfg.memory_budget_mib
+        left = None if budget is None or old_mem is None else budget - old_mem.host_mib
+        beside, why = canary.fits_beside(old_mem, here, self.limits, left)
+        if beside and child is not None and url is not None:
+            old_now = run.Running(url, child.pid, old_label)
+            tried, measured = await run.try_candidate(candidate, r.machine.effective, build.label(), golden,
+                                                      self.timing, r.http, old_now)
+            old = measured or Measured(old_label, "", (), old_mem)
+            return canary.compare(old, tried, self.limits), tried, "beside"
+        if serving and child is not None and url is not None:
             old = await run.measure_running(r.http, url, child.pid, old_label, golden, self.timing)
         else:
             recorded = await asyncio.to_thread(self.book.golden, target.id)
             old = Measured.from_dict(recorded) if recorded else canary.baseline_unknown(golden)
-        here = await asyncio.to_thread(room, self.cfg.memory_budget_mib)
-        budget = self.cfg.memory_budget_mib
-        left = None if budget is None or old.memory is None else budget - old.memory.host_mib
-        beside, why = canary.fits_beside(old.memory, here, self.limits, left)
-        if beside:
-            tried = await run.try_candidate(candidate, r.machine.effective, build.label(), golden, self.timing, r.http)
-            return canary.compare(old, tried, self.limits), tried, "beside"
         log.info("canary_in_place", model=target.id, why=why)
-        pending = _InPlace(candidate, r.loaded, old, golden, build.label(), self)
+        pending = InPlace(candidate, r.loaded, old, golden, build.label(), self)
         new: Measured | None
-        self._in_place[target.id] = pending
+        self.in_place[target.id] = pending
         try:
             await target.restart_with(candidate, f"upgrade canary: {build.label()} ({why})")
             limit = self.cfg.load_max_s + 2 * self.cfg.warmup_timeout_s
             verdict, new = await asyncio.wait_for(asyncio.shield(pending.done), limit)
         except TimeoutError:
-            pending.failed(r, "no verdict in time")
+            pending.failed(target, "no verdict in time")
             verdict, new = await pending.done
         finally:
-            self._in_place.pop(target.id, None)
+            self.in_place.pop(target.id, None)
         return verdict, new, "in place"
 
     async def _passed(self, target: Target, candidate: Loaded, before: Loaded, build: Build, verdict: Verdict,
@@ -281,20 +287,20 @@ class Upgrades:
         if dry_run:
             if where == "in place":
                 await target.restart_with(before, "upgrade canary: dry run, back to the running build")
-            st.candidate = {"build": build.as_dict(), "state": "passed (dry run)", "at": _now(),
+            st.candidate = {"build": build.as_dict(), "state": "passed (dry run)", "at": now_iso(),
                             "verdict": verdict.as_dict()}
             self._tell(mid, "passed", build=build.label(), switched=False, verdict=verdict.as_dict(), source=source)
             return {"passed": True, "switched": False, "dry_run": True, "where": where, "verdict": verdict.as_dict()}
         if where != "in place":
             await target.restart_with(candidate, f"upgrade: {build.label()} passed its canary")
         st.previous, st.switched_at, st.running = previous, time.monotonic(), build
-        st.candidate = {"build": build.as_dict(), "state": "probation", "at": _now(), "verdict": verdict.as_dict(),
+        st.candidate = {"build": build.as_dict(), "state": "probation", "at": now_iso(), "verdict": verdict.as_dict(),
                         "probation_s": self.cfg.upgrade_probation_s}
         if st.probation is not None:
             st.probation.cancel()
         golden = new.as_dict() if new is not None else None
         st.probation = asyncio.get_running_loop().call_later(
-            self.cfg.upgrade_probation_s, lambda: self._task(self._probation_passed(mid, build, golden, source)))
+            self.cfg.upgrade_probation_s, lambda: self.task(self._probation_passed(mid, build, golden, source)))
         self._tell(mid, "switched", build=build.label(), verdict=verdict.as_dict(), source=source, where=where)
         return {"passed": True, "switched": True, "where": where, "verdict": verdict.as_dict()}
 
@@ -307,10 +313,10 @@ class Upgrades:
         if source != "api" and st.profile is not None:
             await asyncio.to_thread(self.book.set_seen, mid, st.profile.sha256)
         st.last_good, st.note = build, ""
-        st.candidate = {**(st.candidate or {}), "state": "good", "at": _now()}
+        st.candidate = {**(st.candidate or {}), "state": "good", "at": now_iso()}
         self._tell(mid, "good", build=build.label())
 
-    async def _probation_failed(self, target: Target, why: str) -> None:
+    async def probation_failed(self, target: Target, why: str) -> None:
         mid = target.id
         st = self.models[mid]
         if st.previous is None or st.running is None:
@@ -321,7 +327,7 @@ class Upgrades:
             st.probation.cancel()
             st.probation = None
         reason = f"died within upgrade_probation_s after the switch: {why}"
-        await target.restart_with(old_loaded, f"upgrade rolled back: {bad.label()} {reason}")
+        target.restart_now(old_loaded, f"upgrade rolled back: {bad.label()} {reason}")  # its child is gone already
         st.running = old_build
         await self._record_failure(mid, bad, [reason], None, "probation")
 
@@ -330,7 +336,7 @@ class Upgrades:
         if not dry_run:
             await self._record_failure(mid, build, verdict.reasons, verdict, source)
         else:
-            self.models[mid].candidate = {"build": build.as_dict(), "state": "failed (dry run)", "at": _now(),
+            self.models[mid].candidate = {"build": build.as_dict(), "state": "failed (dry run)", "at": now_iso(),
                                           "reasons": verdict.reasons, "verdict": verdict.as_dict()}
         return {"passed": False, "switched": False, "dry_run": dry_run, "where": where, "reasons": verdict.reasons,
                 "verdict": verdict.as_dict()}
@@ -338,7 +344,7 @@ class Upgrades:
     async def _record_failure(self, mid: str, build: Build, reasons: list[str], verdict: Verdict | None,
                               source: str) -> None:
         st = self.models.setdefault(mid, ModelBuilds())
-        at = _now()
+        at = now_iso()
         await asyncio.to_thread(self.book.reject, mid, build, reasons, at)
         if source not in ("api", "probation") and st.profile is not None:
             await asyncio.to_thread(self.book.set_seen, mid, st.profile.sha256)
@@ -350,57 +356,3 @@ class Upgrades:
                    verdict=verdict.as_dict() if verdict else None, source=source)
 
 
-class _Follower:
-    """Watches a model's machine: a child that fails (backoff or failed, whatever killed it: a crash, a failed
-    warmup) while an in-place candidate is being tried, or within probation after a switch, is rolled back."""
-
-    def __init__(self, owner: Upgrades, target: Target) -> None:
-        self.owner, self.target = owner, target
-
-    def machine_changed(self, runner: RunnerCore, old: Machine, new: Machine) -> None:
-        if new.state not in (State.BACKOFF, State.FAILED) or old.state is new.state:
-            return
-        why = (new.history[-1].detail if new.history else "") or new.reason or new.state.value
-        owner, mid = self.owner, self.target.id
-        pending = owner._in_place.get(mid)
-        if pending is not None and runner.loaded is pending.candidate and not pending.done.done():
-            pending.failed(self.target.runner, why[:400])
-            return
-        st = owner.models.get(mid)
-        if st is not None and st.previous is not None and runner.loaded is not st.previous[0] and in_probation(
-                st.switched_at, time.monotonic(), owner.cfg.upgrade_probation_s):
-            owner._task(owner._probation_failed(self.target, why[:400]))
-
-    def child_lines(self, runner: RunnerCore, gen: int, lines: list[str]) -> None:
-        pass
-
-
-class _InPlace:
-    """A candidate run by the model's own runner (no room beside): its golden set runs after its warmup, before
-    it is reported ready; a failure (there, or an exit before) restarts the old build at once."""
-
-    def __init__(self, candidate: Loaded, old_loaded: Loaded, old: Measured, golden: list[canary.Golden],
-                 label: str, owner: Upgrades) -> None:
-        self.candidate, self.old_loaded, self.old, self.golden, self.label = candidate, old_loaded, old, golden, label
-        self.owner = owner
-        self.done: asyncio.Future[tuple[Verdict, Measured | None]] = asyncio.get_running_loop().create_future()
-
-    async def check(self, r: Runner) -> None:
-        child, url = r.child, r.child_url
-        if child is None or url is None:
-            return
-        new = await run.measure_running(r.http, url, child.pid, self.label, self.golden, self.owner.timing)
-        verdict = canary.compare(self.old, new, self.owner.limits)
-        if not verdict.passed:
-            r.replace_profile(self.old_loaded)  # before ready: no request reaches the candidate
-        if not self.done.done():
-            self.done.set_result((verdict, new))
-
-    def failed(self, r: Runner, why: str) -> None:
-        """Called from the runner's dispatch (an observer): the restart is asked for just after it, not inside."""
-        if r.loaded is self.candidate:
-            asyncio.get_running_loop().call_soon(
-                lambda: r.replace_profile(self.old_loaded) if r.loaded is self.candidate else None)
-        verdict = canary.compare(self.old, Measured(self.label, why), self.owner.limits)
-        if not self.done.done():
-            self.done.set_result((verdict, None))

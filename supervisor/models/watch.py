@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ..fleet.drain import Drain
 from ..spec.loaded import Loaded, child_identity, load_checked
 from ..spec.profile import ProfileError
 from ..spec.settings import ConfigError, load_config
-from .catalog import scan
+from .catalog import Catalog, scan
 from .pool import Pool
 
 log = structlog.get_logger("reload")
@@ -53,6 +53,9 @@ class Reloader:
         self.last_error: dict[str, Any] | None = None  # a rejected file of the last reload (the default's first)
         self._lock = asyncio.Lock()
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []  # told of every outcome (the ops page)
+        # Before a reload applies: each may replace a model's Loaded (the upgrades run the last good build).
+        self.before_apply: list[Callable[[Catalog], Awaitable[None]]] = []
+        self.more_files: list[Callable[[], dict[str, set[str]]]] = []  # more files to watch ("" → reload)
 
     async def reload(self, source: str) -> dict[str, Any]:
         if self.pool.stopping:
@@ -82,6 +85,8 @@ class Reloader:
             if len(pool.models) > 1 or self.folder is not None:
                 rejected["errors"].append({"field": "", "message": f"kept out: the default stays {default.path}"})
         catalog = await asyncio.to_thread(scan, self.folder, fresh_default)
+        for hook in self.before_apply:
+            await hook(catalog)
         if rejected is not None:
             catalog.errors[str(rejected["file"])] = rejected
         added = [mid for mid in catalog.models if mid not in pool.models]
@@ -104,7 +109,7 @@ class Reloader:
                 continue
             if loaded.path != model.loaded.path or child_identity(loaded) != child_identity(model.loaded):
                 restarted.append(mid)
-                await self._restart(mid, loaded, source)
+                await self.restart(mid, loaded, source)
             else:
                 if loaded.profile != model.loaded.profile:
                     updated.append(mid)
@@ -131,12 +136,11 @@ class Reloader:
         log.info("reload", source=source, **{k: v for k, v in outcome.items() if v and k != "error"})
         return outcome
 
-    async def _restart(self, mid: str, loaded: Loaded, source: str) -> None:
+    async def restart(self, mid: str, loaded: Loaded, source: str, why: str = "profile change") -> None:
         """An edit that changes the child. A model /health answers for (the default, a pinned one) first leaves
         the balancer's pool, once it has looked; the model then holds new requests while those in flight finish."""
         pool, cfg = self.pool, self.pool.cfg
         counted = mid == pool.default or loaded.profile.pinned
-        why = "profile change"
         log.info("reload_restart", source=source, model=mid, file=str(loaded.path))
         if counted and self.drain.begin(why):
             try:
@@ -159,6 +163,9 @@ class Reloader:
         for files in self.pool.waiting_on.values():
             for f in files:
                 deps.setdefault(f, set()).add("")
+        for more in self.more_files:
+            for f, mids in more().items():
+                deps.setdefault(f, set()).update(mids)
         return deps
 
     async def watch(self) -> None:

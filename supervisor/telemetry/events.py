@@ -104,6 +104,21 @@ class Timeline:
         """A load, drain, unload or refusal decided by the pool, with what caused it (request, lru, ttl, admin...)."""
         self.add(model, "swap", f"{action}: {cause}", detail, action=action, cause=cause)
 
+    # ---- upgrades (see models/upgrade.py's observers) -------------------------------------------------
+
+    def upgraded(self, model: str, event: str, details: dict[str, Any]) -> None:
+        """A canary began, a build was switched to, rejected, rolled back or became the last good one. The
+        comparison table goes with the verdict (`verdict.rows`), for the page to show."""
+        build = details.get("build", "")
+        titles = {"canary": f"upgrade: canary of {build}", "switched": f"upgrade: switched to {build}",
+                  "passed": f"upgrade: {build} passed (dry run)", "rejected": f"upgrade: {build} rejected",
+                  "good": f"upgrade: {build} is the last good build"}
+        detail = "; ".join(details.get("reasons") or [])
+        if event == "rejected":
+            detail = f"{detail} (serving {details.get('running', 'the last good build')})"
+        self.add(model, "upgrade", titles.get(event, f"upgrade: {event}"), detail, event=event,
+                 **{k: v for k, v in details.items() if k not in ("reasons",)})
+
     # ---- reload outcomes (see Reloader.observers) ---------------------------------------------------
 
     def reloaded(self, source: str, outcome: dict[str, Any]) -> None:

@@ -187,6 +187,12 @@ class BoxMetrics:
                                  ["model", "reason"], registry=r)
         self.reloads = Counter(f"{NS}_reloads_total", "Profile reloads by outcome (per model: restart, update, "
                                "unchanged; per file: invalid)", ["outcome"], registry=r)
+        self.upgrades = Counter(f"{NS}_upgrades_total", "llama-server upgrades by outcome: switched (passed its "
+                                "canary), rejected (failed it, or died on probation: rolled back), good (probation "
+                                "over); dry runs are not counted", ["model", "outcome"], registry=r)
+        self.upgrade_failed = Gauge(f"{NS}_upgrade_failed_check", "1 for each check the last rejected candidate "
+                                    "failed (the model serves its last good build); cleared when a build becomes "
+                                    "good", ["model", "check"], registry=r)
 
     def for_model(self, mid: str) -> Metrics:
         m = self.models.get(mid)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from ...fleet.drain import Drain
 from ...models import gpus, status
 from ...models.model import Model
 from ...models.pool import Pool
+from ...models.upgrade import Upgrades
 from ...models.watch import Reloader
 from ...telemetry.activity import Activity
 from ..api.front import Api
@@ -31,9 +33,9 @@ API_OWN = frozenset({"/v1/models", "/models"})  # API routes the supervisor answ
 
 
 class Own:
-    def __init__(self, pool: Pool, api: Api, reloader: Reloader, drain: Drain, activity: Activity | None = None
-                 ) -> None:
-        self.pool, self.api, self.reloader, self.drain = pool, api, reloader, drain
+    def __init__(self, pool: Pool, api: Api, reloader: Reloader, drain: Drain, activity: Activity | None = None,
+                 upgrades: Upgrades | None = None) -> None:
+        self.pool, self.api, self.reloader, self.drain, self.upgrades = pool, api, reloader, drain, upgrades
         self.app = Starlette(exception_handlers=EXCEPTION_HANDLERS, routes=[
             Route("/health", self.health), Route("/status", self.status), Route("/metrics", self.metrics),
             Route("/v1/models", self.models), Route("/models", self.models),
@@ -43,6 +45,8 @@ class Own:
             Route("/admin/reload", self.do_reload, methods=["POST"]),
             # the activity log's; a replay goes the API's way, behind the key check it already passed here
             *(ActivityRoutes(activity, api).routes() if activity is not None else []),
+            Route("/admin/upgrade", self.upgrade, methods=["POST"]),
+            Route("/admin/drain", self.admin_drain, methods=["POST", "DELETE"]),
         ])
 
     def _model(self, param: str | None) -> Model | Response:
@@ -70,6 +74,9 @@ class Own:
         """One model's status, with what its proxy owns (the page shows the same per model)."""
         proxy = self.api.proxies.get(model.id)
         extra: dict[str, Any] = {"draining": self.drain.reason}
+        builds = self.upgrades.models.get(model.id) if self.upgrades is not None else None
+        if builds is not None:
+            extra["builds"] = builds.as_dict()
         if proxy is not None:
             extra.update(upstream={"active": proxy.gate.active, "limit": proxy.gate.limit,
                                    "waiting": proxy.gate.waiting},
@@ -155,3 +162,62 @@ class Own:
         err = outcome["error"]
         doc = error_doc(422, err["message"], "invalid_request_error", file=err["file"], errors=err["errors"])
         return JSONResponse({**outcome, **doc}, status_code=422)
+
+    async def upgrade(self, request: Request) -> Response:
+        """Run the upgrade canary for another binary (`llama-supervisor upgrade`): the comparison, and whether it
+        switched. Answers when the canary is over (a llama-server start and the golden set)."""
+        body = await _json_object(request)
+        if isinstance(body, Response):
+            return body
+        binary, mid, dry_run = body.get("binary"), body.get("model"), body.get("dry_run", False)
+        if not isinstance(binary, str) or not binary.startswith("/"):
+            return _bad("binary: an absolute path to the new llama-server is required", "binary")
+        if mid is not None and not isinstance(mid, str):
+            return _bad("model: a model id (a string), or leave it out for the default", "model")
+        if not isinstance(dry_run, bool):
+            return _bad("dry_run: true or false", "dry_run")
+        found = self._model(mid)
+        if isinstance(found, Response):
+            return found
+        target = self.upgrades.targets.get(found.id) if self.upgrades is not None else None
+        if target is None or not found.resident or not found.runner.ready:
+            return error_response(409, f"model '{found.id}' is not ready ({found.state_word()}): load it first",
+                                  "conflict_error")
+        assert self.upgrades is not None
+        outcome = await self.upgrades.try_binary(target, binary, dry_run=dry_run)
+        return JSONResponse({"model": found.id, "binary": binary, **outcome})
+
+    async def admin_drain(self, request: Request) -> Response:
+        """POST: leave the balancer's pool (/health 503, agent `drain`) while serving on; DELETE: come back.
+        For scripts such as deploy/rolling-upgrade.py; a shutdown's drain is never ended here."""
+        body = await _json_object(request)
+        if isinstance(body, Response):
+            return body
+        reason = body.get("reason") or "operator"
+        if not isinstance(reason, str):
+            return _bad("reason: a string", "reason")
+        why = f"admin: {reason}"[:100]
+        if request.method == "POST":
+            self.drain.begin(why)
+        else:
+            self.drain.end(why)
+        return JSONResponse({"draining": self.drain.reason, "in_flight": self.pool.in_flight()})
+
+
+def _bad(message: str, param: str | None = None) -> Response:
+    """400 in OpenAI's shape; `param` names the body's field at fault."""
+    return JSONResponse(error_doc(400, message, "invalid_request_error", param=param), status_code=400)
+
+
+async def _json_object(request: Request) -> dict[str, Any] | Response:
+    """The request's JSON object; an empty body is an empty object."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        return _bad(f"the body is not JSON: {exc}")
+    if not isinstance(body, dict):
+        return _bad("the body must be a JSON object")
+    return body
