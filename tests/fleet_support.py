@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -154,3 +155,74 @@ class HAProxy:
                 self.proc.kill()
                 self.proc.wait(5)
         self.listener.close()
+
+
+# ---- clients under load, and the end of a fleet test --------------------------------------------------------
+
+PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+@dataclass
+class Result:
+    box: str
+    sent: float  # monotonic time the request was sent
+    status: int
+    stream: bool
+    complete: bool
+    detail: str = ""
+
+
+async def one_request(client: httpx.AsyncClient, url: str, stream: bool) -> Result:
+    body = {"messages": PROMPT, "max_tokens": random.randint(8, 40), "stream": stream}
+    t0 = time.monotonic()
+    try:
+        if not stream:
+            r = await client.post(f"{url}/v1/chat/completions", json=body)
+            ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+            return Result(r.headers.get("x-llama-box", "?"), t0, r.status_code, False, ok, r.text[:200])
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            done = finished = False
+            error = ""
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        error = line[:200]
+                    elif chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
+                        finished = True
+                elif line.startswith("event: error"):
+                    error = line
+            return Result(r.headers.get("x-llama-box", "?"), t0, r.status_code, True,
+                          r.status_code == 200 and done and finished and not error, error)
+    except httpx.HTTPError as exc:
+        return Result("?", t0, 0, stream, False, repr(exc))
+
+
+async def load_client(url: str, stream: bool, stop: asyncio.Event, results: list[Result]) -> None:
+    """One client through `url` until `stop`: a request, a short pause, the next."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        while not stop.is_set():
+            results.append(await one_request(client, url, stream))
+            await asyncio.sleep(random.uniform(0.03, 0.1))  # steady, and light enough to share a 2-core machine
+
+
+async def stop_fleet(stop: asyncio.Event, load: list[asyncio.Task[None]], boxes: list[Box], haproxy: HAProxy | None
+                     ) -> None:
+    """The clients stop, every supervisor gets SIGTERM (killed if it does not exit in 30 s), then HAProxy."""
+    stop.set()
+    for task in load:
+        task.cancel()
+    await asyncio.gather(*load, return_exceptions=True)
+    for b in boxes:
+        if b.proc is not None and b.proc.poll() is None:
+            b.signal(signal.SIGTERM)
+    for b in boxes:
+        if b.proc is not None:
+            try:
+                await asyncio.to_thread(b.proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                b.proc.kill()
+    if haproxy is not None:
+        haproxy.stop()

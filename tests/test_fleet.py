@@ -12,33 +12,29 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 import yaml
-from fleet_support import ADMIN_READY, OP_RUNNING, Box, HAProxy, haproxy_binary
+from fleet_support import (
+    ADMIN_READY,
+    OP_RUNNING,
+    PROMPT,
+    Box,
+    HAProxy,
+    Result,
+    haproxy_binary,
+    load_client,
+    stop_fleet,
+)
 
 pytestmark = pytest.mark.integration
-PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
-
-
-@dataclass
-class Result:
-    box: str
-    sent: float  # monotonic time the request was sent
-    status: int
-    stream: bool
-    complete: bool
-    detail: str = ""
 
 
 def _profile(path: Path, binary: str, vl: tuple[Path, Path], **extra: object) -> Path:
@@ -49,41 +45,6 @@ def _profile(path: Path, binary: str, vl: tuple[Path, Path], **extra: object) ->
     data.update(extra)
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-async def _one(client: httpx.AsyncClient, url: str, stream: bool) -> Result:
-    body = {"messages": PROMPT, "max_tokens": random.randint(8, 40), "stream": stream}
-    t0 = time.monotonic()
-    try:
-        if not stream:
-            r = await client.post(f"{url}/v1/chat/completions", json=body)
-            ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
-            return Result(r.headers.get("x-llama-box", "?"), t0, r.status_code, False, ok, r.text[:200])
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-            done = finished = False
-            error = ""
-            async for line in r.aiter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                elif line.startswith("data: "):
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        error = line[:200]
-                    elif chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
-                        finished = True
-                elif line.startswith("event: error"):
-                    error = line
-            return Result(r.headers.get("x-llama-box", "?"), t0, r.status_code, True,
-                          r.status_code == 200 and done and finished and not error, error)
-    except httpx.HTTPError as exc:
-        return Result("?", t0, 0, stream, False, repr(exc))
-
-
-async def _client(url: str, stream: bool, stop: asyncio.Event, results: list[Result]) -> None:
-    async with httpx.AsyncClient(timeout=60) as client:
-        while not stop.is_set():
-            results.append(await _one(client, url, stream))
-            await asyncio.sleep(random.uniform(0.03, 0.1))  # steady, and light enough to share a 2-core machine
 
 
 async def _until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 30.0, every: float = 0.05) -> float:
@@ -153,7 +114,7 @@ async def test_fleet_behind_haproxy(tmp_path: Path, llama_server: str, tiny_vl: 
 
             # Steady load through HAProxy: three streaming clients and two that wait for the whole answer.
             load_from = time.monotonic()
-            load = [asyncio.ensure_future(_client(haproxy.url, s, stop, results)) for s in (True, True, True, False, False)]
+            load = [asyncio.ensure_future(load_client(haproxy.url, s, stop, results)) for s in (True, True, True, False, False)]
             await asyncio.sleep(3)
 
             # 1. Two slots of box1 taken by traffic HAProxy cannot see: its agent weight must send new work
@@ -219,21 +180,7 @@ async def test_fleet_behind_haproxy(tmp_path: Path, llama_server: str, tiny_vl: 
             stop.set()
             await asyncio.gather(*load)
     finally:
-        stop.set()
-        for task in load:
-            task.cancel()
-        await asyncio.gather(*load, return_exceptions=True)
-        for b in boxes:
-            if b.proc is not None and b.proc.poll() is None:
-                b.signal(signal.SIGTERM)
-        for b in boxes:
-            if b.proc is not None:
-                try:
-                    await asyncio.to_thread(b.proc.wait, 30)
-                except subprocess.TimeoutExpired:
-                    b.proc.kill()
-        if haproxy is not None:
-            haproxy.stop()
+        await stop_fleet(stop, load, boxes, haproxy)
 
     # ---- what the clients saw ----------------------------------------------------------------------
     per_box = Counter(r.box for r in results)
