@@ -107,6 +107,7 @@ class Daemon:
         keys = Keys(cfg.api_key, cfg.admin_key)
         self.activity = activity = Activity.from_settings(cfg, metrics.registry)
         self.api = api = Api(pool, metrics, activity)
+        upgrades.slot = api.upstream_slot
         self.own = own = Own(pool, api, self.reloader, self.drain, activity, upgrades)
         self.ops = ops = Ops(pool.runners, own.page_models, RING,
                              key_ok=keys.admin_checker() if keys.admin_or_api else None,

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -33,6 +35,8 @@ from .process import Child, spawn
 from .readiness import NotReady, wait_healthy, warmup, warmup_image
 
 log = structlog.get_logger("canary")
+# One of the serving child's upstream slots, held while the canary's own request goes to it (web/api's gate).
+Slot = Callable[[], contextlib.AbstractAsyncContextManager[None]]
 # The lines of a failed child's output that say why (llama-server's own words), most telling first.
 _TELLING = re.compile(r"error|invalid|not supported|unknown|failed|abort|assert", re.I)
 
@@ -99,25 +103,28 @@ def _parse(text: str) -> object:
         return text
 
 
-async def run_golden(http: httpx.AsyncClient, urls: list[str], golden: list[Golden], timing: Timing
-                     ) -> list[tuple[Answer, ...]]:
+async def run_golden(http: httpx.AsyncClient, urls: list[str], golden: list[Golden], timing: Timing,
+                     slot: Slot | None = None) -> list[tuple[Answer, ...]]:
     """The golden set against each child in `urls`, request by request in turn (old, new, old, new...): two
-    builds measured side by side meet the same load from the box, so their speeds compare fairly."""
+    builds measured side by side meet the same load from the box, so their speeds compare fairly. `slot` is
+    held around each request to the first (the serving child, whose proxy counts what reaches it)."""
     runs: list[dict[str, list[Answer]]] = [{} for _ in urls]
     for g in golden:
         for _ in range(timing.speed_runs if g.name == "text" else 1):
             for i, url in enumerate(urls):
-                runs[i].setdefault(g.name, []).append(await ask(http, url, g, timing.request_timeout_s))
+                async with slot() if slot is not None and i == 0 else contextlib.nullcontext():
+                    runs[i].setdefault(g.name, []).append(await ask(http, url, g, timing.request_timeout_s))
     return [tuple(canary.best_of(r[g.name]) for g in golden) for r in runs]
 
 
 @dataclass(frozen=True)
 class Running:
-    """The old child, serving: measured beside the candidate."""
+    """The old child, serving: measured beside the candidate, each request within one of its proxy's slots."""
 
     url: str
     pid: int
     label: str
+    slot: Slot | None = None
 
 
 def memory_of(pid: int) -> Mem | None:
@@ -142,9 +149,9 @@ def memory_of(pid: int) -> Mem | None:
 
 
 async def measure_running(http: httpx.AsyncClient, url: str, pid: int, label: str, golden: list[Golden],
-                          timing: Timing) -> Measured:
+                          timing: Timing, slot: Slot | None = None) -> Measured:
     """The golden set against a child that is already up (the old build, serving), then its memory."""
-    (answers,) = await run_golden(http, [url], golden, timing)
+    (answers,) = await run_golden(http, [url], golden, timing, slot)
     return Measured(label, "", answers, await asyncio.to_thread(memory_of, pid))
 
 
@@ -194,7 +201,7 @@ async def _exercise(child: Child, url: str, loaded: Loaded, label: str, golden: 
         await _settle(child)
         return Measured(label, f"warmup: {exc}" + _because(child)), None
     urls = [beside.url, url] if beside is not None else [url]
-    answers = await run_golden(http, urls, golden, timing)
+    answers = await run_golden(http, urls, golden, timing, beside.slot if beside is not None else None)
     old = None
     if beside is not None:
         old = Measured(beside.label, "", answers[0], await asyncio.to_thread(memory_of, beside.pid))

@@ -18,7 +18,9 @@ Every outcome goes to the observers (the timeline, metrics, systemd's STATUS) an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -47,7 +49,13 @@ class Upgrades:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.in_place: dict[str, InPlace] = {}
+        # One of a model's upstream slots around each golden request to its serving child (the web side's gate).
+        self.slot: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None
         self.targets: dict[str, Target] = {}
+
+    def _slot(self, mid: str) -> run.Slot | None:
+        slot = self.slot
+        return None if slot is None else (lambda: slot(mid))
 
     @property
     def limits(self) -> Limits:
@@ -254,13 +262,14 @@ class Upgrades:
         left = None if budget is None or old_mem is None else budget - old_mem.host_mib
         beside, why = canary.fits_beside(old_mem, here, self.limits, left)
         if beside and child is not None and url is not None:
-            old_now = run.Running(url, child.pid, old_label)
+            old_now = run.Running(url, child.pid, old_label, self._slot(target.id))
             tried, measured = await run.try_candidate(candidate, r.machine.effective, build.label(), golden,
                                                       self.timing, r.http, old_now)
             old = measured or Measured(old_label, "", (), old_mem)
             return canary.compare(old, tried, self.limits), tried, "beside"
         if serving and child is not None and url is not None:
-            old = await run.measure_running(r.http, url, child.pid, old_label, golden, self.timing)
+            old = await run.measure_running(r.http, url, child.pid, old_label, golden, self.timing,
+                                            self._slot(target.id))
         else:
             recorded = await asyncio.to_thread(self.book.golden, target.id)
             old = Measured.from_dict(recorded) if recorded else canary.baseline_unknown(golden)

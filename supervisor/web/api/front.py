@@ -6,8 +6,9 @@ With one model any `model` a client sends goes to it; with several, an unknown o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from ...models.model import Model
 from ...models.pool import Pool
@@ -39,6 +40,18 @@ class Api:
         self.metrics.forget(model.id)
         if proxy is not None:
             await proxy.aclose()
+
+    @contextlib.asynccontextmanager
+    async def upstream_slot(self, mid: str) -> AsyncIterator[None]:
+        """One of the model's upstream slots (its gate) while a request the supervisor makes itself goes to the
+        child (the upgrade canary's golden set): llama-server's spare HTTP threads stay as the gate counts them."""
+        proxy = self.proxies.get(mid)
+        got = proxy is not None and await proxy.gate.acquire(self.pool.cfg.queue_wait_s)
+        try:
+            yield
+        finally:
+            if got and proxy is not None:
+                proxy.gate.release()
 
     def _refused(self, label: str, answer: tuple[int, list[tuple[bytes, bytes]], bytes]) -> tuple[
             int, list[tuple[bytes, bytes]], bytes]:
