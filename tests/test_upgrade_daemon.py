@@ -140,6 +140,8 @@ async def test_bad_builds_roll_back_the_honest_one_switches(tmp_path: Path, llam
         assert len(results) > 30 and not failed, (len(results), failed[:5])
         async with httpx.AsyncClient(timeout=30) as c:
             text = (await c.get(f"{d.url}/metrics")).text
+            page = (await c.get(f"{d.url}/ui/api/overview")).json()  # the page's card shows the builds
+        assert page["models"][0]["builds"]["running"]["path"] == str(honest)
         assert metric(text, "upgrades_total", model="m", outcome="rejected") == 4
         assert metric(text, "upgrades_total", model="m", outcome="switched") == 1
         assert metric(text, "upgrade_failed_check", model="m", check="start") == 1

@@ -155,11 +155,22 @@
         ? m.quarantine.requests.map(function (q) { return esc(q.what) + " (until " + esc(q.until) + ")"; }).join("<br>")
         : '<span class="muted">none</span>') + "</dd>" : "") +
       (m.last_reload_error ? '<dt>reload error</dt><dd class="st-failed">' + esc(JSON.stringify(m.last_reload_error)) + "</dd>" : "") +
-      residencyFacts(m.residency) + planFacts(m.plan) +
+      residencyFacts(m.residency) + planFacts(m.plan) + buildFacts(m.builds) +
       "<dt>profile</dt><dd>" + esc(m.profile.file) + "</dd>" +
       "</dl>";
     el.querySelector('[data-role="body"]').innerHTML = html;
     actionsFor(el, m);
+  }
+
+  // The llama-server builds (docs/upgrading.md): what runs, the last good one, and a candidate with its fate.
+  function buildFacts(b) {
+    if (!b) return "";
+    function label(x) { return x ? esc(x.version) + " [" + esc(x.id) + "]" : '<span class="muted">–</span>'; }
+    var c = b.candidate;
+    return '<dt>build</dt><dd data-role="builds">running ' + label(b.running) + ", last good " + label(b.last_good) +
+      (c ? '<br><span class="' + (c.state === "rejected" ? "st-failed" : "muted") + '">candidate ' + label(c.build) +
+        ": " + esc(c.state) + (c.reasons && c.reasons.length ? " (" + esc(c.reasons.join("; ")) + ")" : "") + "</span>"
+        : "") + "</dd>";
   }
 
   // With several models (profiles_dir) each card also says what the model holds and why it is in or out.
