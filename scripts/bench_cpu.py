@@ -89,7 +89,7 @@ http {{
   fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
   client_max_body_size 64m;
   client_body_buffer_size 16m;
-  upstream llama {{ server {up}; keepalive 8; }}
+  upstream llama {{ server {up}; keepalive 4; keepalive_timeout 4s; }}
   server {{
     listen 127.0.0.1:{self.port};
     location / {{
@@ -111,6 +111,7 @@ global
   nbthread 1
 defaults
   mode http
+  retries 3
   timeout connect 5s
   timeout client 600s
   timeout server 600s
@@ -119,7 +120,9 @@ frontend f
   bind 127.0.0.1:{self.port}
   default_backend llama
 backend llama
-  server s1 {up}
+  # Like the supervisor (web/api/proxy.py KEEPALIVE_IDLE): few idle connections to llama-server, not for long,
+  # so they do not pin its fixed HTTP threads.
+  server s1 {up} pool-max-conn 4 pool-purge-delay 4s
 """)
             argv = [binary, "-f", str(d / "haproxy.cfg"), "-db"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
