@@ -138,6 +138,48 @@ async def test_a_long_generation_on_every_slot_is_never_restarted(tmp_path: Path
         assert [r.json()["usage"]["completion_tokens"] for r in replies[:2]] == [400, 400]
         assert d.default.runner.machine.gen == 1 and d.default.runner.machine.restarts == 0
         watch = d.default.runner.loop_watch
-        # Probes were sent while it worked (the test can fail), and every one was answered through the loop.
+        # Probes were sent while it worked (the test can fail).
         assert watch.rounds > probes_before + 2, watch.status(time.monotonic())
-        assert set(watch.outcomes) == {"alive"}, watch.outcomes
+        # Answered through the loop every time; on a loaded box a batch can outlast the 2 s timeout, and then its
+        # CPU time tells a long batch from a hang ("excused").
+        assert set(watch.outcomes) <= {"alive", "excused"} and watch.outcomes.get("alive"), watch.outcomes
+
+
+async def test_a_stalled_request_gets_the_loop_probed_while_other_answers_flow(tmp_path: Path, write_profile) -> None:
+    """A client polling /tokenize (answered by the HTTP threads, so bytes keep coming) hides a hung loop from the
+    idle rule; a stream with no byte for stall_s gets it probed anyway. The stream then goes on on the next child."""
+    quick = {**FAST, "stall_s": 1.0}
+    async with running(tmp_path, write_profile(parallel=1, ctx_size=8192), **quick) as d, \
+            httpx.AsyncClient(base_url=d.url, timeout=90) as c:
+        await wait_for(lambda: d.default.runner.ready, what="ready")
+        pid, url = d.default.runner.child.pid, d.default.runner.child_url
+        lines: list[str] = []
+        body = {**CHAT, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+
+        async def stream() -> None:
+            async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line:
+                        lines.append(line)
+
+        async def poll() -> None:
+            while True:
+                assert (await c.post("/tokenize", json={"content": "hello"})).status_code == 200
+                await asyncio.sleep(0.1)
+
+        task = asyncio.ensure_future(stream())
+        await wait_for(lambda: len(lines) >= 10, what="the stream under way")
+        poller = asyncio.ensure_future(poll())
+        stop = await _hang(pid, url)
+        try:
+            t0 = time.monotonic()
+            await wait_for(lambda: not d.default.runner.ready, timeout=15, what="the hung loop found")
+            found_s = time.monotonic() - t0
+        finally:
+            poller.cancel()
+            await asyncio.to_thread(stop.release)
+        await asyncio.wait_for(task, 90)
+        assert found_s <= quick["stall_s"] + FAST["loop_timeout_s"] + FAST["liveness_interval_s"] + 1.5, found_s
+        assert "a request has had no byte" in d.default.runner.machine.history[-1].detail or any(
+            "a request has had no byte" in t.detail for t in d.default.runner.machine.history)
+        assert lines[-1] == "data: [DONE]" and not [x for x in lines if '"error"' in x]

@@ -36,19 +36,21 @@ def test_loop_routes(extra: list[str], routes: tuple[str, ...]) -> None:
     assert loop_routes(BASE + extra) == routes
 
 
-@pytest.mark.parametrize(("idle", "due"), [
-    (0.0, False),
-    (4.9, False),  # progress within the interval
-    (5.0, True),  # none for a whole interval: idle, or every answer stopped
+@pytest.mark.parametrize(("idle", "stalled", "due"), [
+    (0.0, 0.0, False),
+    (4.9, 0.0, False),  # progress within the interval
+    (5.0, 0.0, True),  # none for a whole interval: idle, or every answer stopped
+    (0.1, 9.9, False),  # other answers flow; this request is quiet, but not for stall_s yet
+    (0.1, 10.0, True),  # a request with no byte for stall_s while others flow (or /tokenize answers)
 ])
-def test_probe_due(idle: float, due: bool) -> None:
-    assert (probe_due(idle, interval_s=5.0) is not None) is due
+def test_probe_due(idle: float, stalled: float, due: bool) -> None:
+    assert (probe_due(idle, stalled, interval_s=5.0, stall_s=10.0) is not None) is due
 
 
 def ans(health: int | None, loop: int | None, asked: bool = True, progressed: bool = False,
-        streamed: bool = False, still: float = 0.0) -> Answers:
+        streamed: bool = False, still: float = 0.0, cpu: float | None = None) -> Answers:
     return Answers(health=health, loop=loop, asked_loop=asked, progressed=progressed, streamed=streamed,
-                   still_s=still)
+                   still_s=still, still_cpu_s=cpu)
 
 
 @pytest.mark.parametrize(("answers", "outcome"), [
@@ -70,6 +72,10 @@ def ans(health: int | None, loop: int | None, asked: bool = True, progressed: bo
     (ans(200, 200, still=10.0), Outcome.WEDGED),  # a decode that never ends
     (ans(200, 200, still=10.0, streamed=True), Outcome.ALIVE),
     (ans(None, 200, still=10.0), Outcome.FAILED),
+    (ans(200, 200, still=10.0, cpu=0.1), Outcome.WEDGED),  # still, and asleep: a hang
+    (ans(200, 200, still=10.0, cpu=0.5), Outcome.EXCUSED),  # still, but computing: a batch longer than the limit
+    (ans(200, 200, still=99.0, cpu=90.0), Outcome.EXCUSED),
+    (ans(200, 200, still=100.0, cpu=95.0), Outcome.WEDGED),  # ten times the limit: a driver spinning on a dead GPU
 ])
 def test_judge(answers: Answers, outcome: Outcome) -> None:
     assert judge(answers, limit_s=10.0) is outcome
@@ -88,6 +94,14 @@ IDLE, BUSY_A, BUSY_B = Work(False, 0), Work(True, 120), Work(True, 121)
 ])
 def test_pace(prev: Pace | None, work: Work, now: float, still: float) -> None:
     assert pace(prev, work, now).still_s(now) == still
+
+
+def test_pace_keeps_the_cpu_time_from_when_the_work_stood_still() -> None:
+    p = pace(None, BUSY_A, 1.0, cpu=40.0)
+    p = pace(p, BUSY_A, 5.0, cpu=40.5)
+    assert p.still_s(5.0) == 4.0 and p.still_cpu_s(41.0) == 1.0
+    assert pace(p, BUSY_B, 6.0, cpu=42.0).still_cpu_s(42.0) == 0.0  # moving: counted afresh
+    assert Pace(BUSY_A, 1.0).still_cpu_s(3.0) is None  # unknown then: unknown now
 
 
 def slot(i: int, processing: bool, prompt: int = 0, decoded: int = 0) -> dict[str, object]:

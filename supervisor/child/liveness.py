@@ -8,9 +8,11 @@ the loop route gets no answer within `loop_timeout_s`, or answers that slots are
 restarted. A `/health` that does not answer, `liveness_failures` rounds in a row, is `unresponsive`.
 
 A round is sent while ready when nothing showed progress for `liveness_interval_s` (an idle child, or one
-whose every answer stopped). Progress is bytes from the child on any proxied request (the proxy
-tells `Runner.progress`); a loop that looks stuck is not when generated text flowed meanwhile. The proxy caps
-its upstream connections below llama-server's HTTP threads (web/api/gate.py), so a probe always finds a thread.
+whose every answer stopped), or when a request in flight has had no byte for `stall_s` (a long prompt, or a
+hung loop while /tokenize or /props still answer: the probe tells them apart). Progress is bytes from the
+child on any proxied request (the proxy tells `Runner.progress`); a loop that looks stuck is not when
+generated text flowed meanwhile. The proxy caps its upstream connections below llama-server's HTTP threads
+(web/api/gate.py), so a probe always finds a thread.
 The loop probe's round trip is the loop's latency: a metric and a chart, so a slowing loop shows early.
 """
 
@@ -23,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import psutil
 import structlog
 
 from ..core.crash import Cause
@@ -104,6 +107,15 @@ def work_from(route: str, body: bytes) -> Work | None:
     return work_from_metrics(body) if route == "/metrics" else work_from_slots(body)
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """Blocking (/proc): the child's CPU time so far, its threads together."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(t.user + t.system)
+
+
 async def probe_round(r: RunnerCore, url: str) -> tuple[Answers, float | None]:
     """One round: the loop route and /health at once; the loop's round trip time when it answered."""
     cfg, watch = r.cfg, r.loop_watch
@@ -136,12 +148,14 @@ async def probe_round(r: RunnerCore, url: str) -> tuple[Answers, float | None]:
                 await loop_task
     progressed = r.progress.last > seen[0]
     streamed = r.progress.last_stream > seen[1]
-    still_s = 0.0
+    still_s, still_cpu = 0.0, None
     if work and work[0] is not None:
-        watch.pace = pace(watch.pace, work[0], loop_at[0])
-        still_s = watch.pace.still_s(loop_at[0])
+        pid = r.child.pid if r.child is not None else None
+        cpu = await asyncio.to_thread(_cpu_seconds, pid) if work[0].busy and pid is not None else None
+        watch.pace = pace(watch.pace, work[0], loop_at[0], cpu)
+        still_s, still_cpu = watch.pace.still_s(loop_at[0]), watch.pace.still_cpu_s(cpu)
     answers = Answers(health=health, loop=loop, asked_loop=route is not None, progressed=progressed,
-                      streamed=streamed, still_s=still_s)
+                      streamed=streamed, still_s=still_s, still_cpu_s=still_cpu)
     latency = loop_at[0] - sent if loop is not None and loop_at and not loop_route_unusable(loop) else None
     if route is not None and loop_route_unusable(loop):
         watch.routes = watch.routes[1:]
@@ -165,11 +179,13 @@ async def liveness(r: RunnerCore) -> None:
             failures, gen = 0, m.gen
             r.loop_watch.reset(gen, loop_routes(r.argv))
         now = time.monotonic()
-        idle_s = now - r.progress.last
-        why = probe_due(idle_s, cfg.liveness_interval_s)
+        idle_s, stalled_s = now - r.progress.last, r.progress.stalled_for(now)
+        why = probe_due(idle_s, stalled_s, cfg.liveness_interval_s, cfg.stall_s)
         if why is None:
             failures = 0  # it showed life within the interval
-            wait = max(0.05, cfg.liveness_interval_s - idle_s)  # look again when a probe could first be due
+            # Look again when a probe could first be due: an interval after the last byte, or a stall.
+            stall_left = cfg.stall_s - stalled_s if r.progress.in_flight() else cfg.liveness_interval_s
+            wait = max(0.05, min(cfg.liveness_interval_s - idle_s, stall_left))
             continue
         answers, latency = await probe_round(r, url)
         outcome = judge(answers, cfg.loop_timeout_s)
@@ -187,7 +203,8 @@ async def liveness(r: RunnerCore) -> None:
             if answers.loop is None:
                 how = f"{route} not answered within {cfg.loop_timeout_s:g}s"
             else:
-                how = f"{route}: slots processing, no prompt batch or token for {answers.still_s:.1f}s"
+                cpu = "" if answers.still_cpu_s is None else f", {answers.still_cpu_s:.2f}s of CPU meanwhile"
+                how = f"{route}: slots processing, no prompt batch or token for {answers.still_s:.1f}s{cpu}"
             detail = f"inference loop hung: {how} while /health answered 200 (probed because: {why})"
             log.warning("wedged", gen=gen, pid=r.child.pid if r.child else None, route=route, how=how,
                         timeout_s=cfg.loop_timeout_s, why=why, in_flight=r.traffic())

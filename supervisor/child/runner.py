@@ -58,7 +58,7 @@ from .climber import Climber
 from .driver import ChildDriver
 from .liveness import liveness
 from .process import Child
-from .progress import LoopWatch, Progress
+from .progress import Exchange, LoopWatch, Progress
 from .view import ExitListener, Observer, RunnerView
 
 log = structlog.get_logger("supervisor")
@@ -152,10 +152,10 @@ class Runner:
 
     # ---- what the web side and the reloader tell the runner -----------------------------------
 
-    def note_progress(self, *, stream: bool = False) -> None:
+    def note_progress(self, *, stream: bool = False, ex: Exchange | None = None) -> None:
         """Bytes came from the child, or a request completed: proof of life for liveness. `stream`: a streamed
-        chunk of generated text, which only a running inference loop produces."""
-        self.progress.note(stream=stream)
+        chunk of generated text, which only a running inference loop produces; `ex`: the exchange it came on."""
+        self.progress.note(stream=stream, ex=ex)
 
     def set_traffic(self, count: Callable[[], int]) -> None:
         """How many requests are in flight or waiting (climbing back waits for none)."""

@@ -91,6 +91,7 @@ class Config(BaseSettings):
     # the inference loop (GET /slots or /metrics) must answer within this while /health says ok, or it is wedged;
     # it answers between two decode batches, so this must outlast the slowest batch (a long prompt on a CPU)
     loop_timeout_s: float = Field(30.0, gt=0)
+    stall_s: float = Field(10.0, gt=0)  # a request in flight with no byte from llama-server this long: probe
     # requests while not ready
     queue_max: int = Field(64, ge=0)
     queue_wait_s: float = Field(120.0, ge=0)

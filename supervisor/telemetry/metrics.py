@@ -111,6 +111,8 @@ class Metrics:
                                     registry=r)
         self.upstream_waiting = Gauge(f"{NS}_upstream_waiting", "Requests waiting for an upstream slot", registry=r)
         self.climbs = Counter(f"{NS}_climbs_total", "Restarts to higher settings after the VRAM estimate", registry=r)
+        self.streams_resumed = Counter(f"{NS}_streams_resumed_total", "Streams cut by a child's end and completed "
+                                       "on the next child (a continuation of the answer)", registry=r)
         self.loop_latency = Gauge(f"{NS}_loop_latency_seconds", "Round trip of the last probe through llama-server's "
                                   "inference loop (GET /slots or /metrics)", registry=r)
         self.loop_probes = Counter(f"{NS}_loop_probes_total", "Liveness probe rounds by outcome (alive, excused, "

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from ...child.progress import Exchange
 from ...core import quarantine
 from ...media import policy as media
 from ...media.images import ImageError, Stats, rewrite_chat
@@ -27,6 +28,7 @@ from ..guard.context import ContextGuard, ContextRejected, CountError
 from ..guard.poison import PoisonGuard
 from ..guard.validate import BIG_BODY, Rejected, parse_json, serialise
 from . import routes
+from .carry import Carry, ChildUpstream
 from .gate import Gate, upstream_limit
 from .predict import predict_to_chat
 from .relay import HOP_BY_HOP, ctx_words, relay
@@ -309,11 +311,16 @@ class Proxy:
                         rec.context_trimmed = extra[0][1].decode() if extra else None
                 self.poison.sent(gen, digest, what)
                 sent = True
+                ex = self.runner.progress.opened()
+                onward = ChildUpstream(self.model, self.upstream, self.poison, self._settle, target, headers, digest,
+                                       what, ex)
+                carry = Carry.offer(route.label, body, onward, self.metrics, rec) if scope["method"] == "POST" else None
                 answered = await self._exchange(scope["method"], target, body, headers, send, status, attempt,
-                                                predict=route is PREDICT, extra=extra, rec=rec)
+                                                predict=route is PREDICT, extra=extra, rec=rec, carry=carry, ex=ex)
             finally:
                 self.gate.release()
                 if sent:
+                    self.runner.progress.closed(ex)
                     self.poison.finished(gen, digest, bool(answered))
             if answered is not None:
                 return
@@ -323,17 +330,12 @@ class Proxy:
 
     async def _exchange(self, method: str, target: bytes, body: bytes, headers: list[tuple[bytes, bytes]], send: Send,
                         status: list[int], attempt: int, predict: bool, extra: list[tuple[bytes, bytes]],
-                        rec: Record | None = None) -> bool | None:
+                        rec: Record | None = None, carry: Carry | None = None,
+                        ex: Exchange | None = None) -> bool | None:
         """One exchange with the child. Returns whether it answered in full, or None when the request never
         reached a live llama-server and may be sent again."""
-        base = self.runner.child_url
         try:
-            if base is None:  # gone since the last look (the context guard awaits): as good as refused
-                raise Retryable("llama-server is gone")
-            host, _, port = base.removeprefix("http://").partition(":")
-            upstream = await self.upstream.request(host, int(port or 80), method, target,
-                                               [(b"host", f"{host}:{port}".encode()), *headers,
-                                                (b"content-length", b"%d" % len(body))], body)
+            upstream = await self.upstream.send(self.runner.child_url, method, target, headers, body)
         except UpstreamError as exc:
             if attempt == 2 or not isinstance(exc, Retryable):
                 await _fail(send, status, rec, 502, f"llama-server did not answer: {exc}", "server_error")
@@ -343,7 +345,8 @@ class Proxy:
         if rec is not None and rec.request_body is not None and rec.request_body is not body:
             rec.request_body = body if rec.hold(len(body)) else None  # as sent upstream, when captured
         try:
-            return await relay(self.runner, upstream, send, status, predict=predict, extra=extra, rec=rec)
+            return await relay(self.runner, upstream, send, status, predict=predict, extra=extra, rec=rec,
+                               carry=carry, ex=ex)
         finally:
             await upstream.aclose()
 

@@ -16,8 +16,10 @@ from .predict import chat_to_predict
 from .upstream import Response, UpstreamError
 
 if TYPE_CHECKING:
+    from ...child.progress import Exchange
     from ...child.runner import Runner
     from ...telemetry.metrics import Metrics
+    from .carry import Carry
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length"})
@@ -66,9 +68,12 @@ def client_error_from_500(data: bytes) -> bytes | None:
 
 
 async def relay(runner: Runner, upstream: Response, send: Send, status: list[int], predict: bool = False,
-                extra: list[tuple[bytes, bytes]] | None = None, rec: Record | None = None) -> bool:
+                extra: list[tuple[bytes, bytes]] | None = None, rec: Record | None = None,
+                carry: Carry | None = None, ex: Exchange | None = None) -> bool:
     """Pass the answer on; True when the child's answer came in full. `rec` (the activity log's record) gets
-    references to what the numbers are read from later, off the event loop."""
+    references to what the numbers are read from later, off the event loop. `carry`: a stream that may go on
+    on the next child when this one dies (web/api/carry.py); it keeps the chunks relayed. `ex`: this request's
+    exchange, whose silence liveness watches (child/progress.py)."""
     code = status[0] = upstream.status
     headers = [(k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP] + (extra or [])
     sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
@@ -81,7 +86,7 @@ async def relay(runner: Runner, upstream: Response, send: Send, status: list[int
             if rec is not None:
                 rec.error = f"llama-server failed mid-response: {exc!r}"
             return False
-        runner.note_progress()  # it answered: alive, whatever the status
+        runner.note_progress(ex=ex)  # it answered: alive, whatever the status
         if rec is not None:
             rec.ttft_ms = (time.perf_counter() - rec.t0) * 1000
             rec.answer = data  # llama-server's own, with its timings (an error is replaced below)
@@ -112,26 +117,47 @@ async def relay(runner: Runner, upstream: Response, send: Send, status: list[int
         return True
     await send({"type": "http.response.start", "status": code, "headers": headers})
     tap = StreamTap(rec) if rec is not None else None
+
+    def passed(chunk: bytes) -> None:
+        runner.note_progress(stream=True, ex=ex)  # generated text: the inference loop runs (liveness)
+        timings = b'"timings"' in chunk
+        if timings:
+            count_tokens(runner.metrics, chunk)
+        if tap is not None:
+            tap.feed(chunk, timings)
+
     whole = True
+    held = b""  # the start of an event whose end has not come yet
     try:
         async for chunk in upstream:
+            # Only whole events go on (llama-server ends each with a blank line; a read may end inside one), so a
+            # stream cut at any byte leaves the client at an event's end, where its continuation or the error
+            # event can follow. A check per chunk; a copy only for the rare chunk that ends mid-event.
+            if held:
+                chunk, held = held + chunk, b""
+            if not chunk.endswith(b"\n\n"):
+                end = chunk.rfind(b"\n\n")
+                end = end + 2 if end >= 0 else 0
+                chunk, held = chunk[:end], chunk[end:]
+                if not chunk:
+                    continue
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            runner.note_progress(stream=True)  # generated text: the inference loop runs (liveness)
-            timings = b'"timings"' in chunk
-            if timings:
-                count_tokens(runner.metrics, chunk)
-            if tap is not None:
-                tap.feed(chunk, timings)
+            passed(chunk)
+            if carry is not None:
+                carry.keep(chunk)
+        if held:  # the stream ended without its blank line: pass on what came
+            await send({"type": "http.response.body", "body": held, "more_body": True})
     except UpstreamError as exc:
-        whole = False
-        m = runner.machine
-        err = error_doc(502, f"llama-server stream was cut ({type(exc).__name__}); state: {m.state.value}",
-                        "server_error")
-        await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n",
-                    "more_body": True})
-        status[0] = 502
-        if rec is not None:
-            rec.error = err["error"]["message"]
+        whole = False  # this child's answer was cut (the poison guard's suspect), even when the next one ends it
+        if carry is None or not await carry.carry_on(send, passed, type(exc).__name__):
+            m = runner.machine
+            err = error_doc(502, f"llama-server stream was cut ({type(exc).__name__}); state: {m.state.value}",
+                            "server_error")
+            await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n",
+                        "more_body": True})
+            status[0] = 502
+            if rec is not None:
+                rec.error = err["error"]["message"]
     finally:
         if tap is not None:
             tap.done()

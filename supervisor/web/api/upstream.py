@@ -346,6 +346,17 @@ class UpstreamPool:
         if idle and conn in idle:
             idle.remove(conn)
 
+    async def send(self, base: str | None, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
+                   body: bytes) -> Response:
+        """`request` to the child at `base` (`http://host:port`), with its Host and Content-Length; Retryable when
+        the child is gone (None: it went since the caller last looked)."""
+        if base is None:
+            raise Retryable("llama-server is gone")
+        host, _, port = base.removeprefix("http://").partition(":")
+        return await self.request(host, int(port or 80), method, target,
+                                  [(b"host", f"{host}:{port}".encode()), *headers,
+                                   (b"content-length", b"%d" % len(body))], body)
+
     async def fetch(self, base: str, method: str, path: str, body: bytes | None, timeout_s: float,
                     content_type: bytes = b"application/json") -> tuple[int, bytes]:
         """A whole small exchange (the context guard's calls): (status, body), within `timeout_s`."""
