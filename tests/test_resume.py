@@ -44,6 +44,7 @@ def native(content: str, predicted: int, stop: bool = False) -> bytes:
 @pytest.mark.parametrize(("kind", "raw", "text", "why_not", "finished"), [
     ("chat", chat(ROLE) + chat({"content": "Hel"}) + chat({"content": "lo"}), "Hello", None, False),
     ("chat", chat(ROLE), "", None, False),  # cut before the first word: the same request again
+    ("chat", b"", "", None, False),  # cut before the first event (the response had begun)
     ("chat", chat(ROLE) + chat({"content": "Hel"})[:-3], "", "cut in the middle of an event", False),
     ("chat", chat(ROLE) + chat({"tool_calls": [{"index": 0, "function": {"name": "f"}}]}), "", "cut inside a tool call",
      False),

@@ -312,8 +312,7 @@ class Proxy:
                 self.poison.sent(gen, digest, what)
                 sent = True
                 ex = self.runner.progress.opened()
-                onward = ChildUpstream(self.model, self.upstream, self.poison, self._settle, target, headers, digest,
-                                       what, ex)
+                onward = ChildUpstream(self.model, self.upstream, self.poison, self._settle, target, headers, digest, what, ex)
                 carry = Carry.offer(route.label, body, onward, self.metrics, rec) if scope["method"] == "POST" else None
                 answered = await self._exchange(scope["method"], target, body, headers, send, status, attempt,
                                                 predict=route is PREDICT, extra=extra, rec=rec, carry=carry, ex=ex)
@@ -330,8 +329,7 @@ class Proxy:
 
     async def _exchange(self, method: str, target: bytes, body: bytes, headers: list[tuple[bytes, bytes]], send: Send,
                         status: list[int], attempt: int, predict: bool, extra: list[tuple[bytes, bytes]],
-                        rec: Record | None = None, carry: Carry | None = None,
-                        ex: Exchange | None = None) -> bool | None:
+                        rec: Record | None = None, carry: Carry | None = None, ex: Exchange | None = None) -> bool | None:
         """One exchange with the child. Returns whether it answered in full, or None when the request never
         reached a live llama-server and may be sent again."""
         try:
@@ -345,8 +343,7 @@ class Proxy:
         if rec is not None and rec.request_body is not None and rec.request_body is not body:
             rec.request_body = body if rec.hold(len(body)) else None  # as sent upstream, when captured
         try:
-            return await relay(self.runner, upstream, send, status, predict=predict, extra=extra, rec=rec,
-                               carry=carry, ex=ex)
+            return await relay(self.runner, upstream, send, status, predict=predict, extra=extra, rec=rec, carry=carry, ex=ex)
         finally:
             await upstream.aclose()
 

@@ -48,7 +48,7 @@ class Relayed:
 
 def _events(raw: bytes) -> list[bytes] | None:
     """The `data:` payloads of whole events; None when the stream was cut in the middle of an event."""
-    if not raw.endswith(b"\n\n"):
+    if raw and not raw.endswith(b"\n\n"):
         return None
     out = []
     for event in raw.split(b"\n\n"):
