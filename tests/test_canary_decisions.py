@@ -1,4 +1,4 @@
-"""The upgrade canary's pure decisions (core/canary.py), as tables: answers parsed, builds compared, room beside."""
+"""The upgrade canary's pure decisions (core/canary.py, core/answers.py), as tables: answers parsed, builds compared, room beside."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from supervisor.core import answers as ans
 from supervisor.core import canary as c
 from supervisor.core import upgrade as up
 from supervisor.core.residency import Mem, Room
@@ -22,8 +23,8 @@ def chat(content: str = "abc", prompt: int = 60, completion: int = 24, pp: float
                         "predicted_per_second": tg}}
 
 
-def answer(name: str = "text", **kw: Any) -> c.Answer:
-    return c.answer_from_json(name, 200, chat(**kw), 0.1)
+def answer(name: str = "text", **kw: Any) -> ans.Answer:
+    return ans.answer_from_json(name, 200, chat(**kw), 0.1)
 
 
 def build(*answers: c.Answer, host: float = 100.0, gpu: tuple[float, ...] = (), failure: str = "") -> c.Measured:
@@ -43,17 +44,17 @@ def test_golden_set_is_deterministic_and_has_an_image_only_with_a_projector() ->
 
 
 def test_shape_of_names_every_path_with_its_type() -> None:
-    shape = c.shape_of({"a": [{"b": 1, "c": None}, {"c": "x"}], "d": True})
+    shape = ans.shape_of({"a": [{"b": 1, "c": None}, {"c": "x"}], "d": True})
     assert shape == {".": "obj", ".a": "list", ".a[]": "obj", ".a[].b": "num", ".a[].c": "str", ".d": "bool"}
 
 
 def test_answer_from_json_reads_tokens_speeds_and_text() -> None:
-    a = c.answer_from_json("text", 200, chat("hi", 61, 24, 1500.0, 250.0), 0.2)
+    a = ans.answer_from_json("text", 200, chat("hi", 61, 24, 1500.0, 250.0), 0.2)
     assert (a.prompt_tokens, a.completion_tokens, a.prompt_per_s, a.predicted_per_s, a.text) == (61, 24, 1500.0,
                                                                                                250.0, "hi")
     no_timings = {k: v for k, v in chat().items() if k != "timings"}
-    assert c.answer_from_json("text", 200, no_timings, 0.5).predicted_per_s == pytest.approx(48.0)  # 24 / 0.5 s
-    err = c.answer_from_json("image", 500, {"error": {"message": "image input is not supported", "code": 500}}, 0.01)
+    assert ans.answer_from_json("text", 200, no_timings, 0.5).predicted_per_s == pytest.approx(48.0)  # 24 / 0.5 s
+    err = ans.answer_from_json("image", 500, {"error": {"message": "image input is not supported", "code": 500}}, 0.01)
     assert err.status == 500 and err.error == "image input is not supported"
 
 
@@ -66,22 +67,22 @@ def test_answer_from_stream_joins_the_chunks() -> None:
          "timings": {"prompt_per_second": 900.0, "predicted_per_second": 200.0}},
         "[DONE]",
     ]
-    a = c.answer_from_stream("stream", 200, chunks, 0.3)
+    a = ans.answer_from_stream("stream", 200, chunks, 0.3)
     assert (a.text, a.prompt_tokens, a.completion_tokens, a.predicted_per_s) == ("abc", 60, 24, 200.0)
     assert a.shape["[DONE]"] == "end" and a.shape[".choices[].delta.content"] == "str" and not a.error
-    cut = c.answer_from_stream("stream", 200, chunks[:3], 0.3)
+    cut = ans.answer_from_stream("stream", 200, chunks[:3], 0.3)
     assert "[DONE]" not in cut.shape and cut.completion_tokens is None
-    broken = c.answer_from_stream("stream", 200, [*chunks[:2], "garbage", {"error": {"message": "boom"}}], 0.3)
+    broken = ans.answer_from_stream("stream", 200, [*chunks[:2], "garbage", {"error": {"message": "boom"}}], 0.3)
     assert "not JSON" in broken.error and "boom" in broken.error
-    refused = c.answer_from_stream("stream", 503, [{"error": {"message": "Loading model"}}], 0.0)
+    refused = ans.answer_from_stream("stream", 503, [{"error": {"message": "Loading model"}}], 0.0)
     assert refused.status == 503 and refused.error == "Loading model"
 
 
 def test_best_of_takes_the_best_speed_but_never_hides_a_bad_repetition() -> None:
     runs = [answer(pp=1000, tg=200), answer(pp=1800, tg=150), answer(pp=900, tg=260)]
-    best = c.best_of(runs)
+    best = ans.best_of(runs)
     assert (best.prompt_per_s, best.predicted_per_s) == (1800, 260)
-    flaky = c.best_of([answer(), c.Answer("text", 500, error="crashed")])
+    flaky = ans.best_of([answer(), ans.Answer("text", 500, error="crashed")])
     assert flaky.status == 500
 
 
@@ -92,8 +93,8 @@ def test_best_of_takes_the_best_speed_but_never_hides_a_bad_repetition() -> None
         # Same build, a bit of noise: 20 % slower, 10 % more memory is within the defaults.
         (build(answer(pp=1600, tg=240), answer("stream"), host=110), True, ""),
         (build(failure="warmup: answered 500: image input is not supported"), False, "did not come up"),
-        (build(answer(), c.Answer("stream", 0, error="connection reset")), False, "stream: answered nothing"),
-        (build(answer(), c.Answer("stream", 500, error="boom")), False, "stream: answered 500 (boom)"),
+        (build(answer(), ans.Answer("stream", 0, error="connection reset")), False, "stream: answered nothing"),
+        (build(answer(), ans.Answer("stream", 500, error="boom")), False, "stream: answered 500 (boom)"),
         (build(answer(prompt=64), answer("stream")), False, "text: prompt tokens 64, the old build 60"),
         (build(answer(completion=20), answer("stream")), False, "text: completion tokens 20"),
         (build(answer(pp=1400), answer("stream")), False, "prompt tokens/s: 1400, below 1500"),
@@ -112,14 +113,14 @@ def test_compare(new: c.Measured, passed: bool, reason: str) -> None:
 def test_compare_shape_missing_and_changed_fields() -> None:
     old = build()
     gone = {k: v for k, v in chat().items() if k != "usage"}
-    v = c.compare(old, build(c.answer_from_json("text", 200, gone, 0.1), answer("stream")), LIMITS)
+    v = c.compare(old, build(ans.answer_from_json("text", 200, gone, 0.1), answer("stream")), LIMITS)
     assert not v.passed and any("missing .usage" in r for r in v.reasons)
     retyped = chat()
     retyped["choices"][0]["message"]["content"] = ["a list now"]
-    v = c.compare(old, build(c.answer_from_json("text", 200, retyped, 0.1), answer("stream")), LIMITS)
+    v = c.compare(old, build(ans.answer_from_json("text", 200, retyped, 0.1), answer("stream")), LIMITS)
     assert any(".choices[].message.content is list, was str" in r for r in v.reasons)
     added = {**chat(), "system_fingerprint": "b1"}  # a new field is no regression
-    assert c.compare(old, build(c.answer_from_json("text", 200, added, 0.1), answer("stream")), LIMITS).passed
+    assert c.compare(old, build(ans.answer_from_json("text", 200, added, 0.1), answer("stream")), LIMITS).passed
 
 
 def test_compare_memory_noise_floor_and_gpu() -> None:
@@ -197,6 +198,14 @@ def test_in_probation(switched: float | None, now: float, inside: bool) -> None:
 def test_without_a_baseline_the_candidate_must_still_answer_in_full() -> None:
     base = c.baseline_unknown(c.golden_set(None))
     assert c.compare(base, build(), LIMITS).passed
-    v = c.compare(base, build(answer(), c.Answer("stream", 500, error="boom")), LIMITS)
+    v = c.compare(base, build(answer(), ans.Answer("stream", 500, error="boom")), LIMITS)
     assert not v.passed and "stream: answered 500" in v.reasons[0]
     assert not c.compare(base, build(answer(completion=3), answer("stream")), LIMITS).passed
+
+
+def test_too_slow_asks_for_a_second_round_only_when_speed_alone_fails() -> None:
+    assert not c.too_slow(build(), build(), LIMITS)
+    assert c.too_slow(build(), build(answer(tg=200), answer("stream")), LIMITS)
+    assert not c.too_slow(build(), build(failure="load: exited with code 1"), LIMITS)
+    # A second round keeps each child's best of both.
+    assert ans.best_of([answer(tg=200), answer(tg=290)]).predicted_per_s == 290

@@ -169,6 +169,9 @@ class InPlace:
         if child is None or url is None:
             return
         new = await run.measure_running(r.http, url, child.pid, self.label, self.golden, self.owner.timing)
+        if canary.too_slow(self.old, new, self.owner.limits):  # one unlucky round on a busy box: measure again
+            (answers,) = await run.again(r.http, [url], self.golden, self.owner.timing, [new.answers])
+            new = Measured(new.build, new.failure, answers, new.memory)
         verdict = canary.compare(self.old, new, self.owner.limits)
         if not verdict.passed:
             target.restart_now(self.old_loaded, "upgrade canary failed")  # before ready: no request reached it

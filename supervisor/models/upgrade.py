@@ -264,7 +264,8 @@ class Upgrades:
         if beside and child is not None and url is not None:
             old_now = run.Running(url, child.pid, old_label, self._slot(target.id))
             tried, measured = await run.try_candidate(candidate, r.machine.effective, build.label(), golden,
-                                                      self.timing, r.http, old_now)
+                                                      self.timing, r.http, old_now,
+                                                      lambda o, n: canary.too_slow(o, n, self.limits))
             old = measured or Measured(old_label, "", (), old_mem)
             return canary.compare(old, tried, self.limits), tried, "beside"
         if serving and child is not None and url is not None:
