@@ -169,8 +169,7 @@ def health(pool: Pool, model: str | None) -> tuple[int, dict[str, Any]]:
         models = [pool.models[model]]
     else:
         models = [m for m in pool.models.values() if m.id == pool.default or m.loaded.profile.pinned]
-    not_ready = {m.id: (m.runner.machine.state.value if m.resident else "unloaded") for m in models
-                 if not m.resident or m.runner.machine.state is not State.READY}
+    not_ready = {m.id: _health_word(m) for m in models if not m.resident or m.runner.machine.state is not State.READY}
     if not not_ready:
         return 200, {"status": "ok", "models": {m.id: "ready" for m in models}}
     first_id, first = next(iter(not_ready.items()))
@@ -181,6 +180,14 @@ def health(pool: Pool, model: str | None) -> tuple[int, dict[str, Any]]:
     return 503, {"status": first, "reason": reason, "models": not_ready}
 
 
+def _health_word(m: Model) -> str:
+    """Its lifecycle state; not loaded: `starting` when a load is wanted (the default at start, between the
+    server listening and the pool's first step), else `unloaded`."""
+    if m.resident:
+        return m.runner.machine.state.value
+    return State.STARTING.value if m.wanted_since is not None or m.waiting else "unloaded"
+
+
 def agent_load(pool: Pool, draining: str | None) -> Load:
     """What HAProxy's agent hears, consistent with /health: ready (weighted by the free share of every serving
     model's slots) when the default and every pinned model are ready, else the first of those that is not
@@ -189,7 +196,8 @@ def agent_load(pool: Pool, draining: str | None) -> Load:
     state: State | None = State.READY
     if code != 200:
         first = pool.models[next(iter(doc["models"]))]
-        state = first.runner.machine.state if first.resident else None
+        word = _health_word(first)
+        state = first.runner.machine.state if first.resident else State.STARTING if word == "starting" else None
     # llama-server's own slot counts (asked once per child), else the profiles' `parallel`: unknown when any
     # serving model has neither.
     slots = [m.profile_slots for m in pool.models.values() if m.resident and m.runner.ready]
