@@ -71,10 +71,11 @@ def chars_for(child: str, target: int) -> int:
 def outcomes(url: str) -> dict[str, float]:
     """The guard's decisions so far by outcome, and its time (`_seconds`, `_n`) from /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    out = {m.group(1): float(m.group(2)) for m in
-           re.finditer(r'^llama_supervisor_context_checks_total\{outcome="(\w+)"\} (\S+)$', text, re.MULTILINE)}
+    # Every model's series carry a `model` label (one model here).
+    out = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^llama_supervisor_context_checks_total\{(?:[^}]*,)?outcome="(\w+)"[^}]*\} (\S+)$', text, re.MULTILINE)}
     for key, name in (("_seconds", "sum"), ("_n", "count")):
-        m = re.search(rf"^llama_supervisor_context_seconds_{name} (\S+)$", text, re.MULTILINE)
+        m = re.search(rf"^llama_supervisor_context_seconds_{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
         out[key] = float(m.group(1)) if m else 0.0
     return out
 

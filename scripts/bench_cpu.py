@@ -116,6 +116,9 @@ defaults
   timeout client 600s
   timeout server 600s
   http-reuse always
+  # Send each piece as it comes (streams): without it HAProxy lets the kernel hold small writes back (MSG_MORE),
+  # which added ~90 ms to a stream's first token here.
+  option http-no-delay
 frontend f
   bind 127.0.0.1:{self.port}
   default_backend llama
