@@ -58,11 +58,12 @@ class Reloader:
         self.more_files: list[Callable[[], dict[str, set[str]]]] = []  # more files to watch ("" → reload)
 
     async def reload(self, source: str) -> dict[str, Any]:
-        if self.pool.stopping:
+        pool = self.pool
+        if pool.stopping:
             log.info("reload_ignored", source=source, why="shutting down")
             return _refused(self.default_path)
         async with self._lock:  # a burst of triggers is handled one at a time
-            if self.pool.stopping:
+            if pool.stopping:
                 return _refused(self.default_path)
             outcome = await self._reload(source)
         for observer in self.observers:
