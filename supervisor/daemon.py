@@ -96,6 +96,7 @@ class Daemon:
                                             drain=self.drain)
         reloader.before_apply.append(upgrades.resolve_catalog)
         reloader.more_files.append(upgrades.watched)
+        upgrades.reload = reloader.reload
 
         def follow(model: Model) -> None:
             upgrades.attach(ModelTarget(model, lambda mid, loaded, why: reloader.restart(mid, loaded, why, "upgrade")))

@@ -38,6 +38,11 @@ class Target(Protocol):
     @property
     def runner(self) -> Runner: ...
 
+    @property
+    def loaded(self) -> Loaded:
+        """What the model is set to run (a restart sets it before its child is replaced): what a reload compares."""
+        ...
+
     async def restart_with(self, loaded: Loaded, why: str) -> None: ...
 
     def restart_now(self, loaded: Loaded, why: str) -> None: ...
@@ -57,6 +62,10 @@ class ModelTarget:
     @property
     def runner(self) -> Runner:
         return self.model.runner
+
+    @property
+    def loaded(self) -> Loaded:
+        return self.model.loaded
 
     async def restart_with(self, loaded: Loaded, why: str) -> None:
         await self._restart(self.model.id, loaded, why)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -32,7 +32,7 @@ from ..core.upgrade import Facts, Run, plan
 from ..host import builds
 from ..host.builds import Build, BuildBook
 from ..host.room import room
-from ..spec.loaded import Loaded
+from ..spec.loaded import Loaded, same_child
 from ..spec.settings import Config
 from .canary_hooks import Follower, InPlace, ModelBuilds, Observer, Target, now_iso
 from .catalog import Catalog
@@ -52,6 +52,10 @@ class Upgrades:
         # One of a model's upstream slots around each golden request to its serving child (the web side's gate).
         self.slot: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None
         self.targets: dict[str, Target] = {}
+        self._kicked: set[str] = set()  # a canary task made, its lock not yet taken
+        self._reload_after: set[str] = set()  # a reload left these models alone while they were busy
+        # The reloader's reload (the daemon wires it): what a reload during an upgrade left out is done after it.
+        self.reload: Callable[[str], Awaitable[Any]] | None = None
 
     def _slot(self, mid: str) -> run.Slot | None:
         slot = self.slot
@@ -69,7 +73,7 @@ class Upgrades:
 
     def busy(self, mid: str) -> bool:
         lock = self._locks.get(mid)
-        return lock is not None and lock.locked()
+        return mid in self._kicked or (lock is not None and lock.locked())
 
     def _tell(self, mid: str, event: str, **details: Any) -> None:
         for obs in self.observers:
@@ -95,13 +99,23 @@ class Upgrades:
 
     async def resolve_catalog(self, catalog: Catalog) -> None:
         """Every model's Loaded replaced by the one to run (the last good build, or the build on probation); a
-        candidate at a profile's path waits for its model to be ready, then gets its canary (kick)."""
+        candidate at a profile's path waits for its model to be ready, then gets its canary (kick).
+
+        While an upgrade is under way for a model (its canary kicked or running, a switch), the upgrade owns that
+        model's child: a reload leaves it as it is (a watch that moved to the candidate's files, an edit) and is
+        done again once the upgrade ends, so an edit is applied then and the same candidate is not tried twice."""
         for mid, loaded in list(catalog.models.items()):
+            target = self.targets.get(mid)
+            if target is not None and self.busy(mid):
+                catalog.models[mid] = target.loaded
+                self._reload_after.add(mid)
+                continue
             chosen, due = await self.resolve(mid, loaded)
             catalog.models[mid] = chosen
             self.models[mid].pending = loaded if due else None
-            target = self.targets.get(mid)
-            if due and target is not None:
+            # A canary measures the child the model runs now: when this reload restarts it (to the last good
+            # build's own file), the canary waits for that child to be ready (the runner's READY kicks it).
+            if due and target is not None and same_child(target.loaded, chosen):
                 self.kick(target)
 
     def watched(self) -> dict[str, set[str]]:
@@ -119,7 +133,15 @@ class Upgrades:
         if st is None or st.pending is None or not target.runner.ready or self.busy(target.id):
             return
         candidate, st.pending = st.pending, None
-        self.task(self.try_candidate(target, candidate, source="file change"))
+        self._kicked.add(target.id)  # busy from now: a reload before the task runs must not touch the child
+
+        async def canary_task() -> None:
+            try:
+                await self.try_candidate(target, candidate, source="file change")
+            finally:
+                self._kicked.discard(target.id)  # also when cancelled before it took the lock
+
+        self.task(canary_task())
 
     async def resolve(self, mid: str, loaded: Loaded) -> tuple[Loaded, bool]:
         """The Loaded a model's runner should run for this (validated) profile, and whether the profile's build
@@ -221,31 +243,42 @@ class Upgrades:
                             source: str = "file change") -> dict[str, Any]:
         mid = target.id
         lock = self._locks.setdefault(mid, asyncio.Lock())
-        async with lock:
-            try:
-                build = await asyncio.to_thread(builds.identify, candidate.caps.binary, candidate.caps.version)
-            except OSError as exc:
-                return {"passed": False, "switched": False, "verdict": None,
-                        "reasons": [f"cannot read {candidate.caps.binary}: {exc}"]}
-            st = self.models.setdefault(mid, ModelBuilds())
-            if st.running is not None and build.sha256 == st.running.sha256:
-                return {"passed": True, "switched": False, "note": "this build is already running",
-                        "build": build.as_dict(), "verdict": None}
-            st.candidate = {"build": build.as_dict(), "state": "canary", "source": source, "at": now_iso()}
-            self._tell(mid, "canary", build=build.label(), source=source, dry_run=dry_run)
-            before = target.runner.loaded
-            try:
-                verdict, new, where = await self._compare(target, candidate, build)
-            except Exception as exc:  # the old build keeps serving whatever went wrong here
-                log.error("canary_error", model=mid, error=repr(exc), exc_info=exc)
-                verdict = canary.compare(Measured("running"), Measured(build.label(), f"canary error: {exc!r}"),
-                                         self.limits)
-                new, where = None, "nowhere"
-            log.info("canary_verdict", model=mid, build=build.label(), where=where, passed=verdict.passed,
-                     reasons=verdict.reasons, dry_run=dry_run)
-            if not verdict.passed:
-                return await self._failed(mid, build, verdict, dry_run, source, where)
-            return await self._passed(target, candidate, before, build, verdict, new, dry_run, source, where)
+        try:
+            async with lock:
+                self._kicked.discard(mid)
+                return await self._try(target, candidate, dry_run, source)
+        finally:
+            if mid in self._reload_after and not self.busy(mid):
+                self._reload_after.discard(mid)
+                if self.reload is not None:
+                    self.task(self.reload("after the upgrade"))
+
+    async def _try(self, target: Target, candidate: Loaded, dry_run: bool, source: str) -> dict[str, Any]:
+        mid = target.id
+        try:
+            build = await asyncio.to_thread(builds.identify, candidate.caps.binary, candidate.caps.version)
+        except OSError as exc:
+            return {"passed": False, "switched": False, "verdict": None,
+                    "reasons": [f"cannot read {candidate.caps.binary}: {exc}"]}
+        st = self.models.setdefault(mid, ModelBuilds())
+        if st.running is not None and build.sha256 == st.running.sha256:
+            return {"passed": True, "switched": False, "note": "this build is already running",
+                    "build": build.as_dict(), "verdict": None}
+        st.candidate = {"build": build.as_dict(), "state": "canary", "source": source, "at": now_iso()}
+        self._tell(mid, "canary", build=build.label(), source=source, dry_run=dry_run)
+        before = target.runner.loaded
+        try:
+            verdict, new, where = await self._compare(target, candidate, build)
+        except Exception as exc:  # the old build keeps serving whatever went wrong here
+            log.error("canary_error", model=mid, error=repr(exc), exc_info=exc)
+            verdict = canary.compare(Measured("running"), Measured(build.label(), f"canary error: {exc!r}"),
+                                     self.limits)
+            new, where = None, "nowhere"
+        log.info("canary_verdict", model=mid, build=build.label(), where=where, passed=verdict.passed,
+                 reasons=verdict.reasons, dry_run=dry_run)
+        if not verdict.passed:
+            return await self._failed(mid, build, verdict, dry_run, source, where)
+        return await self._passed(target, candidate, before, build, verdict, new, dry_run, source, where)
 
     async def _compare(self, target: Target, candidate: Loaded, build: Build
                        ) -> tuple[Verdict, Measured | None, str]:
@@ -364,5 +397,3 @@ class Upgrades:
                         "verdict": verdict.as_dict() if verdict else None}
         self._tell(mid, "rejected", build=build.label(), reasons=reasons, running=running,
                    verdict=verdict.as_dict() if verdict else None, source=source)
-
-

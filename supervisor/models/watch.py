@@ -21,7 +21,7 @@ import structlog
 import watchfiles
 
 from ..fleet.drain import Drain
-from ..spec.loaded import Loaded, child_identity, load_checked
+from ..spec.loaded import Loaded, load_checked, same_child
 from ..spec.profile import ProfileError
 from ..spec.settings import ConfigError, load_config
 from .catalog import Catalog, scan
@@ -108,7 +108,7 @@ class Reloader:
             model = pool.models.get(mid)
             if model is None or mid in added:
                 continue
-            if loaded.path != model.loaded.path or child_identity(loaded) != child_identity(model.loaded):
+            if not same_child(loaded, model.loaded):
                 restarted.append(mid)
                 await self.restart(mid, loaded, source)
             else:

@@ -76,3 +76,8 @@ def child_identity(loaded: Loaded) -> tuple[list[str], dict[str, str]]:
     """What makes two loaded profiles the same child: its command line (any port) and its environment."""
     argv = build_argv(loaded.profile, loaded.caps, base_settings(loaded.profile), 0)
     return argv, child_env(os.environ, loaded.profile)
+
+
+def same_child(a: Loaded, b: Loaded) -> bool:
+    """Whether moving from one to the other needs no restart: the same file and the same child."""
+    return a.path == b.path and child_identity(a) == child_identity(b)
