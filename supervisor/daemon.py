@@ -134,8 +134,10 @@ class Daemon:
         log.info("listening", url=self.url)
         await self._start_agent(sock)
         self._background_tasks()
-        await self.activity.start()
+        # The pool first: its first load spawns llama-server while the activity log opens its database in a
+        # thread (50-70 ms on a small box, taken from every cold start before); no request arrives before _serve.
         await pool.start()
+        await self.activity.start()
         await self._serve(sock)
 
     async def _start_agent(self, sock: socket.socket) -> None:
