@@ -96,7 +96,7 @@ class Daemon:
                                             drain=self.drain)
         reloader.before_apply.append(upgrades.resolve_catalog)
         reloader.more_files.append(upgrades.watched)
-        upgrades.reload = reloader.reload
+        upgrades.reload, reloader.held = reloader.reload, upgrades.hold
 
         def follow(model: Model) -> None:
             upgrades.attach(ModelTarget(model, lambda mid, loaded, why: reloader.restart(mid, loaded, why, "upgrade")))

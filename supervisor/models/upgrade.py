@@ -53,9 +53,8 @@ class Upgrades:
         self.slot: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None
         self.targets: dict[str, Target] = {}
         self._kicked: set[str] = set()  # a canary task made, its lock not yet taken
-        self._reload_after: set[str] = set()  # a reload left these models alone while they were busy
-        # The reloader's reload (the daemon wires it): what a reload during an upgrade left out is done after it.
-        self.reload: Callable[[str], Awaitable[Any]] | None = None
+        self._reload_after: set[str] = set()  # a reload left these models alone: reload once their upgrade ends
+        self.reload: Callable[[str], Awaitable[Any]] | None = None  # the reloader's (the daemon wires it)
 
     def _slot(self, mid: str) -> run.Slot | None:
         slot = self.slot
@@ -74,6 +73,13 @@ class Upgrades:
     def busy(self, mid: str) -> bool:
         lock = self._locks.get(mid)
         return mid in self._kicked or (lock is not None and lock.locked())
+
+    def hold(self, mid: str) -> bool:
+        """The reloader's question as it applies a model: an upgrade under way keeps it, and reloads after."""
+        held = self.busy(mid) and mid in self.targets
+        if held:
+            self._reload_after.add(mid)
+        return held
 
     def _tell(self, mid: str, event: str, **details: Any) -> None:
         for obs in self.observers:
@@ -99,16 +105,13 @@ class Upgrades:
 
     async def resolve_catalog(self, catalog: Catalog) -> None:
         """Every model's Loaded replaced by the one to run (the last good build, or the build on probation); a
-        candidate at a profile's path waits for its model to be ready, then gets its canary (kick).
-
-        While an upgrade is under way for a model (its canary kicked or running, a switch), the upgrade owns that
-        model's child: a reload leaves it as it is (a watch that moved to the candidate's files, an edit) and is
-        done again once the upgrade ends, so an edit is applied then and the same candidate is not tried twice."""
+        candidate at a profile's path waits for its model to be ready, then gets its canary (kick). While an
+        upgrade is under way for a model (kicked, canary, switch) it owns the model's child: a reload leaves it
+        as it is (hold) and is done again after it, so an edit applies then and no candidate is tried twice."""
         for mid, loaded in list(catalog.models.items()):
             target = self.targets.get(mid)
-            if target is not None and self.busy(mid):
+            if target is not None and self.hold(mid):
                 catalog.models[mid] = target.loaded
-                self._reload_after.add(mid)
                 continue
             chosen, due = await self.resolve(mid, loaded)
             catalog.models[mid] = chosen
@@ -134,10 +137,9 @@ class Upgrades:
             return
         candidate, st.pending = st.pending, None
         self._kicked.add(target.id)  # busy from now: a reload before the task runs must not touch the child
-
         async def canary_task() -> None:
             try:
-                await self.try_candidate(target, candidate, source="file change")
+                await self.try_candidate(target, candidate, source="file change", kicked=True)
             finally:
                 self._kicked.discard(target.id)  # also when cancelled before it took the lock
 
@@ -171,8 +173,7 @@ class Upgrades:
             return (prepared if not isinstance(prepared, str) else loaded), False
         if p.run is Run.LAST_GOOD and runnable is not None:
             prepared = await run.prepare(loaded, runnable)
-            if isinstance(prepared, str):
-                # The last good build cannot run this profile as edited (a flag it lacks): the profile's build runs.
+            if isinstance(prepared, str):  # the last good build lacks a flag of this profile as edited
                 st.note = f"the last good build cannot run this profile ({prepared}): running the profile's build"
                 canary_due, adopt = False, True
             else:
@@ -240,21 +241,21 @@ class Upgrades:
         return await self._failed(mid, build, verdict, dry_run, source)
 
     async def try_candidate(self, target: Target, candidate: Loaded, *, dry_run: bool = False,
-                            source: str = "file change") -> dict[str, Any]:
+                            source: str = "file change", kicked: bool = False) -> dict[str, Any]:
         mid = target.id
         lock = self._locks.setdefault(mid, asyncio.Lock())
         try:
             async with lock:
-                self._kicked.discard(mid)
+                if kicked:  # the lock now says busy (an API upgrade that took it first leaves the mark alone)
+                    self._kicked.discard(mid)
                 return await self._try(target, candidate, dry_run, source)
         finally:
-            if mid in self._reload_after and not self.busy(mid):
+            if mid in self._reload_after and not self.busy(mid) and self.reload is not None:
                 self._reload_after.discard(mid)
-                if self.reload is not None:
-                    self.task(self.reload("after the upgrade"))
+                self.task(self.reload("after the upgrade"))
 
     async def _try(self, target: Target, candidate: Loaded, dry_run: bool, source: str) -> dict[str, Any]:
-        mid = target.id
+        mid = target.id  # the model's lock held
         try:
             build = await asyncio.to_thread(builds.identify, candidate.caps.binary, candidate.caps.version)
         except OSError as exc:

@@ -56,6 +56,9 @@ class Reloader:
         # Before a reload applies: each may replace a model's Loaded (the upgrades run the last good build).
         self.before_apply: list[Callable[[Catalog], Awaitable[None]]] = []
         self.more_files: list[Callable[[], dict[str, set[str]]]] = []  # more files to watch ("" → reload)
+        # Whether someone else owns a model's child now (an upgrade under way): asked as each model is applied,
+        # after every await of the reload; such a model is left alone and its owner reloads once done.
+        self.held: Callable[[str], bool] = lambda _mid: False
 
     async def reload(self, source: str) -> dict[str, Any]:
         pool = self.pool
@@ -94,6 +97,7 @@ class Reloader:
         removed: list[str] = []
         restarted: list[str] = []
         updated: list[str] = []
+        deferred: list[str] = []
         # A new default first (its model made now if it is new): nothing below may leave pool.default naming a
         # model that is gone, and the old default may be among those removed.
         switched = fresh_default.profile.name != pool.default
@@ -108,7 +112,9 @@ class Reloader:
             model = pool.models.get(mid)
             if model is None or mid in added:
                 continue
-            if not same_child(loaded, model.loaded):
+            if self.held(mid):
+                deferred.append(mid)
+            elif not same_child(loaded, model.loaded):
                 restarted.append(mid)
                 await self.restart(mid, loaded, source)
             else:
@@ -128,7 +134,7 @@ class Reloader:
             metrics.labels("invalid").inc()
         self.last_error = (rejected or errors[0]) if errors else None
         outcome: dict[str, Any] = {"ok": not errors, "added": added, "removed": removed, "restarted": restarted,
-                                   "updated": updated, "errors": errors, "default": pool.default,
+                                   "updated": updated, "deferred": deferred, "errors": errors, "default": pool.default,
                                    "default_changed": switched}
         if errors:
             first = rejected or errors[0]
@@ -210,5 +216,5 @@ class Reloader:
 
 def _refused(path: Path) -> dict[str, Any]:
     message = "the supervisor is shutting down: reload ignored"
-    return {"ok": False, "added": [], "removed": [], "restarted": [], "updated": [],
+    return {"ok": False, "added": [], "removed": [], "restarted": [], "updated": [], "deferred": [],
             "errors": [], "error": {"message": message, "file": str(path), "errors": []}}

@@ -125,7 +125,8 @@ class Timeline:
         """A reload: one event per model it touched, and one per file it rejected; an operator's reload that
         changed nothing says so on the default model."""
         titles = {"added": "reload: added", "removed": "reload: removed", "restarted": "reload: restart",
-                  "updated": "reload: applied, no restart"}
+                  "updated": "reload: applied, no restart",
+                  "deferred": "reload: left to the upgrade under way, done again after it"}
         touched = False
         for key, title in titles.items():
             for model in outcome.get(key) or []:
