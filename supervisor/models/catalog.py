@@ -22,6 +22,7 @@ class Catalog:
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # file → ProfileError.as_dict()
     # file → what a rejected profile names (its model may be missing or half copied): watched, to look again
     waiting_on: dict[str, list[str]] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)  # models an upgrade owned as this catalog was resolved: left alone
 
     def names(self) -> dict[str, str]:
         """Every id and alias → its id."""

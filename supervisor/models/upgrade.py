@@ -112,12 +112,12 @@ class Upgrades:
             target = self.targets.get(mid)
             if target is not None and self.hold(mid):
                 catalog.models[mid] = target.loaded
+                catalog.held.add(mid)  # even if the upgrade ends before this reload applies it
                 continue
             chosen, due = await self.resolve(mid, loaded)
             catalog.models[mid] = chosen
             self.models[mid].pending = loaded if due else None
-            # A canary measures the child the model runs now: when this reload restarts it (to the last good
-            # build's own file), the canary waits for that child to be ready (the runner's READY kicks it).
+            # A canary measures the child that serves: one this reload restarts is kicked by its READY.
             if due and target is not None and same_child(target.loaded, chosen):
                 self.kick(target)
 

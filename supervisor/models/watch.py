@@ -112,7 +112,7 @@ class Reloader:
             model = pool.models.get(mid)
             if model is None or mid in added:
                 continue
-            if self.held(mid):
+            if mid in catalog.held or self.held(mid):
                 deferred.append(mid)
             elif not same_child(loaded, model.loaded):
                 restarted.append(mid)
